@@ -1,0 +1,59 @@
+"""torchkeep: save and load PyTorch models and training state, safely, atomically, verified.
+
+Example::
+
+    import torchkeep as tk
+    tk.save_weights(model, "model.safetensors")
+    tk.load_weights(model, "model.safetensors")
+"""
+
+from torchkeep.checkpoint import Checkpoint, load, load_checkpoint, save, save_checkpoint
+from torchkeep.container import SaveInfo
+from torchkeep.errors import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    IncompleteCheckpointError,
+    MissingDependencyError,
+    StateMismatchError,
+    StorageError,
+    TorchkeepError,
+    UnsafeFileError,
+    UnsupportedFormatError,
+    UnsupportedObjectError,
+)
+from torchkeep.inspect import Description, TensorInfo, VerifyReport, describe, verify
+from torchkeep.tree import RNGState, Stateful
+from torchkeep.weights import LoadResult, load_state_dict, load_weights, save_weights
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Checkpoint",
+    "CheckpointNotFoundError",
+    "CorruptCheckpointError",
+    "Description",
+    "IncompleteCheckpointError",
+    "LoadResult",
+    "MissingDependencyError",
+    "RNGState",
+    "SaveInfo",
+    "StateMismatchError",
+    "Stateful",
+    "StorageError",
+    "TensorInfo",
+    "TorchkeepError",
+    "UnsafeFileError",
+    "UnsupportedFormatError",
+    "UnsupportedObjectError",
+    "VerifyReport",
+    "__version__",
+    "describe",
+    "load",
+    "load_checkpoint",
+    "load_state_dict",
+    "load_weights",
+    "save",
+    "save_checkpoint",
+    "save_weights",
+    "verify",
+]

@@ -1,0 +1,325 @@
+"""Any training state: ``save``/``load``, and the general checkpoint of the tutorials."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from torchkeep.container import SaveInfo, open_container, write_container
+from torchkeep.errors import StateMismatchError, UnsupportedObjectError
+from torchkeep.tree import STATEFUL, TENSOR, RNGState, Stateful, decode, flatten, path_name
+
+Device = str | torch.device
+
+
+def check_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, Mapping):
+        raise UnsupportedObjectError("metadata must be a dict of JSON values")
+    try:
+        json.dumps(metadata, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise UnsupportedObjectError(
+            f"metadata must hold JSON values only (str, numbers, bool, None, lists, dicts): {e}"
+        ) from e
+    return dict(metadata)
+
+
+def save(
+    obj: Any, path: str | os.PathLike[str], *, metadata: Mapping[str, Any] | None = None
+) -> SaveInfo:
+    """Save any training state without pickle: the drop-in for ``torch.save(obj, path)``.
+
+    Args:
+        obj: nested dicts, lists and tuples of tensors, Python scalars, str, bytes, None and
+            Stateful objects (modules, optimizers, schedulers, GradScaler, ``RNGState``).
+        path: a ``.safetensors`` file, or a directory for any other name.
+        metadata: JSON-serialisable values stored with the state.
+
+    Returns:
+        What was written.
+
+    Raises:
+        UnsupportedObjectError: a value cannot be stored; the message names its path in ``obj``.
+        UnsupportedFormatError: ``path`` ends in a pickle suffix such as ``.pt``.
+        StorageError: the write failed; any previous file at ``path`` is unchanged.
+
+    Example::
+
+        tk.save({"model": model, "optimizer": optimizer, "epoch": 5}, "ckpt.safetensors")
+    """
+    flat = flatten(obj)
+    return write_container(
+        os.fspath(path),
+        flat.tensors,
+        kind="state",
+        tree=flat.tree,
+        aliases=flat.aliases,
+        metadata=check_metadata(metadata),
+    )
+
+
+def load(
+    path: str | os.PathLike[str],
+    *,
+    into: Any = None,
+    map_location: Device | None = None,
+    dtype: torch.dtype | None = None,
+    verify: bool = True,
+) -> Any:
+    """Load state saved by ``save`` (or any safetensors file, as a flat dict of tensors).
+
+    Args:
+        path: the file or directory.
+        into: a tree of the saved shape holding Stateful objects and preallocated tensors;
+            they are restored in place (tensors of matching dtype and shape on the CPU are read
+            straight into their memory) and returned at their places in the result.
+        map_location: the device every loaded tensor is moved to.
+        dtype: the dtype floating-point tensors are cast to (integer tensors are never cast).
+        verify: check every tensor's checksum (on by default).
+
+    Returns:
+        The saved object; Stateful objects come back as their state dicts unless given in ``into``.
+
+    Raises:
+        CheckpointNotFoundError, CorruptCheckpointError, IncompleteCheckpointError,
+        UnsupportedFormatError, StateMismatchError (``into`` does not fit the saved state).
+
+    Example::
+
+        state = tk.load("ckpt.safetensors", into={"model": model, "optimizer": optimizer})
+    """
+    with open_container(path) as container:
+        tree = _tree_of(container.entries, container.aliases, container.manifest)
+        direct = bool(into is not None and map_location is None and dtype is None)
+        dests: dict[str, torch.Tensor] = {}
+        if direct:
+            _plan_destinations(tree, into, dests)
+        loaded = container.read(list(container.entries), into=dests, verify=verify)
+    loaded = {n: convert(t, map_location=map_location, dtype=dtype) for n, t in loaded.items()}
+    aliases = container.aliases
+
+    def lookup(name: str) -> torch.Tensor:
+        return loaded[aliases.get(name, name)]
+
+    result = decode(tree, lookup)
+    if into is None:
+        return result
+    return _restore(tree, result, into, ())
+
+
+def convert(
+    tensor: torch.Tensor, *, map_location: Device | None, dtype: torch.dtype | None
+) -> torch.Tensor:
+    """Move ``tensor`` to ``map_location`` and cast it to ``dtype`` if it is floating point."""
+    if dtype is not None and tensor.is_floating_point():
+        tensor = tensor.to(dtype)
+    if map_location is not None:
+        tensor = tensor.to(map_location)
+    return tensor
+
+
+def _tree_of(entries: Mapping[str, Any], aliases: Mapping[str, str], manifest: Any) -> Any:
+    if manifest is not None and manifest.tree is not None:
+        return manifest.tree
+    # Weights and foreign safetensors files: a flat dict, tied names included.
+    names = list(entries) + list(aliases)
+    return {name: {TENSOR: name} for name in names}
+
+
+def _plan_destinations(tree: Any, into: Any, dests: dict[str, torch.Tensor]) -> None:
+    """Find the tensors of ``into`` that saved tensors can be read straight into."""
+    if isinstance(tree, dict) and set(tree) == {TENSOR}:
+        if isinstance(into, torch.Tensor):
+            dests[tree[TENSOR]] = into.detach()
+        return
+    if isinstance(tree, dict) and set(tree) == {STATEFUL, "state"}:
+        if isinstance(into, torch.nn.Module):
+            # A module's state_dict() tensors share memory with its parameters and buffers.
+            _plan_destinations(tree["state"], into.state_dict(), dests)
+        return
+    if isinstance(tree, dict) and isinstance(into, Mapping) and not _is_tagged(tree):
+        for key, sub in tree.items():
+            if key in into:
+                _plan_destinations(sub, into[key], dests)
+    elif isinstance(tree, list) and isinstance(into, (list, tuple)):
+        for sub_tree, sub_into in zip(tree, into, strict=False):
+            _plan_destinations(sub_tree, sub_into, dests)
+
+
+def _is_tagged(tree: dict[str, Any]) -> bool:
+    return len(tree) == 1 and next(iter(tree)).startswith("$")
+
+
+def _restore(tree: Any, value: Any, into: Any, path: tuple[str, ...]) -> Any:
+    """Put the loaded ``value`` into the objects of ``into``; return ``into``'s shape."""
+    where = path_name(path)
+    if isinstance(into, torch.Tensor):
+        if not isinstance(value, torch.Tensor):
+            raise StateMismatchError(
+                f"{where}: into= holds a tensor but the checkpoint holds {type(value).__name__}"
+            )
+        if into.shape != value.shape:
+            raise StateMismatchError(
+                f"{where}: into= holds a tensor of shape {list(into.shape)} but the checkpoint's "
+                f"is {list(value.shape)}"
+            )
+        with torch.no_grad():
+            into.copy_(value)  # a no-op when the bytes were read straight into it
+        return into
+    if isinstance(into, Stateful) and not isinstance(into, (Mapping, type)):
+        _load_stateful(into, value, where)
+        return into
+    if isinstance(into, Mapping):
+        if not isinstance(value, Mapping):
+            raise StateMismatchError(
+                f"{where}: into= holds a dict but the checkpoint holds {type(value).__name__}"
+            )
+        missing = [k for k in into if k not in value]
+        if missing:
+            raise StateMismatchError(
+                f"{where}: the checkpoint has no {missing}; it holds {sorted(map(str, value))}"
+            )
+        subtree = tree if isinstance(tree, dict) and not _is_tagged(tree) else {}
+        return {
+            k: (_restore(subtree.get(k), v, into[k], (*path, str(k))) if k in into else v)
+            for k, v in value.items()
+        }
+    if isinstance(into, (list, tuple)) and isinstance(value, (list, tuple)):
+        if len(into) != len(value):
+            raise StateMismatchError(
+                f"{where}: into= holds {len(into)} items but the checkpoint holds {len(value)}"
+            )
+        items = [
+            _restore(None, v, i, (*path, str(n)))
+            for n, (v, i) in enumerate(zip(value, into, strict=True))
+        ]
+        return type(value)(items) if isinstance(value, tuple) else items
+    return value
+
+
+def _load_stateful(obj: Stateful, state: Any, where: str) -> None:
+    try:
+        if isinstance(obj, torch.nn.Module):
+            obj.load_state_dict(state, strict=True)
+        else:
+            obj.load_state_dict(state)
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:
+        raise StateMismatchError(
+            f"{where}: the saved state does not fit this {type(obj).__name__}: {e}"
+        ) from e
+
+
+# ---------------------------------------------------------------------------------------------
+# the general checkpoint
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """What ``load_checkpoint`` restored, besides the objects it restored in place."""
+
+    path: str
+    epoch: int | None = None
+    step: int | None = None
+    loss: Any = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    extra: Any = None
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+_SLOTS = {
+    "model": "model_state_dict",
+    "optimizer": "optimizer_state_dict",
+    "scheduler": "scheduler_state_dict",
+    "scaler": "scaler_state_dict",
+}
+
+
+def save_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    model: torch.nn.Module,
+    optimizer: Stateful | None = None,
+    scheduler: Stateful | None = None,
+    scaler: Stateful | None = None,
+    epoch: int | None = None,
+    step: int | None = None,
+    loss: Any = None,
+    metrics: Mapping[str, Any] | None = None,
+    extra: Any = None,
+    rng: bool = True,
+    metadata: Mapping[str, Any] | None = None,
+) -> SaveInfo:
+    """Save everything needed to resume training exactly: the tutorials' general checkpoint.
+
+    The file holds ``model_state_dict``, ``optimizer_state_dict``, ``scheduler_state_dict``,
+    ``scaler_state_dict``, ``epoch``, ``step``, ``loss``, ``metrics``, ``extra`` and, with
+    ``rng``, the state of every random number generator.
+
+    Example::
+
+        tk.save_checkpoint("ckpt.safetensors", model=model, optimizer=optimizer,
+                           epoch=epoch, loss=loss)
+    """
+    state: dict[str, Any] = {}
+    for arg, key in _SLOTS.items():
+        obj = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}[
+            arg
+        ]
+        if obj is not None:
+            state[key] = obj
+    if isinstance(loss, torch.Tensor):
+        loss = loss.detach()
+    state.update(epoch=epoch, step=step, loss=loss, metrics=dict(metrics or {}), extra=extra)
+    if rng:
+        state["rng_state"] = RNGState()
+    return save(state, path, metadata=metadata)
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    model: torch.nn.Module | None = None,
+    optimizer: Stateful | None = None,
+    scheduler: Stateful | None = None,
+    scaler: Stateful | None = None,
+    map_location: Device | None = None,
+    rng: bool = True,
+) -> Checkpoint:
+    """Restore a checkpoint written by ``save_checkpoint`` into the objects given, in place.
+
+    Objects not given are left alone; the random number generators are restored with ``rng``.
+    After loading, set ``model.eval()`` for inference or ``model.train()`` to resume training.
+
+    Raises:
+        StateMismatchError: an object is given whose state the checkpoint lacks or does not fit.
+
+    Example::
+
+        ckpt = tk.load_checkpoint("ckpt.safetensors", model=model, optimizer=optimizer)
+        start_epoch = ckpt.epoch + 1
+    """
+    given = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
+    into: dict[str, Any] = {_SLOTS[k]: v for k, v in given.items() if v is not None}
+    state = load(path, into=into, map_location=map_location)
+    if not isinstance(state, dict):
+        raise StateMismatchError(f"{path}: holds no checkpoint dict")
+    if rng and isinstance(state.get("rng_state"), Mapping):
+        RNGState().load_state_dict(state["rng_state"])
+    epoch = state.get("epoch")
+    step = state.get("step")
+    return Checkpoint(
+        path=os.fspath(path),
+        epoch=epoch,
+        step=step,
+        loss=state.get("loss"),
+        metrics=state.get("metrics") or {},
+        extra=state.get("extra"),
+        state=state,
+    )

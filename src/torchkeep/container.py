@@ -1,0 +1,478 @@
+"""Containers: named tensors plus a manifest, as one safetensors file or a committed directory.
+
+``write_container`` lays tensors out, writes them through the engine and commits (one file: the
+header holding the manifest is written last into the reserved space, then the file is renamed
+into place; a directory: shards first, ``manifest.json`` last, then the directory is renamed).
+``open_container`` validates everything before anything is allocated from it.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from torchkeep.errors import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    IncompleteCheckpointError,
+    StorageError,
+)
+from torchkeep.format import (
+    CHECKSUM_CHUNK,
+    DTYPES,
+    MANIFEST_FILE,
+    MANIFEST_KEY,
+    Header,
+    Manifest,
+    TensorEntry,
+    check_against_header,
+    check_target_name,
+    checksum_bytes,
+    chunk_spans,
+    combine_digests,
+    dtype_name,
+    encode_header,
+    is_single_file,
+    manifest_from_json,
+    manifest_to_json,
+    parse_header,
+    read_header_length,
+)
+from torchkeep.io import ReadItem, WriteItem, read_tensors, write_tensors
+from torchkeep.io.pool import run_jobs
+from torchkeep.storage import DEFAULT_STORAGE, Sink, Source, Storage
+
+log = logging.getLogger(__name__)
+
+WRITE_THREADS = 4
+READ_THREADS = 8
+SHARD_BYTES = 4 << 30
+_PLACEHOLDER = "0" * 16
+
+
+@dataclass(frozen=True)
+class SaveInfo:
+    """What a save wrote.
+
+    Attributes:
+        path: the file or directory written.
+        files: every file of the save, relative to ``path`` for directories.
+        tensors: how many distinct tensors were stored (aliases not counted).
+        tensor_bytes: bytes of tensor data.
+        file_bytes: bytes on disk, headers included.
+        seconds: wall time of the save.
+    """
+
+    path: str
+    files: tuple[str, ...]
+    tensors: int
+    tensor_bytes: int
+    file_bytes: int
+    seconds: float
+
+
+def _layout(
+    tensors: Mapping[str, torch.Tensor], dtypes: Mapping[str, torch.dtype], shard_bytes: int
+) -> list[list[tuple[str, TensorEntry]]]:
+    """Assign byte spans; wider dtypes first so every tensor starts aligned to its item size."""
+    order = sorted(tensors, key=lambda n: -dtypes[n].itemsize)
+    shards: list[list[tuple[str, TensorEntry]]] = [[]]
+    position = 0
+    for name in order:
+        t, dtype = tensors[name], dtypes[name]
+        nbytes = t.numel() * dtype.itemsize
+        if shards[-1] and position + nbytes > shard_bytes:
+            shards.append([])
+            position = 0
+        entry = TensorEntry(
+            dtype=dtype_name(dtype, where=name),
+            shape=tuple(t.shape),
+            begin=position,
+            end=position + nbytes,
+            checksum=_PLACEHOLDER,
+        )
+        shards[-1].append((name, entry))
+        position += nbytes
+    return shards
+
+
+def write_container(
+    path: str,
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    kind: str,
+    tree: Any = None,
+    aliases: Mapping[str, str] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    dtype: Callable[[str, torch.Tensor], torch.dtype] | None = None,
+    storage: Storage = DEFAULT_STORAGE,
+    threads: int = WRITE_THREADS,
+    shard_bytes: int = SHARD_BYTES,
+) -> SaveInfo:
+    """Write ``tensors`` and their manifest to ``path`` (a ``.safetensors`` file or a directory)."""
+    path = os.fspath(path)
+    check_target_name(path)
+    started = time.perf_counter()
+    dtypes = {n: (dtype(n, t) if dtype else t.dtype) for n, t in tensors.items()}
+    single = is_single_file(path)
+    shards = _layout(tensors, dtypes, shard_bytes if not single else 1 << 62)
+    files = ["" if single else f"shard-{i:05d}.safetensors" for i in range(len(shards))]
+    entries: dict[str, TensorEntry] = {}
+    for file, shard in zip(files, shards, strict=True):
+        for name, entry in shard:
+            entries[name] = replace(entry, file=file or None)
+    manifest = Manifest(
+        kind=kind,
+        tensors=entries,
+        tree=tree,
+        aliases=dict(aliases or {}),
+        metadata=dict(metadata or {}),
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    )
+    data_bytes = sum(e.nbytes for e in entries.values())
+    if single:
+        file_bytes = _write_single(path, manifest, tensors, dtypes, storage, threads)
+        written: tuple[str, ...] = (os.path.basename(path),)
+    else:
+        file_bytes = _write_directory(path, manifest, files, tensors, dtypes, storage, threads)
+        written = (*files, MANIFEST_FILE)
+    seconds = time.perf_counter() - started
+    log.info("saved %d tensors (%d bytes) to %s in %.3fs", len(entries), data_bytes, path, seconds)
+    return SaveInfo(path, written, len(entries), data_bytes, file_bytes, seconds)
+
+
+def _write_items(
+    sink: Sink,
+    entries: Mapping[str, TensorEntry],
+    tensors: Mapping[str, torch.Tensor],
+    dtypes: Mapping[str, torch.dtype],
+    data_start: int,
+    threads: int,
+) -> dict[str, str]:
+    items = [
+        WriteItem(name, tensors[name], dtypes[name], data_start + entry.begin)
+        for name, entry in entries.items()
+    ]
+    return write_tensors(sink, items, threads=threads, chunk=CHECKSUM_CHUNK)
+
+
+def _with_checksums(manifest: Manifest, checksums: Mapping[str, str]) -> Manifest:
+    tensors = {
+        n: replace(e, checksum=checksums.get(n, e.checksum)) for n, e in manifest.tensors.items()
+    }
+    return replace(manifest, tensors=tensors)
+
+
+def _single_header(manifest: Manifest) -> bytes:
+    return encode_header(manifest.tensors, {MANIFEST_KEY: manifest_to_json(manifest)})
+
+
+def _write_single(
+    path: str,
+    manifest: Manifest,
+    tensors: Mapping[str, torch.Tensor],
+    dtypes: Mapping[str, torch.dtype],
+    storage: Storage,
+    threads: int,
+) -> int:
+    # The header holds the checksums, known only after the data is written: reserve its space
+    # (checksums are fixed-width, so the final header has exactly the placeholder's length),
+    # write the data, then the header.
+    reserved = len(_single_header(manifest))
+    size = reserved + sum(e.nbytes for e in manifest.tensors.values())
+
+    def fill(sink: Sink) -> None:
+        checksums = _write_items(sink, manifest.tensors, tensors, dtypes, reserved, threads)
+        header = _single_header(_with_checksums(manifest, checksums))
+        if len(header) != reserved:
+            raise AssertionError("header length changed between layout and commit")
+        sink.pwrite(memoryview(header), 0)
+
+    storage.write_file(path, size, fill)
+    return size
+
+
+def _write_directory(
+    path: str,
+    manifest: Manifest,
+    files: list[str],
+    tensors: Mapping[str, torch.Tensor],
+    dtypes: Mapping[str, torch.dtype],
+    storage: Storage,
+    threads: int,
+) -> int:
+    save_id = uuid.uuid4().hex
+    staging = storage.staging_dir(path)
+    total = 0
+    checksums: dict[str, str] = {}
+    try:
+        for file in files:
+            shard = {n: e for n, e in manifest.tensors.items() if e.file == file}
+            header = encode_header(shard, {"torchkeep_save": save_id})
+            size = len(header) + sum(e.nbytes for e in shard.values())
+
+            def fill(
+                sink: Sink, shard: dict[str, TensorEntry] = shard, header: bytes = header
+            ) -> None:
+                sink.pwrite(memoryview(header), 0)
+                checksums.update(_write_items(sink, shard, tensors, dtypes, len(header), threads))
+
+            storage.write_file(f"{staging}/{file}", size, fill)
+            total += size
+        text = manifest_to_json(
+            replace(_with_checksums(manifest, checksums), metadata={**manifest.metadata})
+        ).encode()
+        # The manifest is written last: it is the commit marker.
+        storage.write_file(
+            f"{staging}/{MANIFEST_FILE}",
+            len(text),
+            lambda sink: sink.pwrite(memoryview(text), 0),
+        )
+        total += len(text)
+        storage.commit_dir(staging, path)
+    except BaseException:
+        storage.remove_dir(staging)
+        raise
+    return total
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+
+
+@dataclass
+class _File:
+    source: Source
+    header: Header
+
+
+class Container:
+    """An opened, validated container. Use as a context manager, or call ``close()``."""
+
+    def __init__(self, path: str, storage: Storage) -> None:
+        self.path = path
+        self._storage = storage
+        self._files: dict[str | None, _File] = {}
+        self.manifest: Manifest | None = None
+        self.directory = storage.is_dir(path)
+        try:
+            if self.directory:
+                self._open_directory()
+            else:
+                self._open_single()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- opening
+
+    def _open_file(self, file: str | None) -> _File:
+        where = self.path if file is None else f"{self.path}/{file}"
+        source = self._storage.open(where)
+        try:
+            prefix = source.read(0, min(8, source.size)) if source.size else b""
+            length = read_header_length(prefix, file_size=source.size, where=where)
+            header = parse_header(source.read(8, length), file_size=source.size, where=where)
+        except BaseException:
+            source.close()
+            raise
+        opened = _File(source, header)
+        self._files[file] = opened
+        return opened
+
+    def _open_single(self) -> None:
+        if not self._storage.exists(self.path):
+            raise CheckpointNotFoundError(f"{self.path}: no such file or directory")
+        opened = self._open_file(None)
+        text = opened.header.metadata.get(MANIFEST_KEY)
+        if text is None:
+            return  # a plain safetensors file written by another tool: no checksums
+        self.manifest = manifest_from_json(text, where=self.path)
+        check_against_header(self.manifest, opened.header, file=None, where=self.path)
+
+    def _open_directory(self) -> None:
+        manifest_path = f"{self.path}/{MANIFEST_FILE}"
+        if not self._storage.exists(manifest_path):
+            raise IncompleteCheckpointError(
+                f"{self.path}: no {MANIFEST_FILE}; this save never committed (it was interrupted) "
+                "or the directory is not a torchkeep checkpoint. Load the previous checkpoint."
+            )
+        source = self._storage.open(manifest_path)
+        try:
+            raw = source.read(0, source.size)
+        finally:
+            source.close()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise CorruptCheckpointError(f"{manifest_path}: not UTF-8 text") from e
+        self.manifest = manifest_from_json(text, where=manifest_path)
+        files = {e.file for e in self.manifest.tensors.values()}
+        save_ids = set()
+        for file in sorted(f for f in files if f is not None):
+            opened = self._open_file(file)
+            save_ids.add(opened.header.metadata.get("torchkeep_save"))
+            check_against_header(
+                self.manifest, opened.header, file=file, where=f"{self.path}/{file}"
+            )
+        if len(save_ids) > 1:
+            raise CorruptCheckpointError(
+                f"{self.path}: its shards come from {len(save_ids)} different saves; "
+                "the directory was modified by hand"
+            )
+        if None in files:
+            raise CorruptCheckpointError(f"{manifest_path}: a tensor entry names no shard file")
+
+    # -- what it holds
+
+    @property
+    def entries(self) -> dict[str, TensorEntry]:
+        """Every stored tensor (aliases not included)."""
+        if self.manifest is not None:
+            return self.manifest.tensors
+        return self._files[None].header.tensors
+
+    @property
+    def aliases(self) -> dict[str, str]:
+        return self.manifest.aliases if self.manifest is not None else {}
+
+    def file_bytes(self) -> int:
+        """Return the bytes on disk of every file read (the manifest file excluded)."""
+        return sum(opened.source.size for opened in self._files.values())
+
+    def _file_of(self, entry: TensorEntry) -> _File:
+        return self._files[entry.file]
+
+    # -- reading
+
+    def read(
+        self,
+        names: Iterable[str],
+        *,
+        into: Mapping[str, torch.Tensor] | None = None,
+        verify: bool = True,
+        threads: int = READ_THREADS,
+    ) -> dict[str, torch.Tensor]:
+        """Read tensors; a name found in ``into`` with the file's dtype and shape is read
+        straight into that tensor's memory, the others into new tensors."""
+        into = into or {}
+        result: dict[str, torch.Tensor] = {}
+        by_file: dict[str | None, list[ReadItem]] = {}
+        for name in names:
+            entry = self.entries[name]
+            dest = into.get(name)
+            if not _fits(dest, entry):
+                dest = torch.empty(entry.shape, dtype=DTYPES[entry.dtype])
+            assert dest is not None
+            result[name] = dest
+            opened = self._file_of(entry)
+            checksum = entry.checksum if self.manifest is not None else None
+            by_file.setdefault(entry.file, []).append(
+                ReadItem(name, opened.header.data_start + entry.begin, dest, checksum)
+            )
+        chunk = self.manifest.checksum_chunk if self.manifest else CHECKSUM_CHUNK
+        for file, items in by_file.items():
+            read_tensors(
+                self._files[file].source, items, threads=threads, chunk=chunk, verify=verify
+            )
+        return result
+
+    def map(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        """Return tensors backed by private mappings of the files: nothing is read until used."""
+        maps: dict[str | None, mmap.mmap] = {}
+        result: dict[str, torch.Tensor] = {}
+        for name in names:
+            entry = self.entries[name]
+            opened = self._file_of(entry)
+            if entry.file not in maps:
+                maps[entry.file] = opened.source.map()
+            offset = opened.header.data_start + entry.begin
+            dtype = DTYPES[entry.dtype]
+            if entry.nbytes == 0 or offset % dtype.itemsize:
+                # Empty or misaligned (possible in foreign files): read it instead.
+                result[name] = self.read([name], verify=False)[name]
+                continue
+            flat = torch.frombuffer(
+                maps[entry.file], dtype=dtype, count=entry.nbytes // dtype.itemsize, offset=offset
+            )
+            result[name] = flat.view(entry.shape)
+        return result
+
+    def verify(self, *, threads: int = READ_THREADS) -> list[str]:
+        """Check every tensor against its checksum; return one line per problem found."""
+        if self.manifest is None:
+            return []
+        problems: list[str] = []
+        chunk = self.manifest.checksum_chunk
+        jobs: list[Callable[[], None]] = []
+        digests: dict[str, list[int]] = {}
+        for name, entry in self.entries.items():
+            opened = self._file_of(entry)
+            spans = chunk_spans(entry.nbytes, chunk)
+            digests[name] = [0] * len(spans)
+            for index, (begin, end) in enumerate(spans):
+                offset = opened.header.data_start + entry.begin + begin
+
+                def job(
+                    source: Source = opened.source,
+                    name: str = name,
+                    index: int = index,
+                    offset: int = offset,
+                    nbytes: int = end - begin,
+                ) -> None:
+                    digests[name][index] = checksum_bytes(source.read(offset, nbytes))
+
+                jobs.append(job)
+        try:
+            run_jobs(jobs, threads=threads)
+        except StorageError as e:
+            return [str(e)]
+        for name, entry in self.entries.items():
+            if combine_digests(digests[name]) != entry.checksum:
+                where = self.path if entry.file is None else f"{self.path}/{entry.file}"
+                problems.append(f"{where}: tensor '{name}' does not match its checksum")
+        return problems
+
+    def close(self) -> None:
+        for opened in self._files.values():
+            opened.source.close()
+        self._files.clear()
+
+    def __enter__(self) -> Container:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _fits(dest: torch.Tensor | None, entry: TensorEntry) -> bool:
+    return (
+        dest is not None
+        and dest.device.type == "cpu"
+        and dest.dtype == DTYPES[entry.dtype]
+        and tuple(dest.shape) == entry.shape
+        and dest.is_contiguous()
+        and not dest.requires_grad
+    )
+
+
+def open_container(
+    path: str | os.PathLike[str], *, storage: Storage = DEFAULT_STORAGE
+) -> Container:
+    """Open and validate the container at ``path``.
+
+    Raises:
+        CheckpointNotFoundError: nothing is there.
+        IncompleteCheckpointError: a directory whose save never committed.
+        CorruptCheckpointError: a header or manifest that fails validation.
+        UnsupportedFormatError: a pickle file or a newer format version.
+    """
+    return Container(os.fspath(path).rstrip("/") or "/", storage)

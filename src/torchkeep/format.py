@@ -1,0 +1,488 @@
+"""The on-disk contract: safetensors headers, the manifest, names and their validation.
+
+This is the only module that knows the layout of a file. A torchkeep file is a standard
+safetensors file: an 8-byte little-endian header length, a JSON header, then the tensor bytes,
+packed without gaps. The header's ``__metadata__`` entry ``torchkeep`` holds the manifest as JSON
+text. A torchkeep directory holds ``manifest.json`` plus safetensors shards.
+
+Everything read from a file is validated here before anything is allocated from it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import xxhash
+
+from torchkeep.errors import CorruptCheckpointError, UnsupportedFormatError
+
+FORMAT_NAME = "torchkeep"
+FORMAT_VERSION = 1
+MANIFEST_KEY = "torchkeep"
+MANIFEST_FILE = "manifest.json"
+CHECKSUM_ALGORITHM = "xxh3_64"
+# Tensors larger than this are hashed in pieces (in parallel); their checksum is the hash of the
+# pieces' digests. Recorded in every manifest, so a reader never guesses it.
+CHECKSUM_CHUNK = 16 << 20
+HEADER_ALIGN = 64
+MAX_HEADER_BYTES = 100 << 20
+MAX_RANK = 64
+MAX_MANIFEST_BYTES = 256 << 20
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle", ".tar")
+
+DTYPE_NAMES: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+    torch.uint16: "U16",
+    torch.uint32: "U32",
+    torch.uint64: "U64",
+}
+DTYPES: dict[str, torch.dtype] = {name: dtype for dtype, name in DTYPE_NAMES.items()}
+ITEMSIZES: dict[str, int] = {name: dtype.itemsize for dtype, name in DTYPE_NAMES.items()}
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor lives: its file (a shard name, or None for the file itself), dtype, shape,
+    byte span relative to the file's data section, and checksum (None in foreign files)."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+    checksum: str | None = None
+    file: str | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What a save holds: the state tree, each tensor's place and checksum, aliases, metadata."""
+
+    kind: str
+    tensors: dict[str, TensorEntry]
+    tree: Any = None
+    aliases: dict[str, str] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    torch_version: str = ""
+    torchkeep_version: str = ""
+    created: str = ""
+    checksum_chunk: int = CHECKSUM_CHUNK
+    format_version: int = FORMAT_VERSION
+
+
+@dataclass(frozen=True)
+class Header:
+    """A parsed and validated safetensors header."""
+
+    tensors: dict[str, TensorEntry]
+    metadata: dict[str, str]
+    data_start: int
+
+
+# ---------------------------------------------------------------------------------------------
+# safetensors headers
+
+
+def dtype_name(dtype: torch.dtype, *, where: str) -> str:
+    """Return the safetensors name of ``dtype``, or raise naming ``where`` it was found."""
+    try:
+        return DTYPE_NAMES[dtype]
+    except KeyError:
+        from torchkeep.errors import UnsupportedObjectError
+
+        raise UnsupportedObjectError(
+            f"{where}: tensors of dtype {dtype} cannot be stored in safetensors; "
+            "convert it first (complex tensors: torch.view_as_real)"
+        ) from None
+
+
+def encode_header(tensors: Mapping[str, TensorEntry], metadata: Mapping[str, str]) -> bytes:
+    """Return the 8-byte length prefix and the JSON header, padded so the data is aligned."""
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    for name, entry in tensors.items():
+        header[name] = {
+            "dtype": entry.dtype,
+            "shape": list(entry.shape),
+            "data_offsets": [entry.begin, entry.end],
+        }
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    padded = -(-(8 + len(text)) // HEADER_ALIGN) * HEADER_ALIGN - 8
+    text += b" " * (padded - len(text))
+    return struct.pack("<Q", len(text)) + text
+
+
+def read_header_length(prefix: bytes, *, file_size: int, where: str) -> int:
+    """Validate the 8-byte length prefix against the file's size and the cap; return it."""
+    if file_size < 8 or len(prefix) < 8:
+        raise CorruptCheckpointError(
+            f"{where}: the file is {file_size} bytes, too short to be a safetensors file; "
+            "it was truncated or is not a checkpoint"
+        )
+    if prefix[:4] == b"PK\x03\x04" or prefix[:1] == b"\x80":
+        raise UnsupportedFormatError(
+            f"{where}: this is a torch.save (pickle) file, not a safetensors file; "
+            "inspect it with `torchkeep scan` before loading it"
+        )
+    (length,) = struct.unpack("<Q", prefix[:8])
+    if length > MAX_HEADER_BYTES:
+        raise CorruptCheckpointError(
+            f"{where}: the header claims {length} bytes, over the {MAX_HEADER_BYTES}-byte limit; "
+            "the file is corrupt or not a safetensors file"
+        )
+    if 8 + length > file_size:
+        raise CorruptCheckpointError(
+            f"{where}: the header claims {length} bytes but the file has only {file_size - 8} "
+            "after the length prefix; the file was truncated"
+        )
+    return int(length)
+
+
+def parse_header(raw: bytes, *, file_size: int, where: str) -> Header:
+    """Parse and validate a safetensors header (``raw`` is the JSON text after the prefix).
+
+    Checks: UTF-8, JSON without duplicate keys, a closed dtype list, shapes of non-negative
+    integers, ``shape × itemsize == span``, spans contiguous from zero with no gap, overlap or
+    trailing byte, and string-only metadata.
+    """
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CorruptCheckpointError(f"{where}: the header is not valid UTF-8 ({e})") from e
+    obj = load_json(text, where=f"{where}: header")
+    if not isinstance(obj, dict):
+        raise CorruptCheckpointError(f"{where}: the header is not a JSON object")
+    metadata_obj = obj.pop("__metadata__", {})
+    if not isinstance(metadata_obj, dict) or not all(
+        isinstance(v, str) for v in metadata_obj.values()
+    ):
+        raise CorruptCheckpointError(
+            f"{where}: __metadata__ must map strings to strings, as safetensors requires"
+        )
+    tensors: dict[str, TensorEntry] = {}
+    for name, spec in obj.items():
+        tensors[name] = _parse_tensor_spec(name, spec, where=where)
+    data_size = file_size - 8 - len(raw)
+    _check_spans(tensors, data_size, where=where)
+    return Header(tensors=tensors, metadata=dict(metadata_obj), data_start=8 + len(raw))
+
+
+def _parse_tensor_spec(name: str, spec: Any, *, where: str) -> TensorEntry:
+    at = f"{where}: tensor '{name}'"
+    if not isinstance(spec, dict) or set(spec) != {"dtype", "shape", "data_offsets"}:
+        raise CorruptCheckpointError(f"{at}: expected exactly dtype, shape and data_offsets")
+    dtype = spec["dtype"]
+    if not isinstance(dtype, str) or dtype not in ITEMSIZES:
+        raise CorruptCheckpointError(
+            f"{at}: unknown dtype {dtype!r}; known: {', '.join(sorted(ITEMSIZES))}"
+        )
+    shape = spec["shape"]
+    if not isinstance(shape, list) or len(shape) > MAX_RANK:
+        raise CorruptCheckpointError(f"{at}: shape must be a list of at most {MAX_RANK} dims")
+    if not all(_is_int(d) and d >= 0 for d in shape):
+        raise CorruptCheckpointError(f"{at}: shape {shape} must hold non-negative integers")
+    offsets = spec["data_offsets"]
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(_is_int(o) and o >= 0 for o in offsets)
+        or offsets[0] > offsets[1]
+    ):
+        raise CorruptCheckpointError(
+            f"{at}: data_offsets {offsets} must be [begin, end], begin<=end"
+        )
+    # Python integers do not overflow: the product is exact, and compared before any allocation.
+    nbytes = math.prod(shape) * ITEMSIZES[dtype]
+    if nbytes != offsets[1] - offsets[0]:
+        raise CorruptCheckpointError(
+            f"{at}: shape {shape} of {dtype} needs {nbytes} bytes but its span holds "
+            f"{offsets[1] - offsets[0]}"
+        )
+    return TensorEntry(dtype=dtype, shape=tuple(shape), begin=offsets[0], end=offsets[1])
+
+
+def _check_spans(tensors: Mapping[str, TensorEntry], data_size: int, *, where: str) -> None:
+    position = 0
+    for name, entry in sorted(tensors.items(), key=lambda kv: (kv[1].begin, kv[1].end)):
+        if entry.begin != position:
+            problem = "overlaps the previous one" if entry.begin < position else "leaves a gap"
+            raise CorruptCheckpointError(
+                f"{where}: tensor '{name}' starts at {entry.begin} and {problem} "
+                f"(expected {position}); the header is corrupt"
+            )
+        position = entry.end
+    if position != data_size:
+        if position > data_size:
+            raise CorruptCheckpointError(
+                f"{where}: the tensors need {position} bytes of data but the file holds "
+                f"{data_size}; the file was truncated"
+            )
+        raise CorruptCheckpointError(
+            f"{where}: {data_size - position} bytes follow the last tensor; the file is corrupt "
+            "or was written by two saves at once"
+        )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def load_json(text: str, *, where: str) -> Any:
+    """Parse JSON, rejecting duplicate keys, non-finite literals and excessive nesting."""
+
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        result: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in result:
+                raise CorruptCheckpointError(f"{where}: duplicate key {key!r}")
+            result[key] = value
+        return result
+
+    def no_constant(name: str) -> Any:
+        raise CorruptCheckpointError(f"{where}: invalid JSON constant {name}")
+
+    try:
+        return json.loads(text, object_pairs_hook=no_duplicates, parse_constant=no_constant)
+    except RecursionError as e:
+        raise CorruptCheckpointError(f"{where}: JSON nested too deeply") from e
+    except json.JSONDecodeError as e:
+        raise CorruptCheckpointError(f"{where}: invalid JSON ({e})") from e
+
+
+# ---------------------------------------------------------------------------------------------
+# checksums
+
+
+def checksum_bytes(data: memoryview | bytes) -> int:
+    """Return the 64-bit digest of one piece of data (at most one checksum chunk)."""
+    return int(xxhash.xxh3_64_intdigest(data))
+
+
+def combine_digests(digests: Iterable[int]) -> str:
+    """Return a tensor's checksum from the digests of its consecutive chunks."""
+    parts = list(digests)
+    if len(parts) == 1:
+        return f"{parts[0]:016x}"
+    packed = b"".join(d.to_bytes(8, "big") for d in parts)
+    return f"{xxhash.xxh3_64_intdigest(packed):016x}"
+
+
+def chunk_spans(nbytes: int, chunk: int) -> list[tuple[int, int]]:
+    """Split ``nbytes`` into consecutive ``[begin, end)`` pieces of at most ``chunk`` bytes."""
+    if nbytes == 0:
+        return [(0, 0)]
+    return [(b, min(b + chunk, nbytes)) for b in range(0, nbytes, chunk)]
+
+
+# ---------------------------------------------------------------------------------------------
+# the manifest
+
+
+def manifest_to_json(manifest: Manifest) -> str:
+    """Return the manifest as JSON text carrying a checksum of its own canonical form."""
+    body = _manifest_body(manifest)
+    body["manifest_checksum"] = _body_checksum(body)
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def _manifest_body(m: Manifest) -> dict[str, Any]:
+    tensors: dict[str, Any] = {}
+    for name, e in m.tensors.items():
+        entry: dict[str, Any] = {
+            "dtype": e.dtype,
+            "shape": list(e.shape),
+            "offsets": [e.begin, e.end],
+            "checksum": e.checksum,
+        }
+        if e.file is not None:
+            entry["file"] = e.file
+        tensors[name] = entry
+    return {
+        "format": FORMAT_NAME,
+        "format_version": m.format_version,
+        "kind": m.kind,
+        "torch_version": m.torch_version or torch.__version__,
+        "torchkeep_version": m.torchkeep_version or _package_version(),
+        "created": m.created or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "checksum": {"algorithm": CHECKSUM_ALGORITHM, "chunk_bytes": m.checksum_chunk},
+        "tensors": tensors,
+        "aliases": dict(m.aliases),
+        "tree": m.tree,
+        "metadata": m.metadata,
+    }
+
+
+def _body_checksum(body: Mapping[str, Any]) -> str:
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return f"{xxhash.xxh3_64_intdigest(canonical.encode()):016x}"
+
+
+def _package_version() -> str:
+    from torchkeep import __version__
+
+    return __version__
+
+
+def manifest_from_json(text: str, *, where: str) -> Manifest:
+    """Parse and validate manifest text; raise if it is corrupt or of an unknown version."""
+    if len(text) > MAX_MANIFEST_BYTES:
+        raise CorruptCheckpointError(f"{where}: the manifest is over {MAX_MANIFEST_BYTES} bytes")
+    body = load_json(text, where=f"{where}: manifest")
+    if not isinstance(body, dict) or body.get("format") != FORMAT_NAME:
+        raise CorruptCheckpointError(f"{where}: the manifest is not a torchkeep manifest")
+    version = body.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CorruptCheckpointError(f"{where}: the manifest has no valid format_version")
+    if version > FORMAT_VERSION:
+        raise UnsupportedFormatError(
+            f"{where}: written in format version {version} by torchkeep "
+            f"{body.get('torchkeep_version')}; this torchkeep reads up to version "
+            f"{FORMAT_VERSION}. Upgrade torchkeep to read it."
+        )
+    stored = body.pop("manifest_checksum", None)
+    if stored != _body_checksum(body):
+        raise CorruptCheckpointError(
+            f"{where}: the manifest does not match its checksum; the file is corrupt"
+        )
+    checksum = body.get("checksum")
+    if not isinstance(checksum, dict) or checksum.get("algorithm") != CHECKSUM_ALGORITHM:
+        raise UnsupportedFormatError(
+            f"{where}: unknown checksum algorithm {checksum!r}; this torchkeep knows "
+            f"{CHECKSUM_ALGORITHM}"
+        )
+    chunk = checksum.get("chunk_bytes")
+    if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 4096:
+        raise CorruptCheckpointError(f"{where}: invalid checksum chunk size {chunk!r}")
+    raw_tensors = body.get("tensors")
+    aliases = body.get("aliases")
+    if not isinstance(raw_tensors, dict) or not isinstance(aliases, dict):
+        raise CorruptCheckpointError(f"{where}: the manifest lacks its tensor table")
+    tensors: dict[str, TensorEntry] = {}
+    for name, spec in raw_tensors.items():
+        tensors[name] = _parse_manifest_tensor(name, spec, where=where)
+    for alias, target in aliases.items():
+        if target not in tensors:
+            raise CorruptCheckpointError(
+                f"{where}: alias '{alias}' points at '{target}', which the manifest does not hold"
+            )
+    metadata = body.get("metadata")
+    return Manifest(
+        kind=str(body.get("kind", "")),
+        tensors=tensors,
+        tree=body.get("tree"),
+        aliases=dict(aliases),
+        metadata=metadata if isinstance(metadata, dict) else {},
+        torch_version=str(body.get("torch_version", "")),
+        torchkeep_version=str(body.get("torchkeep_version", "")),
+        created=str(body.get("created", "")),
+        checksum_chunk=chunk,
+        format_version=version,
+    )
+
+
+def _parse_manifest_tensor(name: str, spec: Any, *, where: str) -> TensorEntry:
+    at = f"{where}: manifest entry '{name}'"
+    if not isinstance(spec, dict):
+        raise CorruptCheckpointError(f"{at} is not an object")
+    entry = _parse_tensor_spec(
+        name,
+        {
+            "dtype": spec.get("dtype"),
+            "shape": spec.get("shape"),
+            "data_offsets": spec.get("offsets"),
+        },
+        where=where,
+    )
+    checksum = spec.get("checksum")
+    if not isinstance(checksum, str) or len(checksum) != 16:
+        raise CorruptCheckpointError(f"{at} has no valid checksum")
+    file = spec.get("file")
+    if file is not None:
+        file = check_member_name(file, where=where)
+    return TensorEntry(entry.dtype, entry.shape, entry.begin, entry.end, checksum, file)
+
+
+def check_member_name(name: Any, *, where: str) -> str:
+    """Return ``name`` if it is a plain file name inside a checkpoint directory, else raise."""
+    if (
+        not isinstance(name, str)
+        or not name
+        or "/" in name
+        or "\\" in name
+        or name in (".", "..")
+        or "\x00" in name
+    ):
+        raise CorruptCheckpointError(
+            f"{where}: the manifest names a file {name!r} outside the checkpoint directory; "
+            "refusing to read it"
+        )
+    return name
+
+
+def check_against_header(
+    manifest: Manifest, header: Header, *, file: str | None, where: str
+) -> None:
+    """Raise unless the header describes exactly the manifest's tensors stored in ``file``."""
+    expected = {n: e for n, e in manifest.tensors.items() if e.file == file}
+    if set(expected) != set(header.tensors):
+        missing = sorted(set(expected) - set(header.tensors))[:5]
+        extra = sorted(set(header.tensors) - set(expected))[:5]
+        raise CorruptCheckpointError(
+            f"{where}: the file's tensors do not match its manifest (missing {missing}, "
+            f"unexpected {extra}); the file was modified or mixes two saves"
+        )
+    for name, entry in expected.items():
+        found = header.tensors[name]
+        if (found.dtype, found.shape, found.begin, found.end) != (
+            entry.dtype,
+            entry.shape,
+            entry.begin,
+            entry.end,
+        ):
+            raise CorruptCheckpointError(
+                f"{where}: tensor '{name}' is {found.dtype}{list(found.shape)} in the header but "
+                f"{entry.dtype}{list(entry.shape)} in the manifest; the file is corrupt"
+            )
+
+
+def check_target_name(path: str) -> None:
+    """Refuse targets named like pickle files: users migrating from torch.save type them."""
+    lowered = path.lower().rstrip("/")
+    for suffix in PICKLE_SUFFIXES:
+        if lowered.endswith(suffix):
+            suggestion = path.rstrip("/")[: -len(suffix)] + ".safetensors"
+            raise UnsupportedFormatError(
+                f"{path}: torchkeep writes safetensors, never pickle; name the file "
+                f"'{suggestion}' (or give a directory path without a suffix)"
+            )
+
+
+def is_single_file(path: str) -> bool:
+    """Return whether ``path`` names one safetensors file (else it names a directory)."""
+    return path.lower().endswith(".safetensors")

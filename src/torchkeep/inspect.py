@@ -1,0 +1,136 @@
+"""Looking inside saves without loading them: ``describe`` and ``verify``."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from torchkeep.container import open_container
+from torchkeep.errors import (
+    CorruptCheckpointError,
+    IncompleteCheckpointError,
+    StorageError,
+    UnsupportedFormatError,
+)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One stored tensor."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    file: str | None = None
+
+
+@dataclass(frozen=True)
+class Description:
+    """What a save holds.
+
+    Attributes:
+        format: ``torchkeep file``, ``torchkeep directory`` or ``safetensors`` (foreign file).
+        kind: ``weights``, ``state`` or ``""`` for foreign files.
+        tensors: every stored tensor, in file order.
+        aliases: tied names and the tensor each one shares.
+        tree: the saved object's skeleton (typed JSON), or None.
+    """
+
+    path: str
+    format: str
+    kind: str
+    format_version: int | None
+    tensors: tuple[TensorInfo, ...]
+    aliases: dict[str, str] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    tree: Any = None
+    tensor_bytes: int = 0
+    file_bytes: int = 0
+    created: str = ""
+    torch_version: str = ""
+    torchkeep_version: str = ""
+    checksummed: bool = False
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """The outcome of ``verify``: ``ok`` when every size and checksum matched."""
+
+    path: str
+    ok: bool
+    problems: tuple[str, ...]
+    tensors: int = 0
+    tensor_bytes: int = 0
+    checksummed: bool = False
+
+
+def describe(source: str | os.PathLike[str]) -> Description:
+    """Describe a save: format, tensors, dtypes, shapes, bytes and metadata. Reads headers only.
+
+    Example::
+
+        info = tk.describe("model.safetensors")
+        print(info.tensor_bytes, [t.name for t in info.tensors])
+    """
+    with open_container(source) as c:
+        m = c.manifest
+        entries = sorted(c.entries.items(), key=lambda kv: (kv[1].file or "", kv[1].begin))
+        tensors = tuple(TensorInfo(n, e.dtype, e.shape, e.nbytes, e.file) for n, e in entries)
+        fmt = (
+            "safetensors"
+            if m is None
+            else ("torchkeep directory" if c.directory else "torchkeep file")
+        )
+        return Description(
+            path=c.path,
+            format=fmt,
+            kind=m.kind if m else "",
+            format_version=m.format_version if m else None,
+            tensors=tensors,
+            aliases=dict(c.aliases),
+            metadata=dict(m.metadata) if m else {},
+            tree=m.tree if m else None,
+            tensor_bytes=sum(t.nbytes for t in tensors),
+            file_bytes=c.file_bytes(),
+            created=m.created if m else "",
+            torch_version=m.torch_version if m else "",
+            torchkeep_version=m.torchkeep_version if m else "",
+            checksummed=m is not None,
+        )
+
+
+def verify(source: str | os.PathLike[str]) -> VerifyReport:
+    """Check every header, size and checksum of a save against its manifest.
+
+    Returns a report rather than raising for damage found; a missing path still raises
+    ``CheckpointNotFoundError``.
+
+    Example::
+
+        report = tk.verify("ckpt.safetensors")
+        if not report.ok:
+            print(*report.problems, sep="\\n")
+    """
+    path = os.fspath(source)
+    try:
+        with open_container(path) as c:
+            problems = c.verify()
+            entries = c.entries
+            checksummed = c.manifest is not None
+    except (
+        CorruptCheckpointError,
+        IncompleteCheckpointError,
+        UnsupportedFormatError,
+        StorageError,
+    ) as e:
+        return VerifyReport(path, False, (str(e),))
+    return VerifyReport(
+        path,
+        not problems,
+        tuple(problems),
+        tensors=len(entries),
+        tensor_bytes=sum(e.nbytes for e in entries.values()),
+        checksummed=checksummed,
+    )

@@ -1,0 +1,23 @@
+"""Running I/O jobs on a few threads: positional reads, writes and hashing release the GIL."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+
+
+def run_jobs(jobs: Sequence[Callable[[], None]], *, threads: int) -> None:
+    """Run every job on up to ``threads`` threads; on the first error, cancel the rest, raise it."""
+    if threads <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            job()
+        return
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="torchkeep-io") as pool:
+        futures = [pool.submit(job) for job in jobs]
+        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        for future in done:
+            error = future.exception()
+            if error is not None:
+                for pending in futures:
+                    pending.cancel()
+                raise error

@@ -1,0 +1,320 @@
+"""State trees: flattening nested objects into named tensors plus a typed-JSON skeleton.
+
+A tree is any nesting of dict, list and tuple over tensors, Python scalars (int, float including
+inf and nan, bool, str, bytes, None), ``torch.dtype``, ``torch.device``, ``torch.Size`` and
+Stateful objects (anything with ``state_dict()``/``load_state_dict()``). Tensors are named by
+their dotted path (``optimizer_state_dict.state.0.exp_avg``); everything else is kept as typed
+JSON, so ints stay ints, dict keys keep their types and tuples stay tuples. Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import random
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from torchkeep.errors import StateMismatchError, UnsupportedObjectError
+
+TENSOR = "$tensor"
+_PLAIN_TENSOR_TYPES = (
+    torch.Tensor,
+    torch.nn.Parameter,
+    getattr(torch.nn.parameter, "Buffer", torch.Tensor),
+)
+STATEFUL = "$stateful"
+
+
+@runtime_checkable
+class Stateful(Protocol):
+    """torch's own shape for objects that can be saved and restored."""
+
+    def state_dict(self) -> Any: ...
+
+    def load_state_dict(self, state_dict: Any) -> Any: ...
+
+
+@dataclass
+class Flat:
+    """A flattened tree: the JSON skeleton, each distinct tensor by name, and tensor aliases."""
+
+    tree: Any
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    aliases: dict[str, str] = field(default_factory=dict)
+
+
+def path_name(path: tuple[str, ...]) -> str:
+    """Return the dotted name of a path inside a tree (``obj`` for the root)."""
+    return ".".join(path) if path else "obj"
+
+
+def flatten(obj: Any) -> Flat:
+    """Flatten ``obj`` into a skeleton and named tensors; identical tensor views become aliases.
+
+    Raises:
+        UnsupportedObjectError: a value has no safe representation; the message names its path.
+    """
+    flat = Flat(tree=None)
+    seen: dict[tuple[Any, ...], str] = {}
+    flat.tree = _encode(obj, (), flat, seen)
+    return flat
+
+
+def _tensor_identity(t: torch.Tensor) -> tuple[Any, ...]:
+    return (
+        t.untyped_storage().data_ptr(),
+        t.storage_offset(),
+        tuple(t.shape),
+        tuple(t.stride()),
+        t.dtype,
+        str(t.device),
+    )
+
+
+def _unique_name(base: str, flat: Flat) -> str:
+    name = base or "tensor"
+    n = 1
+    while name in flat.tensors or name in flat.aliases:
+        name = f"{base}#{n}"
+        n += 1
+    return name
+
+
+def _encode(obj: Any, path: tuple[str, ...], flat: Flat, seen: dict[tuple[Any, ...], str]) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return {TENSOR: _add_tensor(obj, path, flat, seen)}
+    if obj is None or isinstance(obj, (bool, str)):
+        return obj
+    if isinstance(obj, int):
+        return int(obj)
+    if isinstance(obj, float):
+        return float(obj) if math.isfinite(obj) else {"$float": repr(float(obj))}
+    if isinstance(obj, bytes):
+        return {"$bytes": base64.b64encode(obj).decode("ascii")}
+    if isinstance(obj, torch.dtype):
+        return {"$dtype": str(obj).removeprefix("torch.")}
+    if isinstance(obj, torch.device):
+        return {"$device": str(obj)}
+    if isinstance(obj, torch.Size):
+        return {"$size": list(obj)}
+    if isinstance(obj, tuple):
+        return {"$tuple": [_encode(v, (*path, str(i)), flat, seen) for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [_encode(v, (*path, str(i)), flat, seen) for i, v in enumerate(obj)]
+    if isinstance(obj, Mapping):
+        return _encode_mapping(obj, path, flat, seen)
+    if isinstance(obj, Stateful) and not isinstance(obj, type):
+        kind = f"{type(obj).__module__}.{type(obj).__qualname__}"
+        return {STATEFUL: kind, "state": _encode(obj.state_dict(), path, flat, seen)}
+    raise UnsupportedObjectError(_unsupported_message(obj, path))
+
+
+def _encode_mapping(
+    obj: Mapping[Any, Any], path: tuple[str, ...], flat: Flat, seen: dict[tuple[Any, ...], str]
+) -> Any:
+    plain = all(isinstance(k, str) and not k.startswith("$") for k in obj)
+    if plain:
+        return {k: _encode(v, (*path, k), flat, seen) for k, v in obj.items()}
+    pairs = []
+    for key, value in obj.items():
+        if not _is_key(key):
+            raise UnsupportedObjectError(
+                f"{path_name(path)}: dict key {key!r} of type {type(key).__name__} cannot be "
+                "stored; use str, int, float, bool, None or tuples of those as keys"
+            )
+        pairs.append(
+            [_encode(key, path, flat, seen), _encode(value, (*path, str(key)), flat, seen)]
+        )
+    return {"$dict": pairs}
+
+
+def _is_key(key: Any) -> bool:
+    if key is None or isinstance(key, (str, int, float, bool)):
+        return True
+    return isinstance(key, tuple) and all(_is_key(k) for k in key)
+
+
+def _add_tensor(
+    t: torch.Tensor, path: tuple[str, ...], flat: Flat, seen: dict[tuple[Any, ...], str]
+) -> str:
+    where = path_name(path)
+    if type(t) not in _PLAIN_TENSOR_TYPES:
+        raise UnsupportedObjectError(
+            f"{where}: tensors of type {type(t).__name__} are not supported yet; "
+            "convert to a plain tensor (for DTensor: .full_tensor())"
+        )
+    if t.layout != torch.strided or t.is_quantized:
+        raise UnsupportedObjectError(
+            f"{where}: {t.layout} tensors cannot be stored; convert with .to_dense() first"
+        )
+    if t.device.type == "meta":
+        raise UnsupportedObjectError(f"{where}: a meta tensor has no data to save")
+    if t.is_complex():
+        raise UnsupportedObjectError(
+            f"{where}: complex tensors cannot be stored in safetensors; save "
+            "torch.view_as_real(t) and rebuild with torch.view_as_complex"
+        )
+    identity = _tensor_identity(t) if t.numel() else None
+    if identity is not None and identity in seen:
+        original = seen[identity]
+        alias = _unique_name(".".join(path), flat)
+        flat.aliases[alias] = original
+        return alias
+    name = _unique_name(".".join(path), flat)
+    flat.tensors[name] = t.detach()
+    if identity is not None:
+        seen[identity] = name
+    return name
+
+
+def _unsupported_message(obj: Any, path: tuple[str, ...]) -> str:
+    where = path_name(path)
+    kind = f"{type(obj).__module__}.{type(obj).__qualname__}"
+    if type(obj).__module__ == "numpy":
+        hint = "convert numpy arrays with torch.from_numpy(x) and numpy scalars with x.item()"
+    elif isinstance(obj, (set, frozenset)):
+        hint = "store it as a sorted list"
+    else:
+        hint = (
+            "store its fields as plain values (dicts, lists, numbers, strings, tensors), or give "
+            "it state_dict()/load_state_dict() methods"
+        )
+    return f"{where}: cannot store a {kind} without pickle; {hint}"
+
+
+# ---------------------------------------------------------------------------------------------
+# decoding
+
+
+def decode(tree: Any, tensor: Callable[[str], torch.Tensor]) -> Any:
+    """Rebuild the object a skeleton describes; Stateful objects come back as their state."""
+    if isinstance(tree, list):
+        return [decode(v, tensor) for v in tree]
+    if not isinstance(tree, dict):
+        return tree
+    if len(tree) == 1:
+        ((tag, value),) = tree.items()
+        if tag == TENSOR:
+            return tensor(value)
+        if tag == "$float":
+            return float(value)
+        if tag == "$bytes":
+            return base64.b64decode(value)
+        if tag == "$dtype":
+            dtype = getattr(torch, str(value), None)
+            if not isinstance(dtype, torch.dtype):
+                raise StateMismatchError(f"unknown dtype {value!r} in the saved state")
+            return dtype
+        if tag == "$device":
+            return torch.device(value)
+        if tag == "$size":
+            return torch.Size(value)
+        if tag == "$tuple":
+            return tuple(decode(v, tensor) for v in value)
+        if tag == "$dict":
+            return {_freeze(decode(k, tensor)): decode(v, tensor) for k, v in value}
+    if STATEFUL in tree and set(tree) == {STATEFUL, "state"}:
+        return decode(tree["state"], tensor)
+    return {k: decode(v, tensor) for k, v in tree.items()}
+
+
+def _freeze(key: Any) -> Any:
+    return tuple(_freeze(k) for k in key) if isinstance(key, list) else key
+
+
+def tensor_names(tree: Any) -> list[str]:
+    """Return every tensor name a skeleton refers to, in order."""
+    names: list[str] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, list):
+            for v in node:
+                walk(v)
+        elif isinstance(node, dict):
+            if set(node) == {TENSOR}:
+                names.append(node[TENSOR])
+                return
+            for v in node.values():
+                walk(v)
+
+    walk(tree)
+    return names
+
+
+# ---------------------------------------------------------------------------------------------
+# random number generators
+
+
+class RNGState:
+    """Stateful view of every random number generator a training run draws from.
+
+    Covers Python's ``random``, numpy's global generator (when numpy is importable), torch's CPU
+    generator and the generator of every CUDA device (when CUDA is initialised).
+
+    Example::
+
+        tk.save({"rng": tk.RNGState()}, "rng.safetensors")
+        tk.load("rng.safetensors", into={"rng": tk.RNGState()})   # generators restored
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        version, internal, gauss = random.getstate()
+        state: dict[str, Any] = {
+            "python": {"version": version, "state": list(internal), "gauss": gauss},
+            "torch": torch.get_rng_state(),
+        }
+        np = _numpy()
+        if np is not None:
+            kind, keys, pos, has_gauss, cached = np.random.get_state()
+            state["numpy"] = {
+                "kind": str(kind),
+                "keys": torch.from_numpy(keys.astype("int64")),
+                "pos": int(pos),
+                "has_gauss": int(has_gauss),
+                "cached_gaussian": float(cached),
+            }
+        if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+            state["cuda"] = [torch.cuda.get_rng_state(i) for i in range(torch.cuda.device_count())]
+        return state
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        py = state_dict["python"]
+        random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+        torch.set_rng_state(state_dict["torch"].to("cpu", torch.uint8))
+        np = _numpy()
+        if np is not None and "numpy" in state_dict:
+            s = state_dict["numpy"]
+            keys = s["keys"].numpy().astype("uint32")
+            np.random.set_state((s["kind"], keys, s["pos"], s["has_gauss"], s["cached_gaussian"]))
+        cuda = state_dict.get("cuda")
+        if cuda and torch.cuda.is_available():
+            for i, rng in enumerate(cuda[: torch.cuda.device_count()]):
+                torch.cuda.set_rng_state(rng.to("cpu", torch.uint8), i)
+
+
+def _numpy() -> Any:
+    try:
+        import numpy
+    except ImportError:
+        return None
+    return numpy
+
+
+def dedupe(named: Mapping[str, torch.Tensor]) -> Flat:
+    """Return a flat dict of tensors with identical views (tied weights) stored once."""
+    flat = Flat(tree=None)
+    seen: dict[tuple[Any, ...], str] = {}
+    for key, value in named.items():
+        if not isinstance(key, str):
+            raise UnsupportedObjectError(f"state dict key {key!r} is not a string")
+        if not isinstance(value, torch.Tensor):
+            raise UnsupportedObjectError(
+                f"{key}: a weights file holds tensors only, this is a {type(value).__name__}; "
+                "use tk.save for mixed state"
+            )
+        _add_tensor(value, (key,), flat, seen)
+    return flat

@@ -3,9 +3,9 @@ from __future__ import annotations
 import pytest
 import safetensors.torch
 import torch
-from conftest import SimpleNet, TheModelClass, TiedLM, assert_same_state
 
 import torchkeep as tk
+from conftest import SimpleNet, TheModelClass, TiedLM, assert_same_state
 
 
 def test_tutorial_weights_workflow(tmp_path):
@@ -118,7 +118,7 @@ def test_prefix_from_wrapper_is_explained(tmp_path):
     model = SimpleNet()
     wrapped = {f"_orig_mod.{k}": v for k, v in model.state_dict().items()}
     tk.save_weights(wrapped, tmp_path / "w.safetensors")
-    with pytest.raises(tk.StateMismatchError, match="_orig_mod.*torch.compile"):
+    with pytest.raises(tk.StateMismatchError, match=r"_orig_mod.*torch.compile"):
         tk.load_weights(SimpleNet(), tmp_path / "w.safetensors")
 
 
@@ -203,7 +203,9 @@ def test_sharded_weights_directory(tmp_path):
 
     model = TheModelClass()
     # A tiny shard size forces several shards.
-    write_container(str(tmp_path / "sharded"), model.state_dict(), kind="weights", shard_bytes=40_000)
+    write_container(
+        str(tmp_path / "sharded"), model.state_dict(), kind="weights", shard_bytes=40_000
+    )
     files = sorted(p.name for p in (tmp_path / "sharded").iterdir())
     assert "manifest.json" in files and len(files) > 3
     fresh = TheModelClass()

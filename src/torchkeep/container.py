@@ -278,7 +278,7 @@ class Container:
         where = self.path if file is None else f"{self.path}/{file}"
         source = self._storage.open(where)
         try:
-            prefix = source.read(0, min(8, source.size)) if source.size else b""
+            prefix = source.read(0, min(9, source.size)) if source.size else b""
             length = read_header_length(prefix, file_size=source.size, where=where)
             header = parse_header(source.read(8, length), file_size=source.size, where=where)
         except BaseException:
@@ -294,6 +294,11 @@ class Container:
         opened = self._open_file(None)
         text = opened.header.metadata.get(MANIFEST_KEY)
         if text is None:
+            if any('"format":"torchkeep"' in v for v in opened.header.metadata.values()):
+                raise CorruptCheckpointError(
+                    f"{self.path}: the header holds a torchkeep manifest under a damaged key; "
+                    "the file is corrupt"
+                )
             return  # a plain safetensors file written by another tool: no checksums
         self.manifest = manifest_from_json(text, where=self.path)
         check_against_header(self.manifest, opened.header, file=None, where=self.path)
@@ -318,6 +323,12 @@ class Container:
         files = {e.file for e in self.manifest.tensors.values()}
         save_ids = set()
         for file in sorted(f for f in files if f is not None):
+            member = f"{self.path}/{file}"
+            if not self._storage.exists(member) or self._storage.is_dir(member):
+                raise CorruptCheckpointError(
+                    f"{member}: named by {MANIFEST_FILE} but missing; the checkpoint directory "
+                    "was modified or copied in part. Restore it from another copy"
+                )
             opened = self._open_file(file)
             save_ids.add(opened.header.metadata.get("torchkeep_save"))
             check_against_header(

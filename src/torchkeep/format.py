@@ -10,6 +10,8 @@ Everything read from a file is validated here before anything is allocated from 
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import math
 import struct
@@ -145,7 +147,7 @@ def read_header_length(prefix: bytes, *, file_size: int, where: str) -> int:
             f"{where}: the file is {file_size} bytes, too short to be a safetensors file; "
             "it was truncated or is not a checkpoint"
         )
-    if prefix[:4] == b"PK\x03\x04" or prefix[:1] == b"\x80":
+    if (prefix[:4] == b"PK\x03\x04" or prefix[:1] == b"\x80") and prefix[8:9] != b"{":
         raise UnsupportedFormatError(
             f"{where}: this is a torch.save (pickle) file, not a safetensors file; "
             "inspect it with `torchkeep scan` before loading it"
@@ -217,6 +219,8 @@ def _parse_tensor_spec(name: str, spec: Any, *, where: str) -> TensorEntry:
         raise CorruptCheckpointError(
             f"{at}: data_offsets {offsets} must be [begin, end], begin<=end"
         )
+    if math.prod(d for d in shape if d) * ITEMSIZES[dtype] >= 2**63:
+        raise CorruptCheckpointError(f"{at}: shape {shape} is larger than any tensor can be")
     # Python integers do not overflow: the product is exact, and compared before any allocation.
     nbytes = math.prod(shape) * ITEMSIZES[dtype]
     if nbytes != offsets[1] - offsets[0]:
@@ -244,7 +248,7 @@ def _check_spans(tensors: Mapping[str, TensorEntry], data_size: int, *, where: s
                 f"{data_size}; the file was truncated"
             )
         raise CorruptCheckpointError(
-            f"{where}: {data_size - position} bytes follow the last tensor; the file is corrupt "
+            f"{where}: {data_size - position} byte(s) follow the last tensor; the file is corrupt "
             "or was written by two saves at once"
         )
 
@@ -271,7 +275,7 @@ def load_json(text: str, *, where: str) -> Any:
         return json.loads(text, object_pairs_hook=no_duplicates, parse_constant=no_constant)
     except RecursionError as e:
         raise CorruptCheckpointError(f"{where}: JSON nested too deeply") from e
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # JSONDecodeError, and ints over sys.get_int_max_str_digits()
         raise CorruptCheckpointError(f"{where}: invalid JSON ({e})") from e
 
 
@@ -391,11 +395,16 @@ def manifest_from_json(text: str, *, where: str) -> Manifest:
             raise CorruptCheckpointError(
                 f"{where}: alias '{alias}' points at '{target}', which the manifest does not hold"
             )
+    tree = body.get("tree")
+    try:
+        check_tree(tree, set(tensors) | set(aliases))
+    except (TypeError, ValueError, RecursionError) as e:
+        raise CorruptCheckpointError(f"{where}: the manifest's state tree is malformed: {e}") from e
     metadata = body.get("metadata")
     return Manifest(
         kind=str(body.get("kind", "")),
         tensors=tensors,
-        tree=body.get("tree"),
+        tree=tree,
         aliases=dict(aliases),
         metadata=metadata if isinstance(metadata, dict) else {},
         torch_version=str(body.get("torch_version", "")),
@@ -466,8 +475,10 @@ def check_against_header(
             entry.end,
         ):
             raise CorruptCheckpointError(
-                f"{where}: tensor '{name}' is {found.dtype}{list(found.shape)} in the header but "
-                f"{entry.dtype}{list(entry.shape)} in the manifest; the file is corrupt"
+                f"{where}: tensor '{name}' is {found.dtype}{list(found.shape)} at bytes "
+                f"[{found.begin}, {found.end}) in the header but {entry.dtype}"
+                f"{list(entry.shape)} at [{entry.begin}, {entry.end}) in the manifest; "
+                "the file is corrupt"
             )
 
 
@@ -486,3 +497,71 @@ def check_target_name(path: str) -> None:
 def is_single_file(path: str) -> bool:
     """Return whether ``path`` names one safetensors file (else it names a directory)."""
     return path.lower().endswith(".safetensors")
+
+
+MAX_TREE_DEPTH = 200
+
+
+def check_tree(tree: Any, names: set[str]) -> None:
+    """Raise TypeError/ValueError unless ``tree`` is a skeleton ``tree.decode`` can rebuild."""
+    stack: list[tuple[Any, int]] = [(tree, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_TREE_DEPTH:
+            raise ValueError(f"nested deeper than {MAX_TREE_DEPTH}")
+        if isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node)
+            continue
+        if not isinstance(node, dict):
+            continue
+        if len(node) == 1:
+            ((tag, value),) = node.items()
+            if tag == "$tensor":
+                if not isinstance(value, str) or value not in names:
+                    raise ValueError(f"it refers to tensor {value!r}, which the manifest lacks")
+                continue
+            if tag == "$float":
+                if value not in ("inf", "-inf", "nan"):
+                    raise ValueError(f"$float {value!r}")
+                continue
+            if tag == "$bytes":
+                if not isinstance(value, str):
+                    raise TypeError("$bytes must be base64 text")
+                try:
+                    base64.b64decode(value, validate=True)
+                except binascii.Error as e:
+                    raise ValueError(f"$bytes: {e}") from e
+                continue
+            if tag == "$dtype":
+                if not isinstance(getattr(torch, str(value), None), torch.dtype):
+                    raise ValueError(f"unknown dtype {value!r}")
+                continue
+            if tag == "$device":
+                try:
+                    torch.device(value)
+                except (RuntimeError, TypeError) as e:
+                    raise ValueError(f"$device {value!r}") from e
+                continue
+            if tag == "$size":
+                if not isinstance(value, list) or not all(_is_int(d) and d >= 0 for d in value):
+                    raise ValueError(f"$size {value!r}")
+                continue
+            if tag == "$tuple":
+                if not isinstance(value, list):
+                    raise TypeError("$tuple must hold a list")
+                stack.extend((v, depth + 1) for v in value)
+                continue
+            if tag == "$dict":
+                if not isinstance(value, list) or not all(
+                    isinstance(p, list) and len(p) == 2 for p in value
+                ):
+                    raise TypeError("$dict must hold [key, value] pairs")
+                for key, v in value:
+                    if isinstance(key, dict) and not (
+                        len(key) == 1 and next(iter(key)) in ("$tuple", "$float", "$bytes")
+                    ):
+                        raise TypeError(f"unhashable dict key {key!r}")
+                    stack.append((key, depth + 1))
+                    stack.append((v, depth + 1))
+                continue
+        stack.extend((v, depth + 1) for v in node.values())

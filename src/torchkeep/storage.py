@@ -200,21 +200,38 @@ class LocalStorage:
             try:
                 with _storage_errors(path):
                     _preallocate(fd, size)
-                fill(_FileSink(fd, path))
+                fill(self._sink(fd, path))
                 with _storage_errors(path):
-                    os.fsync(fd)
+                    self._fsync(fd)
             finally:
                 os.close(fd)
             with _storage_errors(path):
                 # Atomic: a reader sees the old file or the new one. A reader that mapped the
                 # old file keeps its inode, so its data does not change under it.
-                os.replace(tmp, path)
+                self._replace(tmp, path)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
         with _storage_errors(path):
-            fsync_dir(directory)
+            self._fsync_dir(directory)
+
+    # The steps of the commit protocol, one method each, so that a test storage can fail any
+    # one of them.
+
+    def _sink(self, fd: int, path: str) -> Sink:
+        return _FileSink(fd, path)
+
+    def _fsync(self, fd: int) -> None:
+        # An error here is final for this save: the kernel may have dropped the dirty pages,
+        # so retrying fsync could report a success that is not one.
+        os.fsync(fd)
+
+    def _replace(self, tmp: str, path: str) -> None:
+        os.replace(tmp, path)
+
+    def _fsync_dir(self, directory: str) -> None:
+        fsync_dir(directory)
 
     def open(self, path: str) -> LocalSource:
         return LocalSource(path)

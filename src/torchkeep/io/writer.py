@@ -60,30 +60,51 @@ class _Pieces:
                 self._flat = None
 
 
-def _piece_bytes(pieces: _Pieces, begin: int, end: int) -> tuple[memoryview, torch.Tensor]:
+class _Staging:
+    """One reusable buffer per writing thread, for pieces that must be converted first.
+
+    Converting into a reused buffer keeps the extra memory of a save at one chunk per thread,
+    with no allocator churn, however many tensors need a cast or a device copy.
+    """
+
+    def __init__(self, chunk: int) -> None:
+        self._chunk = chunk
+        self._local = threading.local()
+
+    def buffer(self, dtype: torch.dtype, count: int) -> torch.Tensor:
+        raw: torch.Tensor | None = getattr(self._local, "raw", None)
+        if raw is None:
+            raw = torch.empty(self._chunk, dtype=torch.uint8)
+            self._local.raw = raw
+        return raw[: count * dtype.itemsize].view(dtype)
+
+
+def _piece_bytes(pieces: _Pieces, begin: int, end: int, staging: _Staging) -> memoryview:
     item = pieces.item
     t = item.tensor
     if t.device.type == "cpu" and t.dtype == item.dtype and t.is_contiguous():
-        return tensor_bytes(t.detach())[begin:end], t
+        return tensor_bytes(t.detach())[begin:end]
     size = item.dtype.itemsize
     part = pieces.flat()[begin // size : end // size]
-    part = part.to(device="cpu", dtype=item.dtype).contiguous()
-    return tensor_bytes(part), part
+    out = staging.buffer(item.dtype, part.numel())
+    out.copy_(part)
+    return tensor_bytes(out)
 
 
-def _write_piece(sink: Sink, pieces: _Pieces, index: int, begin: int, end: int) -> None:
-    view, keep = _piece_bytes(pieces, begin, end)
+def _write_piece(
+    sink: Sink, staging: _Staging, pieces: _Pieces, index: int, begin: int, end: int
+) -> None:
+    view = _piece_bytes(pieces, begin, end, staging)
     pieces.digests[index] = checksum_bytes(view)
     offset = pieces.item.offset + begin
     sink.pwrite(view, offset)
     sink.written(offset, end - begin)
-    del keep
     pieces.done()
 
 
-def _write_batch(sink: Sink, batch: list[_Pieces]) -> None:
+def _write_batch(sink: Sink, staging: _Staging, batch: list[_Pieces]) -> None:
     for pieces in batch:
-        _write_piece(sink, pieces, 0, 0, pieces.item.nbytes)
+        _write_piece(sink, staging, pieces, 0, 0, pieces.item.nbytes)
 
 
 def write_tensors(
@@ -95,6 +116,7 @@ def write_tensors(
     are batched. The first error stops the remaining work and is raised.
     """
     results: dict[str, _Pieces] = {}
+    staging = _Staging(chunk)
     jobs: list[Callable[[], None]] = []
     batch: list[_Pieces] = []
     batch_bytes = 0
@@ -107,12 +129,12 @@ def write_tensors(
             batch.append(pieces)
             batch_bytes += nbytes
             if batch_bytes >= BATCH_BYTES:
-                jobs.append(partial(_write_batch, sink, batch))
+                jobs.append(partial(_write_batch, sink, staging, batch))
                 batch, batch_bytes = [], 0
             continue
         for index, (begin, end) in enumerate(spans):
-            jobs.append(partial(_write_piece, sink, pieces, index, begin, end))
+            jobs.append(partial(_write_piece, sink, staging, pieces, index, begin, end))
     if batch:
-        jobs.append(partial(_write_batch, sink, batch))
+        jobs.append(partial(_write_batch, sink, staging, batch))
     run_jobs(jobs, threads=threads)
     return {name: combine_digests(p.digests) for name, p in results.items()}

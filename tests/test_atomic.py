@@ -1,0 +1,224 @@
+"""Nothing is lost on failure: exceptions at every step of the commit, full disks, SIGKILL."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+import torchkeep as tk
+from torchkeep.container import write_container
+from torchkeep.storage import LocalStorage, Sink
+
+
+class InjectedFault(OSError):
+    pass
+
+
+class FaultySink:
+    def __init__(self, inner: Sink, fail_after: int) -> None:
+        self._inner = inner
+        self._budget = fail_after
+
+    def pwrite(self, data: memoryview, offset: int) -> None:
+        if len(data) > self._budget:
+            raise InjectedFault(errno.EIO, "injected write failure")
+        self._budget -= len(data)
+        self._inner.pwrite(data, offset)
+
+    def written(self, offset: int, nbytes: int) -> None:
+        self._inner.written(offset, nbytes)
+
+
+class FaultyStorage(LocalStorage):
+    """Local storage that fails one named step of the commit protocol."""
+
+    def __init__(self, phase: str, *, fail_after: int = 0) -> None:
+        self.phase = phase
+        self.fail_after = fail_after
+
+    def _sink(self, fd: int, path: str) -> Sink:
+        sink = super()._sink(fd, path)
+        return FaultySink(sink, self.fail_after) if self.phase == "write" else sink
+
+    def _fsync(self, fd: int) -> None:
+        if self.phase == "fsync":
+            raise InjectedFault(errno.EIO, "injected fsync failure")
+        super()._fsync(fd)
+
+    def _replace(self, tmp: str, path: str) -> None:
+        if self.phase == "rename":
+            raise InjectedFault(errno.EIO, "injected rename failure")
+        super()._replace(tmp, path)
+
+    def staging_dir(self, path: str) -> str:
+        if self.phase == "mkdir":
+            raise InjectedFault(errno.EACCES, "injected mkdir failure")
+        return super().staging_dir(path)
+
+    def commit_dir(self, staging: str, path: str) -> None:
+        if self.phase == "commit":
+            raise InjectedFault(errno.EIO, "injected directory rename failure")
+        super().commit_dir(staging, path)
+
+
+def _state(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {f"w{i}": torch.randn(300, 100, generator=g) for i in range(6)}
+
+
+PHASES = [
+    ("write", 0),  # the first write of the file
+    ("write", 200_000),  # in the middle of the data
+    ("fsync", 0),
+    ("rename", 0),
+]
+
+
+@pytest.mark.parametrize(("phase", "after"), PHASES)
+def test_failed_file_save_keeps_previous_and_leaves_no_temporary(tmp_path, phase, after):
+    path = tmp_path / "model.safetensors"
+    good = _state(1)
+    tk.save_weights(good, path)
+    with pytest.raises(OSError):  # the injected error, or the StorageError made of it
+        write_container(
+            str(path), _state(2), kind="weights", storage=FaultyStorage(phase, fail_after=after)
+        )
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
+    assert tk.verify(path).ok
+    back = tk.load_state_dict(path)
+    assert all(torch.equal(back[k], v) for k, v in good.items())
+
+
+@pytest.mark.parametrize(("phase", "after"), [*PHASES, ("mkdir", 0), ("commit", 0)])
+def test_failed_directory_save_keeps_previous(tmp_path, phase, after):
+    path = tmp_path / "step_1"
+    good = _state(1)
+    tk.save(good, path)
+    with pytest.raises(OSError):  # the injected error, or the StorageError made of it
+        write_container(
+            str(path), _state(2), kind="state", storage=FaultyStorage(phase, fail_after=after)
+        )
+    assert [p.name for p in tmp_path.iterdir()] == ["step_1"]
+    back = tk.load(path)
+    assert all(torch.equal(back[k], v) for k, v in good.items())
+
+
+def test_exception_inside_the_data_is_not_a_partial_file(tmp_path):
+    # An error raised while converting a tensor (here: CUDA-less "cuda" move is impossible, so use
+    # a tensor whose conversion fails) stops the save before anything is committed.
+    path = tmp_path / "w.safetensors"
+    tk.save_weights({"a": torch.ones(2)}, path)
+
+    class Exploding(torch.nn.Module):
+        def state_dict(self, *args, **kwargs):  # type: ignore[override]
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        tk.save_weights(Exploding(), path)
+    assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]
+    assert torch.equal(tk.load_state_dict(path)["a"], torch.ones(2))
+
+
+def _run_limited(script: str, tmp_path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_file_size_limit_is_a_storage_error_and_keeps_previous(tmp_path):
+    # RLIMIT_FSIZE makes the kernel refuse writes past a size, as a full disk refuses them.
+    path = tmp_path / "model.safetensors"
+    tk.save_weights(_state(1), path)
+    result = _run_limited(
+        f"""
+        import resource, signal, torch, torchkeep as tk
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+        try:
+            tk.save_weights({{"w": torch.randn(1000, 1000)}}, {str(path)!r})
+        except tk.StorageError as e:
+            print("StorageError:", e)
+        """,
+        tmp_path,
+    )
+    assert "StorageError:" in result.stdout, result.stderr
+    assert str(path) in result.stdout and "free some disk" in result.stdout
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
+    assert tk.verify(path).ok
+
+
+def _small_filesystem(tmp_path):
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True
+    )
+    return mount if done.returncode == 0 else None
+
+
+def test_full_disk_is_a_storage_error_and_keeps_previous(tmp_path):
+    mount = _small_filesystem(tmp_path) if os.geteuid() == 0 else None
+    if mount is None:
+        pytest.skip("cannot mount a small tmpfs here; test_file_size_limit covers the path")
+    try:
+        path = mount / "model.safetensors"
+        tk.save_weights({"w": torch.randn(100, 1000)}, path)  # 400 kB of 1 MiB
+        before = path.read_bytes()
+        with pytest.raises(tk.StorageError, match="free some disk") as e:
+            tk.save_weights({"w": torch.randn(200, 1000)}, path)  # 800 kB: no room for both
+        assert e.value.errno == errno.ENOSPC
+        assert str(path) in str(e.value)
+        assert [p.name for p in mount.iterdir()] == ["model.safetensors"]
+        assert path.read_bytes() == before
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_sigkill_during_saves_never_loses_the_last_checkpoint(tmp_path):
+    path = tmp_path / "ckpt.safetensors"
+    writer = textwrap.dedent(
+        f"""
+        import sys, torch, torchkeep as tk
+        n = 0
+        while True:
+            n += 1
+            state = {{"step": n, "w": torch.full((4_000_000,), float(n))}}
+            tk.save(state, {str(path)!r})
+            print(n, flush=True)
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", writer], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        committed = int(proc.stdout.readline())  # at least one save has completed
+        for delay in (0.01, 0.03, 0.07, 0.11):
+            time.sleep(delay)
+            os.kill(proc.pid, signal.SIGSTOP)  # freeze mid-save, then inspect the file
+            state = tk.load(path)
+            assert state["step"] >= committed
+            assert torch.equal(state["w"], torch.full((4_000_000,), float(state["step"])))
+            committed = state["step"]
+            os.kill(proc.pid, signal.SIGCONT)
+        time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    state = tk.load(path)
+    assert state["step"] >= committed
+    assert torch.equal(state["w"], torch.full((4_000_000,), float(state["step"])))
+    assert tk.verify(path).ok
+    # The killed save may leave a temporary beside the file; readers never take it for a save.
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name != "ckpt.safetensors"]
+    assert all(name.startswith(".ckpt.safetensors.tmp-") for name in leftovers)

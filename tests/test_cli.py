@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import torchkeep as tk
+from conftest import TiedLM
+from torchkeep.cli import main
+
+
+def _corrupt(path, at_from_end: int = 10) -> None:
+    data = bytearray(path.read_bytes())
+    data[-at_from_end] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_inspect(tmp_path, capsys):
+    tk.save_weights(TiedLM(), tmp_path / "lm.safetensors", metadata={"run": "a"})
+    assert main(["inspect", str(tmp_path / "lm.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "embed.weight" in out and "F32" in out and "[50, 16]" in out
+    assert "tied: head.weight = embed.weight" in out
+    assert '"run": "a"' in out and "torchkeep file, weights" in out
+
+
+def test_verify_ok_and_corrupt(tmp_path, capsys):
+    good, bad = tmp_path / "good.safetensors", tmp_path / "bad.safetensors"
+    tk.save({"w": torch.randn(100), "b": torch.ones(3)}, good)
+    tk.save({"w": torch.randn(100), "b": torch.ones(3)}, bad)
+    _corrupt(bad, at_from_end=20)  # inside 'b'... or 'w': either is named
+    assert main(["verify", str(good)]) == 0
+    assert "ok" in capsys.readouterr().out
+    assert main(["verify", str(good), str(bad)]) == 1
+    out = capsys.readouterr().out
+    assert "CORRUPT" in out and "does not match its checksum" in out
+
+
+def test_missing_path_is_a_usage_error(tmp_path, capsys):
+    assert main(["inspect", str(tmp_path / "nothing.safetensors")]) == 2
+    assert "nothing.safetensors" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["frobnicate"])
+    assert e.value.code == 2
+
+
+def test_damaged_header_is_a_problem(tmp_path, capsys):
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      ")
+    assert main(["inspect", str(path)]) == 1
+    assert "invalid JSON" in capsys.readouterr().err
+    assert main(["verify", str(path)]) == 1
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "torchkeep.cli", "demo", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "demo passed" in done.stdout
+    assert "losses equal bit for bit: True" in done.stdout
+    assert (tmp_path / "uninterrupted" / "final.safetensors").exists()
+    assert tk.verify(tmp_path / "resumed" / "final.safetensors").ok

@@ -66,3 +66,13 @@ def test_demo_runs_end_to_end(tmp_path):
     assert "losses equal bit for bit: True" in done.stdout
     assert (tmp_path / "uninterrupted" / "final.safetensors").exists()
     assert tk.verify(tmp_path / "resumed" / "final.safetensors").ok
+
+
+def test_bench_without_safetensors_names_the_extra():
+    code = (
+        "import sys; sys.modules['safetensors'] = None; "
+        "from torchkeep.cli import main; sys.exit(main(['bench', '--size-mib', '1']))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert "pip install 'torchkeep[bench]'" in done.stderr

@@ -127,6 +127,13 @@ def cmd_demo_worker(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_bench(args: argparse.Namespace, console: Console) -> int:
+    try:
+        import safetensors  # noqa: F401  (the benchmark compares with it)
+    except ImportError as e:
+        raise tk.MissingDependencyError(
+            "torchkeep bench compares with safetensors, which is not installed; "
+            "install it with: pip install 'torchkeep[bench]'"
+        ) from e
     from torchkeep.bench import format_markdown, run_benchmark
 
     result = run_benchmark(

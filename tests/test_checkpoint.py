@@ -91,6 +91,7 @@ def test_missing_component_is_reported(tmp_path):
 
 def test_rng_state_restores_every_generator(tmp_path):
     import numpy as np
+
     random.seed(1)
     np.random.seed(2)
     torch.manual_seed(3)

@@ -175,6 +175,7 @@ def test_unsupported_object_names_its_path(tmp_path):
 
 def test_numpy_values_get_a_hint(tmp_path):
     import numpy as np
+
     with pytest.raises(tk.UnsupportedObjectError, match=r"torch\.from_numpy"):
         tk.save({"arr": np.zeros(3)}, tmp_path / "x.safetensors")
 

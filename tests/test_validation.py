@@ -432,11 +432,13 @@ def test_empty_tensor_with_dims_torch_cannot_represent(tmp_path, shape):
 
 @pytest.mark.parametrize("zipfile", [True, False], ids=["zip", "legacy-pickle"])
 @pytest.mark.parametrize("name", ["model.pt", "model.safetensors", "model"])
-def test_torch_save_file_is_refused_unopened(tmp_path, zipfile, name):
+def test_torch_save_file_is_read_by_content_not_name(tmp_path, zipfile, name):
     path = tmp_path / name
-    torch.save({"w": torch.randn(4, 4)}, path, _use_new_zipfile_serialization=zipfile)
-    errors = _assert_rejected(path, UNSUPPORTED, match="pickle")
-    assert "torchkeep scan" in str(errors[0])
+    w = torch.randn(4, 4)
+    torch.save({"w": w}, path, _use_new_zipfile_serialization=zipfile)
+    assert torch.equal(tk.load(path)["w"], w)
+    assert torch.equal(tk.load_state_dict(path)["w"], w)
+    assert tk.verify(path).ok
 
 
 # ---------------------------------------------------------------------------------------------

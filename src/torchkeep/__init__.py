@@ -22,6 +22,7 @@ from torchkeep.errors import (
     UnsupportedObjectError,
 )
 from torchkeep.inspect import Description, TensorInfo, VerifyReport, describe, verify
+from torchkeep.legacy import ScanReport, scan
 from torchkeep.tree import RNGState, Stateful
 from torchkeep.weights import LoadResult, load_state_dict, load_weights, save_weights
 
@@ -37,6 +38,7 @@ __all__ = [
     "MissingDependencyError",
     "RNGState",
     "SaveInfo",
+    "ScanReport",
     "StateMismatchError",
     "Stateful",
     "StorageError",
@@ -55,5 +57,6 @@ __all__ = [
     "save",
     "save_checkpoint",
     "save_weights",
+    "scan",
     "verify",
 ]

@@ -12,6 +12,7 @@ import torch
 
 from torchkeep.container import SaveInfo, open_container, write_container
 from torchkeep.errors import StateMismatchError, UnsupportedObjectError
+from torchkeep.legacy import load_pickle_file, sniff
 from torchkeep.tree import STATEFUL, TENSOR, RNGState, Stateful, decode, flatten, path_name
 
 Device = str | torch.device
@@ -73,7 +74,8 @@ def load(
     dtype: torch.dtype | None = None,
     verify: bool = True,
 ) -> Any:
-    """Load state saved by ``save`` (or any safetensors file, as a flat dict of tensors).
+    """Load state saved by ``save``, any safetensors file (as a flat dict of tensors), or a
+    ``torch.save`` file (through a restricted unpickler that never runs code from the file).
 
     Args:
         path: the file or directory.
@@ -95,6 +97,9 @@ def load(
 
         state = tk.load("ckpt.safetensors", into={"model": model, "optimizer": optimizer})
     """
+    if not os.path.isdir(path) and sniff(os.fspath(path)) != "safetensors":
+        obj = _convert_tree(load_pickle_file(os.fspath(path), verify=verify), map_location, dtype)
+        return obj if into is None else _restore(None, obj, into, ())
     with open_container(path) as container:
         tree = _tree_of(container.entries, container.aliases, container.manifest)
         direct = bool(into is not None and map_location is None and dtype is None)
@@ -123,6 +128,18 @@ def convert(
     if map_location is not None:
         tensor = tensor.to(map_location)
     return tensor
+
+
+def _convert_tree(obj: Any, map_location: Device | None, dtype: torch.dtype | None) -> Any:
+    if map_location is None and dtype is None:
+        return obj
+    if isinstance(obj, torch.Tensor):
+        return convert(obj, map_location=map_location, dtype=dtype)
+    if isinstance(obj, dict):
+        return type(obj)({k: _convert_tree(v, map_location, dtype) for k, v in obj.items()})
+    if isinstance(obj, (list, tuple)) and type(obj) in (list, tuple):
+        return type(obj)(_convert_tree(v, map_location, dtype) for v in obj)
+    return obj
 
 
 def _tree_of(entries: Mapping[str, Any], aliases: Mapping[str, str], manifest: Any) -> Any:

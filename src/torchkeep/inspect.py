@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch
 
 from torchkeep.container import open_container
 from torchkeep.errors import (
     CorruptCheckpointError,
     IncompleteCheckpointError,
     StorageError,
+    UnsafeFileError,
     UnsupportedFormatError,
 )
+from torchkeep.format import DTYPE_NAMES
+from torchkeep.legacy import load_pickle_file, sniff
 
 
 @dataclass(frozen=True)
@@ -74,6 +80,9 @@ def describe(source: str | os.PathLike[str]) -> Description:
         info = tk.describe("model.safetensors")
         print(info.tensor_bytes, [t.name for t in info.tensors])
     """
+    path = os.fspath(source)
+    if not os.path.isdir(path) and sniff(path) != "safetensors":
+        return _describe_pickle(path)
     with open_container(source) as c:
         m = c.manifest
         entries = sorted(c.entries.items(), key=lambda kv: (kv[1].file or "", kv[1].begin))
@@ -101,6 +110,35 @@ def describe(source: str | os.PathLike[str]) -> Description:
         )
 
 
+def _describe_pickle(path: str) -> Description:
+    obj = load_pickle_file(path, meta=True)
+    tensors: list[TensorInfo] = []
+
+    def walk(node: Any, name: str) -> None:
+        if isinstance(node, torch.Tensor):
+            nbytes = node.numel() * node.element_size()
+            dtype = DTYPE_NAMES.get(node.dtype, str(node.dtype).removeprefix("torch."))
+            tensors.append(TensorInfo(name, dtype, tuple(node.shape), nbytes))
+        elif isinstance(node, Mapping):
+            for k, v in node.items():
+                walk(v, f"{name}.{k}" if name else str(k))
+        elif isinstance(node, (list, tuple)):
+            for i, v in enumerate(node):
+                walk(v, f"{name}.{i}" if name else str(i))
+
+    walk(obj, "")
+    kind = "torch zip (pickle)" if sniff(path) == "zip" else "torch legacy (pickle)"
+    return Description(
+        path=path,
+        format=kind,
+        kind="",
+        format_version=None,
+        tensors=tuple(tensors),
+        tensor_bytes=sum(t.nbytes for t in tensors),
+        file_bytes=os.path.getsize(path),
+    )
+
+
 def verify(source: str | os.PathLike[str]) -> VerifyReport:
     """Check every header, size and checksum of a save against its manifest.
 
@@ -115,6 +153,12 @@ def verify(source: str | os.PathLike[str]) -> VerifyReport:
     """
     path = os.fspath(source)
     try:
+        if not os.path.isdir(path) and sniff(path) != "safetensors":
+            described = describe(path)
+            load_pickle_file(path, verify=True)
+            return VerifyReport(
+                path, True, (), len(described.tensors), described.tensor_bytes, checksummed=True
+            )
         with open_container(path) as c:
             problems = c.verify()
             entries = c.entries
@@ -123,6 +167,7 @@ def verify(source: str | os.PathLike[str]) -> VerifyReport:
         CorruptCheckpointError,
         IncompleteCheckpointError,
         UnsupportedFormatError,
+        UnsafeFileError,
         StorageError,
     ) as e:
         return VerifyReport(path, False, (str(e),))

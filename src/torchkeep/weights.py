@@ -12,11 +12,21 @@ import torch
 
 from torchkeep.checkpoint import Device, check_metadata, convert
 from torchkeep.container import Container, SaveInfo, open_container, write_container
-from torchkeep.errors import StateMismatchError, UnsupportedFormatError, UnsupportedObjectError
+from torchkeep.errors import (
+    CorruptCheckpointError,
+    StateMismatchError,
+    UnsupportedFormatError,
+    UnsupportedObjectError,
+)
+from torchkeep.format import MANIFEST_FILE, check_member_name, load_json
+from torchkeep.legacy import load_pickle_file, sniff
 from torchkeep.tree import STATEFUL, TENSOR, dedupe
 
 # Where a checkpoint keeps its model, in the order they are looked for.
 MODEL_KEYS = ("model_state_dict", "model", "state_dict", "module")
+HF_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+MAX_INDEX_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -111,6 +121,160 @@ def _is_tensor(node: Any) -> bool:
     return isinstance(node, dict) and set(node) == {TENSOR}
 
 
+class _Part:
+    """Weights from one file: read through a container, or already loaded from a pickle."""
+
+    def __init__(
+        self,
+        container: Container | None = None,
+        names: Mapping[str, str] | None = None,
+        loaded: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
+        self.container = container
+        self.names = dict(names or {})
+        self.loaded = dict(loaded or {})
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        if self.container is not None:
+            entries = self.container.entries
+            return {k: entries[n].shape for k, n in self.names.items()}
+        return {k: tuple(t.shape) for k, t in self.loaded.items()}
+
+    def read(
+        self, keys: list[str], into: Mapping[str, torch.Tensor], *, lazy: bool, verify: bool
+    ) -> dict[str, torch.Tensor]:
+        if self.container is None:
+            return {k: self.loaded[k] for k in keys}
+        stored = sorted({self.names[k] for k in keys})
+        if lazy:
+            tensors = self.container.map(stored)
+        else:
+            dests = {self.names[k]: t for k, t in into.items() if k in self.names}
+            tensors = self.container.read(stored, into=dests, verify=verify)
+        return {k: tensors[self.names[k]] for k in keys}
+
+
+class WeightsSource:
+    """Model weights from any file or directory torchkeep reads, by state-dict key."""
+
+    def __init__(self, source: str | os.PathLike[str], *, verify: bool = True) -> None:
+        self.path = os.fspath(source).rstrip("/") or "/"
+        self.parts: list[_Part] = []
+        self.verify = verify
+        try:
+            self._open()
+        except BaseException:
+            self.close()
+            raise
+        self.part_of = {k: part for part in self.parts for k in part.shapes()}
+
+    def _open(self) -> None:
+        path = self.path
+        if not os.path.isdir(path):
+            self._open_file(path)
+            return
+        if os.path.exists(os.path.join(path, MANIFEST_FILE)):
+            self._open_file(path)
+            return
+        for index in HF_INDEX_FILES:
+            if os.path.exists(os.path.join(path, index)):
+                self._open_index(os.path.join(path, index))
+                return
+        for single in HF_WEIGHT_FILES:
+            if os.path.isfile(os.path.join(path, single)):
+                self._open_file(os.path.join(path, single))
+                return
+        open_container(path).close()  # raises the error that explains what is missing
+
+    def _open_file(self, path: str, keys: set[str] | None = None) -> None:
+        if os.path.isdir(path) or sniff(path) == "safetensors":
+            container = open_container(path)
+            self.parts.append(_Part(container=container, names=weight_names(container)))
+        else:
+            obj = load_pickle_file(path, verify=self.verify)
+            self.parts.append(_Part(loaded=weights_in(obj, path)))
+        if keys is not None:
+            part = self.parts[-1]
+            part.names = {k: v for k, v in part.names.items() if k in keys}
+            part.loaded = {k: v for k, v in part.loaded.items() if k in keys}
+
+    def _open_index(self, index: str) -> None:
+        with open(index, "rb") as f:
+            raw = f.read(MAX_INDEX_BYTES + 1)
+        if len(raw) > MAX_INDEX_BYTES:
+            raise CorruptCheckpointError(
+                f"{index}: the index is larger than {MAX_INDEX_BYTES} bytes"
+            )
+        body = load_json(raw.decode("utf-8", "replace"), where=index)
+        weight_map = body.get("weight_map") if isinstance(body, dict) else None
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+        ):
+            raise CorruptCheckpointError(f"{index}: no weight_map of names to files")
+        by_file: dict[str, set[str]] = {}
+        for key, file in weight_map.items():
+            by_file.setdefault(check_member_name(file, where=index), set()).add(key)
+        for file, keys in sorted(by_file.items()):
+            member = os.path.join(self.path, file)
+            if not os.path.isfile(member):
+                raise CorruptCheckpointError(f"{member}: named by {index} but missing")
+            self._open_file(member, keys)
+            found = set(self.parts[-1].shapes())
+            if found != keys:
+                raise CorruptCheckpointError(
+                    f"{member}: holds {len(found)} of the {len(keys)} tensors {index} places there"
+                    f" (missing: {sorted(keys - found)[:5]})"
+                )
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: shape for part in self.parts for k, shape in part.shapes().items()}
+
+    def read(
+        self,
+        keys: list[str],
+        *,
+        into: Mapping[str, torch.Tensor] | None = None,
+        lazy: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """Read ``keys``; CPU tensors in ``into`` of the stored dtype and shape are filled."""
+        result: dict[str, torch.Tensor] = {}
+        for part in self.parts:
+            mine = [k for k in keys if self.part_of[k] is part]
+            if mine:
+                result.update(part.read(mine, into or {}, lazy=lazy, verify=self.verify))
+        return result
+
+    def close(self) -> None:
+        for part in self.parts:
+            if part.container is not None:
+                part.container.close()
+
+    def __enter__(self) -> WeightsSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def weights_in(obj: Any, path: str) -> dict[str, torch.Tensor]:
+    """Return the model weights inside a loaded object: a flat dict of tensors, or one stored
+    under a key such as ``state_dict`` (Lightning) or ``model_state_dict`` (the tutorials)."""
+    candidates = [obj] + [obj[k] for k in MODEL_KEYS if isinstance(obj, Mapping) and k in obj]
+    for candidate in candidates:
+        if (
+            isinstance(candidate, Mapping)
+            and candidate
+            and all(
+                isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in candidate.items()
+            )
+        ):
+            return dict(candidate)
+    raise UnsupportedFormatError(
+        f"{path}: holds no model weights (a dict of tensors, or one under "
+        f"{', '.join(MODEL_KEYS)}); load it with tk.load instead"
+    )
+
+
 def load_state_dict(
     source: str | os.PathLike[str],
     *,
@@ -121,28 +285,32 @@ def load_state_dict(
 ) -> dict[str, torch.Tensor]:
     """Return the weights stored at ``source`` as a state dict.
 
-    ``source`` is a safetensors file, a torchkeep directory, or a torchkeep checkpoint (its
-    model entry). Tied weights come back as one tensor under all their names.
+    ``source`` is a safetensors file, a torchkeep file or directory (a checkpoint's model
+    entry), a ``torch.save`` file (read without running code), or a Hugging Face model
+    directory (``model.safetensors``, sharded with its index, or ``pytorch_model.bin``). Tied
+    weights come back as one tensor under all their names.
 
     Args:
         device: where the tensors are placed.
         dtype: cast floating-point tensors to this dtype.
-        lazy: map the file instead of reading it: tensors are read from disk on first use, and
-            checksums are not verified (run ``tk.verify`` for that). Later overwrites of the
-            file do not change mapped tensors.
+        lazy: map safetensors files instead of reading them: tensors are read from disk on
+            first use, and checksums are not verified (run ``tk.verify`` for that). Later
+            overwrites of the file do not change mapped tensors. Pickle files are always read.
         verify: on eager loads, check every checksum (on by default).
 
     Example::
 
         model.load_state_dict(tk.load_state_dict("model.safetensors"))
     """
-    with open_container(source) as container:
-        keys = weight_names(container)
-        stored = sorted(set(keys.values()))
-        tensors = container.map(stored) if lazy else container.read(stored, verify=verify)
+    with WeightsSource(source, verify=verify) as weights:
+        tensors = weights.read(list(weights.shapes()), lazy=lazy)
     if device != "cpu" or dtype is not None:
-        tensors = {n: convert(t, map_location=device, dtype=dtype) for n, t in tensors.items()}
-    return {key: tensors[name] for key, name in keys.items()}
+        converted: dict[int, torch.Tensor] = {}  # tied tensors stay tied after conversion
+        for key, t in tensors.items():
+            if id(t) not in converted:
+                converted[id(t)] = convert(t, map_location=device, dtype=dtype)
+            tensors[key] = converted[id(t)]
+    return tensors
 
 
 def load_weights(
@@ -150,6 +318,7 @@ def load_weights(
     source: str | os.PathLike[str],
     *,
     strict: bool = True,
+    strip_prefix: str | None = None,
     device: Device | None = None,
     verify: bool = True,
 ) -> LoadResult:
@@ -161,13 +330,15 @@ def load_weights(
     Args:
         strict: raise if any key is missing, unexpected or of another shape (the default);
             with ``strict=False`` the matching keys are loaded and the rest reported.
+        strip_prefix: remove this prefix from the file's keys first, such as ``"module."``
+            (added by DistributedDataParallel) or ``"_orig_mod."`` (added by torch.compile).
         device: load the tensors to this device before assigning them (default: the CPU).
         verify: check every checksum. On a corrupt file the error names the tensor; the
             model may then hold part of the new weights.
 
     Raises:
         StateMismatchError: with ``strict``, keys or shapes that do not fit (all named), before
-            anything is read.
+            anything is read; when the keys carry a wrapper's prefix, the message says which.
 
     Example::
 
@@ -175,29 +346,32 @@ def load_weights(
         tk.load_weights(model, "model.safetensors")
         model.eval()
     """
-    with open_container(source) as container:
-        keys = weight_names(container)
+    with WeightsSource(source, verify=verify) as weights:
+        stored = weights.shapes()
+        rename = {_strip(k, strip_prefix): k for k in stored}
+        shapes = {k: stored[original] for k, original in rename.items()}
         expected = model.state_dict()
-        shapes = {k: container.entries[name].shape for k, name in keys.items()}
-        missing = tuple(k for k in expected if k not in keys)
-        unexpected = tuple(k for k in keys if k not in expected)
+        missing = tuple(k for k in expected if k not in shapes)
+        unexpected = tuple(k for k in shapes if k not in expected)
         mismatched = tuple(
-            k for k in expected if k in keys and tuple(expected[k].shape) != shapes[k]
+            k for k in expected if k in shapes and tuple(expected[k].shape) != shapes[k]
         )
         result = LoadResult(missing, unexpected, mismatched)
         if strict and not result.ok:
             raise StateMismatchError(
-                _mismatch_message(container.path, model, result, expected, shapes)
+                _mismatch_message(weights.path, model, result, expected, shapes)
             )
-        wanted = {k: keys[k] for k in expected if k in keys and k not in mismatched}
-        dests = {} if device is not None else {keys[k]: expected[k] for k in wanted}
-        tensors = container.read(sorted(set(wanted.values())), into=dests, verify=verify)
-    state = {
-        k: convert(tensors[name], map_location=device, dtype=None) for k, name in wanted.items()
-    }
+        wanted = [k for k in expected if k in shapes and k not in mismatched]
+        dests = {} if device is not None else {rename[k]: expected[k] for k in wanted}
+        tensors = weights.read([rename[k] for k in wanted], into=dests)
+    state = {k: convert(tensors[rename[k]], map_location=device, dtype=None) for k in wanted}
     # load_state_dict runs the module's own hooks; copying a tensor onto itself is skipped.
     model.load_state_dict(state, strict=False)
     return result
+
+
+def _strip(key: str, prefix: str | None) -> str:
+    return key[len(prefix) :] if prefix and key.startswith(prefix) else key
 
 
 def _mismatch_message(
@@ -228,7 +402,7 @@ def _mismatch_message(
             hint = (
                 f"the file's keys start with '{prefix}' (added by "
                 f"{'torch.compile' if prefix == '_orig_mod.' else 'DistributedDataParallel'}): "
-                "save the unwrapped model, or strip the prefix from the keys"
+                f'pass strip_prefix="{prefix}"'
             )
     return (
         f"{path} does not fit {type(model).__name__}: "

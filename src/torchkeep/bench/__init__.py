@@ -1,0 +1,105 @@
+"""The benchmark harness: torchkeep against ``torch.save``/``torch.load`` and safetensors.
+
+Three cases, each run interleaved with its competitors (one warm-up run each, not counted):
+
+* durable save: ``tk.save_weights`` (fsync + atomic rename) against ``torch.save`` and
+  ``safetensors.torch.save_file``, each followed by an fsync of the file;
+* cold load: the file dropped from the page cache, loaded, and every byte read once;
+* load into an existing model (cold cache too).
+
+A raw-disk reference (parallel ``pwrite`` + fsync for saves, parallel cold ``preadv`` for loads)
+is measured on the same directory, in the same interleaved rounds as each case. The peak extra
+host memory of each save is measured in a fresh process.
+
+``run_benchmark`` returns a ``BenchResult``; ``format_markdown`` turns it into the published
+table. ``benchmarks/core.py`` is the command-line front end.
+
+The package: ``workload`` builds what is saved, ``cases`` times one run of each case,
+``runner`` interleaves them, ``report`` describes the machine and writes the table.
+"""
+
+from __future__ import annotations
+
+from torchkeep.bench.cases import (
+    LIBRARIES,
+    LOAD,
+    LOAD_INTO,
+    RAW,
+    RAW_CHUNK,
+    RAW_READ_THREADS,
+    RAW_WRITE_THREADS,
+    SAFETENSORS,
+    SAVE,
+    TORCH,
+    TORCHKEEP,
+    MemoryResult,
+    load_into_with,
+    load_with,
+    measure_save_memory,
+    save_with,
+    time_load,
+    time_load_into,
+    time_raw_read,
+    time_raw_write,
+    time_save,
+)
+from torchkeep.bench.report import (
+    GB,
+    MIN_PUBLISHED_REPEATS,
+    BenchResult,
+    CaseResult,
+    MachineInfo,
+    format_markdown,
+    machine_info,
+)
+from torchkeep.bench.runner import Progress, run_benchmark, run_interleaved
+from torchkeep.bench.workload import (
+    LAYERS,
+    MIB,
+    drop_cache,
+    fsync_file,
+    make_model,
+    make_state_dict,
+    touch,
+)
+
+__all__ = [
+    "GB",
+    "LAYERS",
+    "LIBRARIES",
+    "LOAD",
+    "LOAD_INTO",
+    "MIB",
+    "MIN_PUBLISHED_REPEATS",
+    "RAW",
+    "RAW_CHUNK",
+    "RAW_READ_THREADS",
+    "RAW_WRITE_THREADS",
+    "SAFETENSORS",
+    "SAVE",
+    "TORCH",
+    "TORCHKEEP",
+    "BenchResult",
+    "CaseResult",
+    "MachineInfo",
+    "MemoryResult",
+    "Progress",
+    "drop_cache",
+    "format_markdown",
+    "fsync_file",
+    "load_into_with",
+    "load_with",
+    "machine_info",
+    "make_model",
+    "make_state_dict",
+    "measure_save_memory",
+    "run_benchmark",
+    "run_interleaved",
+    "save_with",
+    "time_load",
+    "time_load_into",
+    "time_raw_read",
+    "time_raw_write",
+    "time_save",
+    "touch",
+]

@@ -1,0 +1,217 @@
+"""The timed cases (save, cold load, load into a model), the raw-disk reference and peak memory."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import safetensors.torch
+import torch
+from torch import nn
+
+import torchkeep as tk
+from torchkeep.bench.workload import MIB, drop_cache, fsync_file, remove_file, touch
+from torchkeep.io.memory import tensor_bytes
+
+RAW_CHUNK = 16 << 20
+RAW_WRITE_THREADS = 4
+RAW_READ_THREADS = 8
+TORCHKEEP = "torchkeep"
+TORCH = "torch"
+SAFETENSORS = "safetensors"
+SAVE = "durable save"
+LOAD = "cold load, all bytes read"
+LOAD_INTO = "cold load into model"
+RAW = "raw disk"
+LIBRARIES = (TORCHKEEP, TORCH, SAFETENSORS)
+
+# ---------------------------------------------------------------------------------------------
+# cases: each times one run and returns seconds
+
+
+def save_with(library: str, state: Mapping[str, torch.Tensor], path: str) -> None:
+    """Save durably with ``library``: torchkeep's own commit, or the call plus an fsync."""
+    if library == TORCHKEEP:
+        tk.save_weights(state, path)
+    elif library == TORCH:
+        torch.save(dict(state), path)
+        fsync_file(path)
+    elif library == SAFETENSORS:
+        safetensors.torch.save_file(dict(state), path)
+        fsync_file(path)
+    else:
+        raise ValueError(f"unknown library {library!r}")
+
+
+def time_save(library: str, state: Mapping[str, torch.Tensor], path: str) -> float:
+    """Delete ``path``, then time one durable save of ``state`` to it."""
+    remove_file(path)
+    started = time.perf_counter()
+    save_with(library, state, path)
+    return time.perf_counter() - started
+
+
+def load_with(library: str, path: str) -> dict[str, torch.Tensor]:
+    if library == TORCHKEEP:
+        return tk.load_state_dict(path)
+    if library == TORCH:
+        loaded: dict[str, torch.Tensor] = torch.load(path)
+        return loaded
+    if library == SAFETENSORS:
+        return safetensors.torch.load_file(path)
+    raise ValueError(f"unknown library {library!r}")
+
+
+def time_load(library: str, path: str) -> float:
+    """Drop ``path`` from the page cache, then time one load plus a read of every byte."""
+    drop_cache(path)
+    started = time.perf_counter()
+    touch(load_with(library, path))
+    return time.perf_counter() - started
+
+
+def load_into_with(library: str, model: nn.Module, path: str) -> None:
+    if library == TORCHKEEP:
+        tk.load_weights(model, path)
+    elif library == TORCH:
+        model.load_state_dict(torch.load(path))
+    elif library == SAFETENSORS:
+        safetensors.torch.load_model(model, path)
+    else:
+        raise ValueError(f"unknown library {library!r}")
+
+
+def time_load_into(library: str, model: nn.Module, path: str) -> float:
+    """Drop ``path`` from the page cache, then time one load of it into ``model``."""
+    drop_cache(path)
+    started = time.perf_counter()
+    load_into_with(library, model, path)
+    return time.perf_counter() - started
+
+
+def _chunks(nbytes: int) -> list[tuple[int, int]]:
+    return [(o, min(RAW_CHUNK, nbytes - o)) for o in range(0, nbytes, RAW_CHUNK)]
+
+
+def time_raw_write(buffer: torch.Tensor, path: str, *, threads: int = RAW_WRITE_THREADS) -> float:
+    """Time writing ``buffer`` (uint8, faulted in) to a fresh file: parallel pwrite + fsync."""
+    remove_file(path)
+    view = tensor_bytes(buffer)
+    started = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+
+        def write(span: tuple[int, int]) -> None:
+            offset, nbytes = span
+            done = 0
+            while done < nbytes:
+                done += os.pwrite(fd, view[offset + done : offset + nbytes], offset + done)
+
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(write, _chunks(len(view))))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return time.perf_counter() - started
+
+
+def time_raw_read(buffer: torch.Tensor, path: str, *, threads: int = RAW_READ_THREADS) -> float:
+    """Drop ``path`` from the page cache, then time reading it into ``buffer`` with preadv."""
+    drop_cache(path)
+    view = tensor_bytes(buffer)
+    started = time.perf_counter()
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+
+        def read(span: tuple[int, int]) -> None:
+            offset, nbytes = span
+            done = 0
+            while done < nbytes:
+                n = os.preadv(fd, [view[offset + done : offset + nbytes]], offset + done)
+                if n == 0:
+                    raise OSError(f"{path}: short read at {offset + done}")
+                done += n
+
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(read, _chunks(len(view))))
+    finally:
+        os.close(fd)
+    return time.perf_counter() - started
+
+
+# ---------------------------------------------------------------------------------------------
+# peak memory, in a fresh process
+
+_MEMORY_SCRIPT = """
+import gc, json, resource, sys
+from torchkeep.bench import make_state_dict, save_with
+
+
+def peak_kib():
+    # VmHWM is this process's own high-water mark. ru_maxrss is not enough on its own: after
+    # exec it keeps the forked parent's peak, often larger than anything measured here.
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+size, library, path = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+state = make_state_dict(size)
+gc.collect()
+# Reset the high-water mark to the current RSS (Linux >= 4.0), so that transient memory of
+# imports and of building the state dict is not counted as the save's.
+try:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+except OSError:
+    pass
+before = peak_kib()
+save_with(library, state, path)
+after = peak_kib()
+print(json.dumps({"before_kib": before, "after_kib": after}))
+"""
+
+
+@dataclass(frozen=True)
+class MemoryResult:
+    """Peak resident memory a save added on top of the state dict (high-water mark growth)."""
+
+    library: str
+    peak_extra_bytes: int
+
+    @property
+    def mib(self) -> float:
+        return self.peak_extra_bytes / MIB
+
+
+def measure_save_memory(library: str, size_bytes: int, path: str) -> subprocess.Popen[str]:
+    """Start a process that builds the state dict, saves it with ``library``, prints JSON."""
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(tk.__file__)))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
+    return subprocess.Popen(
+        [sys.executable, "-c", _MEMORY_SCRIPT, str(size_bytes), library, path],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
+def collect_save_memory(library: str, process: subprocess.Popen[str]) -> MemoryResult:
+    out, err = process.communicate()
+    if process.returncode != 0:
+        raise RuntimeError(f"memory measurement for {library} failed:\n{err}")
+    values = json.loads(out.strip().splitlines()[-1])
+    return MemoryResult(library, (values["after_kib"] - values["before_kib"]) * 1024)

@@ -1,0 +1,718 @@
+"""Reading ``torch.save`` files safely, and ``scan``.
+
+A ``torch.save`` file is a pickle: loading it with ``pickle`` runs whatever code it names. Here
+it is unpickled by ``_RestrictedUnpickler``, whose ``find_class`` never imports anything: it
+returns torchkeep's own stand-ins from a fixed table of plain types (tensor rebuilders that
+validate bounds, containers, numbers, dtypes, ``torch.Size``, numpy scalars, argparse
+namespaces). Any other global ends the load with ``UnsafeFileError`` listing every global the
+file names, found by ``scan``, which unpickles with inert placeholders.
+
+Both the zip format (torch >= 1.6) and the older stream format are read. Storage sizes are
+checked against the file before any memory is allocated for them, and tensor data is read with
+the parallel engine straight into the storages.
+"""
+
+from __future__ import annotations
+
+import _compat_pickle
+import io
+import os
+import pickle
+import struct
+import zipfile
+import zlib
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from torchkeep.errors import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    UnsafeFileError,
+    UnsupportedFormatError,
+)
+from torchkeep.io import ReadItem, read_tensors
+from torchkeep.io.pool import run_jobs
+from torchkeep.storage import LocalSource
+
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+LEGACY_PROTOCOL = 1001
+READ_CHUNK = 16 << 20
+
+_STORAGE_DTYPES = {
+    "DoubleStorage": torch.float64,
+    "FloatStorage": torch.float32,
+    "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16,
+    "LongStorage": torch.int64,
+    "IntStorage": torch.int32,
+    "ShortStorage": torch.int16,
+    "CharStorage": torch.int8,
+    "ByteStorage": torch.uint8,
+    "BoolStorage": torch.bool,
+    "ComplexFloatStorage": torch.complex64,
+    "ComplexDoubleStorage": torch.complex128,
+    "UntypedStorage": torch.uint8,
+}
+
+
+def sniff(path: str) -> str:
+    """Return the kind of file at ``path``: safetensors, torch-zip, torchscript, torch-legacy."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except FileNotFoundError as e:
+        raise CheckpointNotFoundError(f"{path}: no such file") from e
+    if head[:4] == b"PK\x03\x04":
+        return "zip"
+    if head[:1] == b"\x80" and head[8:9] != b"{":
+        return "torch-legacy"
+    return "safetensors"
+
+
+# ---------------------------------------------------------------------------------------------
+# stand-ins: what the restricted unpickler hands out instead of importing
+
+
+@dataclass(frozen=True)
+class _StorageType:
+    name: str
+    dtype: torch.dtype
+
+
+class _TensorType:
+    """Marks ``torch.Tensor`` / ``torch.nn.Parameter`` in ``_rebuild_from_type_v2``."""
+
+
+@dataclass
+class _Storage:
+    """A storage the file holds: a flat tensor of ``numel`` elements, filled after unpickling."""
+
+    key: str
+    data: torch.Tensor
+
+
+class AttributeDict(dict[str, Any]):
+    """A dict whose items are also attributes: how torchkeep reads ``argparse.Namespace`` and
+    Lightning's ``AttributeDict`` (plain data, saved again as a dict)."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, dict):
+            self.update(state)
+
+
+def _check_shape(values: Any, what: str) -> tuple[int, ...]:
+    if not isinstance(values, (tuple, list, torch.Size)) or len(values) > 64:
+        raise CorruptCheckpointError(f"tensor {what} {values!r} is not a tuple of integers")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+        raise CorruptCheckpointError(f"tensor {what} {values!r} must hold non-negative integers")
+    return tuple(int(v) for v in values)
+
+
+def _view(
+    storage: Any, offset: Any, size: Any, stride: Any, dtype: torch.dtype | None
+) -> torch.Tensor:
+    if not isinstance(storage, _Storage):
+        raise CorruptCheckpointError("a tensor is rebuilt from something that is not a storage")
+    data = storage.data
+    if dtype is not None and dtype != data.dtype:
+        if data.dtype != torch.uint8 or data.numel() % dtype.itemsize:
+            raise CorruptCheckpointError(f"storage {storage.key} cannot be viewed as {dtype}")
+        data = data.view(dtype)
+    shape = _check_shape(size, "size")
+    strides = _check_shape(stride, "stride")
+    if len(shape) != len(strides) or not isinstance(offset, int) or offset < 0:
+        raise CorruptCheckpointError(
+            f"storage {storage.key}: invalid view {offset}, {size}, {stride}"
+        )
+    if all(shape):
+        last = offset + sum((n - 1) * s for n, s in zip(shape, strides, strict=True))
+        if last >= data.numel():
+            raise CorruptCheckpointError(
+                f"a tensor of size {list(shape)} reaches element {last} of storage {storage.key}, "
+                f"which holds {data.numel()}"
+            )
+    return data.as_strided(shape, strides, offset)
+
+
+def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any) -> torch.Tensor:
+    return _view(storage, offset, size, stride, None)
+
+
+def _rebuild_tensor_v2(
+    storage: Any,
+    offset: Any,
+    size: Any,
+    stride: Any,
+    requires_grad: Any,
+    hooks: Any,
+    metadata: Any = None,
+) -> torch.Tensor:
+    if metadata:
+        raise UnsupportedFormatError("tensors with conj/neg metadata are not supported")
+    return _view(storage, offset, size, stride, None)
+
+
+def _rebuild_tensor_v3(
+    storage: Any,
+    offset: Any,
+    size: Any,
+    stride: Any,
+    requires_grad: Any,
+    hooks: Any,
+    dtype: Any,
+    metadata: Any = None,
+) -> torch.Tensor:
+    if not isinstance(dtype, torch.dtype):
+        raise CorruptCheckpointError(f"tensor dtype {dtype!r} is not a dtype")
+    return _view(storage, offset, size, stride, dtype)
+
+
+def _rebuild_parameter(data: Any, requires_grad: Any, hooks: Any, state: Any = None) -> Any:
+    if not isinstance(data, torch.Tensor):
+        raise CorruptCheckpointError("a parameter is rebuilt from something that is not a tensor")
+    return data
+
+
+_REBUILDERS = (_rebuild_tensor, _rebuild_tensor_v2, _rebuild_tensor_v3, _rebuild_parameter)
+
+
+def _rebuild_from_type_v2(func: Any, new_type: Any, args: Any, state: Any) -> Any:
+    if func not in _REBUILDERS or new_type is not _TensorType or not isinstance(args, tuple):
+        raise UnsafeFileError("a tensor subclass is rebuilt with a function outside the allowlist")
+    return func(*args)
+
+
+def _codecs_encode(text: Any, encoding: Any = "utf-8") -> bytes:
+    # Protocol 2 pickles store bytes as _codecs.encode(text, "latin1").
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise UnsafeFileError("_codecs.encode is allowed only to rebuild bytes")
+    return text.encode("latin1")
+
+
+class _NumpyDType:
+    """A numpy dtype, recorded as its spec string; numpy itself is never imported."""
+
+    _FORMATS: ClassVar[dict[str, str]] = {
+        "f8": "d", "f4": "f", "f2": "e", "i8": "q", "i4": "i", "i2": "h", "i1": "b",
+        "u8": "Q", "u4": "I", "u2": "H", "u1": "B", "b1": "?",
+    }  # fmt: skip
+
+    def __init__(self, spec: Any, align: Any = False, copy: Any = True) -> None:
+        if spec not in self._FORMATS:
+            raise UnsupportedFormatError(f"numpy dtype {spec!r} is not supported")
+        self.spec: str = spec
+        self.order = "<"
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, tuple) and len(state) > 1 and state[1] in ("<", ">", "|", "="):
+            self.order = "<" if state[1] in ("|", "=") else state[1]
+
+    def value(self, raw: bytes) -> int | float | bool:
+        fmt = self.order + self._FORMATS[self.spec]
+        if len(raw) != struct.calcsize(fmt):
+            raise CorruptCheckpointError(f"numpy scalar of {self.spec} has {len(raw)} bytes")
+        result: int | float | bool = struct.unpack(fmt, raw)[0]
+        return result
+
+
+def _numpy_scalar(dtype: Any, raw: Any = b"") -> int | float | bool:
+    if not isinstance(dtype, _NumpyDType) or not isinstance(raw, bytes):
+        raise CorruptCheckpointError("numpy scalar with an invalid dtype or payload")
+    return dtype.value(raw)
+
+
+def _allowed_globals() -> dict[tuple[str, str], Any]:
+    table: dict[tuple[str, str], Any] = {
+        ("collections", "OrderedDict"): OrderedDict,
+        ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+        ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
+        ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
+        ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+        ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+        ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
+        ("torch", "Tensor"): _TensorType,
+        ("torch.nn.parameter", "Parameter"): _TensorType,
+        ("torch", "Size"): torch.Size,
+        ("torch", "device"): torch.device,
+        ("_codecs", "encode"): _codecs_encode,
+        ("builtins", "set"): set,
+        ("builtins", "frozenset"): frozenset,
+        ("builtins", "complex"): complex,
+        ("builtins", "slice"): slice,
+        ("argparse", "Namespace"): AttributeDict,
+        ("numpy", "dtype"): _NumpyDType,
+        ("numpy.core.multiarray", "scalar"): _numpy_scalar,
+        ("numpy._core.multiarray", "scalar"): _numpy_scalar,
+    }
+    for name, dtype in _STORAGE_DTYPES.items():
+        table[("torch", name)] = _StorageType(name, dtype)
+    for name in dir(torch):
+        value = getattr(torch, name, None)
+        if isinstance(value, torch.dtype):
+            table[("torch", name)] = value
+    for module in (
+        "lightning.fabric.utilities.data",
+        "lightning_fabric.utilities.data",
+        "pytorch_lightning.utilities.parsing",
+    ):
+        table[(module, "AttributeDict")] = AttributeDict
+    return table
+
+
+ALLOWED_GLOBALS = _allowed_globals()
+
+
+# ---------------------------------------------------------------------------------------------
+# the unpicklers
+
+
+class _Refused(Exception):
+    def __init__(self, module: str, name: str) -> None:
+        super().__init__(f"{module}.{name}")
+
+
+def _modern_name(module: str, name: str) -> tuple[str, str]:
+    """Map a Python 2 name (protocol 0-2 pickles say ``__builtin__.set``) to Python 3's."""
+    if (module, name) in _compat_pickle.NAME_MAPPING:
+        mapped: tuple[str, str] = _compat_pickle.NAME_MAPPING[(module, name)]
+        return mapped
+    return _compat_pickle.IMPORT_MAPPING.get(module, module), name
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def __init__(self, file: io.BufferedIOBase, storage: Callable[[Any], _Storage]) -> None:
+        super().__init__(file)
+        self._storage = storage
+
+    def find_class(self, module: str, name: str) -> Any:
+        module, name = _modern_name(module, name)
+        found = ALLOWED_GLOBALS.get((module, name))
+        if found is None:
+            raise _Refused(module, name)
+        return found
+
+    def persistent_load(self, pid: Any) -> Any:
+        return self._storage(pid)
+
+
+class _Inert:
+    """What ``scan`` hands out for every global: accepts anything, does nothing."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __call__(self, *args: Any, **kwargs: Any) -> _Inert:
+        return _Inert()
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+    def append(self, value: Any) -> None:
+        pass
+
+    def extend(self, values: Any) -> None:
+        pass
+
+
+class _RecordingUnpickler(pickle.Unpickler):
+    def __init__(self, file: io.BufferedIOBase, seen: list[str]) -> None:
+        super().__init__(file)
+        self._seen = seen
+
+    def find_class(self, module: str, name: str) -> Any:
+        module, name = _modern_name(module, name)
+        self._seen.append(f"{module}.{name}")
+        return _Inert
+
+    def persistent_load(self, pid: Any) -> Any:
+        return _Inert()
+
+
+# ---------------------------------------------------------------------------------------------
+# the zip format
+
+
+@dataclass(frozen=True)
+class _Record:
+    name: str
+    offset: int
+    size: int
+    crc: int
+
+
+@dataclass
+class _Archive:
+    path: str
+    prefix: str
+    records: dict[str, _Record]
+    file_size: int
+
+
+def _open_zip(path: str) -> _Archive:
+    file_size = os.path.getsize(path)
+    try:
+        with zipfile.ZipFile(path) as z:
+            infos = z.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        raise CorruptCheckpointError(f"{path}: not a readable zip archive ({e})") from e
+    code = [
+        i.filename for i in infos if i.filename.split("/")[1:2] in (["code"], ["constants.pkl"])
+    ]
+    if code:
+        raise UnsafeFileError(
+            f"{path}: a TorchScript archive; it holds code ({code[0]}) that runs when it is "
+            "loaded. torchkeep does not load TorchScript; save the model's state_dict from "
+            "trusted code instead"
+        )
+    records: dict[str, _Record] = {}
+    with open(path, "rb") as f:
+        for info in infos:
+            name = info.filename
+            if name in records:
+                raise CorruptCheckpointError(f"{path}: the archive holds '{name}' twice")
+            if name.startswith("/") or ".." in name.split("/") or "\\" in name:
+                raise CorruptCheckpointError(f"{path}: archive entry '{name}' escapes the archive")
+            if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
+                raise UnsupportedFormatError(
+                    f"{path}: entry '{name}' is compressed; torch.save never compresses, so the "
+                    "file was not written by torch.save and is refused"
+                )
+            f.seek(info.header_offset)
+            local = f.read(30)
+            if len(local) != 30 or local[:4] != b"PK\x03\x04":
+                raise CorruptCheckpointError(f"{path}: entry '{name}' has no local header")
+            name_len, extra_len = struct.unpack("<HH", local[26:30])
+            local_name = f.read(name_len)
+            if local_name.decode("utf-8", "replace") != name:
+                raise CorruptCheckpointError(
+                    f"{path}: entry '{name}' has a mismatched local header"
+                )
+            start = info.header_offset + 30 + name_len + extra_len
+            if start + info.file_size > file_size:
+                raise CorruptCheckpointError(
+                    f"{path}: entry '{name}' runs past the end of the file; it was truncated"
+                )
+            records[name] = _Record(name, start, info.file_size, info.CRC)
+    pickles = [n for n in records if n.endswith("data.pkl") and n.count("/") == 1]
+    if len(pickles) != 1:
+        raise UnsupportedFormatError(
+            f"{path}: a zip archive without exactly one data.pkl; not a torch.save file"
+        )
+    prefix = pickles[0][: -len("data.pkl")]
+    order = records.get(prefix + "byteorder")
+    if order is not None:
+        with open(path, "rb") as f:
+            f.seek(order.offset)
+            if f.read(min(order.size, 16)).strip() != b"little":
+                raise UnsupportedFormatError(f"{path}: big-endian torch files are not supported")
+    return _Archive(path, prefix, records, file_size)
+
+
+def _read_record(archive: _Archive, record: _Record) -> bytes:
+    with open(archive.path, "rb") as f:
+        f.seek(record.offset)
+        data = f.read(record.size)
+    if len(data) != record.size:
+        raise CorruptCheckpointError(f"{archive.path}: entry '{record.name}' is truncated")
+    return data
+
+
+@dataclass
+class _Loaded:
+    obj: Any
+    storages: list[tuple[_Storage, int, int, int | None]] = field(default_factory=list)
+
+
+def _storage_pid(pid: Any, where: str) -> tuple[torch.dtype, str, int]:
+    if (
+        not isinstance(pid, tuple)
+        or len(pid) not in (5, 6)
+        or pid[0] != "storage"
+        or not isinstance(pid[1], _StorageType)
+        or not isinstance(pid[2], str)
+        or not isinstance(pid[4], int)
+        or pid[4] < 0
+    ):
+        raise CorruptCheckpointError(f"{where}: invalid storage reference {pid!r:.200}")
+    if len(pid) == 6 and pid[5] is not None:
+        raise UnsupportedFormatError(
+            f"{where}: storage views of the pre-1.0 format are not supported"
+        )
+    return pid[1].dtype, pid[2], pid[4]
+
+
+def _unpickle(data: bytes, storage: Callable[[Any], _Storage], where: str) -> Any:
+    stream = io.BytesIO(data)
+    try:
+        obj = _RestrictedUnpickler(stream, storage).load()
+    except _Refused:
+        raise _unsafe(where, data) from None
+    except (CorruptCheckpointError, UnsupportedFormatError, UnsafeFileError):
+        raise
+    except RecursionError as e:
+        raise CorruptCheckpointError(f"{where}: the pickle is nested too deeply") from e
+    except Exception as e:  # the pickle machine reports malformed input in many ways
+        raise CorruptCheckpointError(f"{where}: malformed pickle ({type(e).__name__}: {e})") from e
+    if stream.tell() != len(data):
+        raise CorruptCheckpointError(
+            f"{where}: {len(data) - stream.tell()} bytes follow the pickle; the file is corrupt"
+        )
+    return obj
+
+
+def _unsafe(where: str, data: bytes) -> UnsafeFileError:
+    names = _scan_pickles(data)
+    bad = sorted({n for n in names if tuple(n.rsplit(".", 1)) not in ALLOWED_GLOBALS})
+    return UnsafeFileError(
+        f"{where}: loading it would import and call {', '.join(bad[:12])}"
+        f"{' …' if len(bad) > 12 else ''}; refused, nothing was run. If you trust the file, "
+        f"inspect it with `torchkeep scan {where}`"
+    )
+
+
+def _load_zip(path: str, *, meta: bool) -> _Loaded:
+    archive = _open_zip(path)
+    loaded = _Loaded(None)
+    storages: dict[str, _Storage] = {}
+
+    def storage(pid: Any) -> _Storage:
+        dtype, key, numel = _storage_pid(pid, path)
+        if key in storages:
+            return storages[key]
+        record = archive.records.get(f"{archive.prefix}data/{key}")
+        if record is None:
+            raise CorruptCheckpointError(f"{path}: storage {key} is missing from the archive")
+        if numel * dtype.itemsize != record.size:
+            raise CorruptCheckpointError(
+                f"{path}: storage {key} claims {numel} × {dtype} but its entry holds "
+                f"{record.size} bytes"
+            )
+        data = torch.empty(numel, dtype=dtype, device="meta" if meta else "cpu")
+        storages[key] = _Storage(key, data)
+        loaded.storages.append((storages[key], record.offset, record.size, record.crc))
+        return storages[key]
+
+    pickled = archive.records[archive.prefix + "data.pkl"]
+    loaded.obj = _unpickle(_read_record(archive, pickled), storage, path)
+    return loaded
+
+
+# ---------------------------------------------------------------------------------------------
+# the pre-1.6 stream format
+
+
+def _load_stream(path: str, *, meta: bool) -> _Loaded:
+    file_size = os.path.getsize(path)
+    loaded = _Loaded(None)
+    storages: dict[str, _Storage] = {}
+    with open(path, "rb") as f:
+        head = f.read()  # bounded by the file: the pickles are small, storages follow
+    stream = io.BytesIO(head)
+
+    def next_pickle(storage: Callable[[Any], _Storage]) -> Any:
+        start = stream.tell()
+        try:
+            return _RestrictedUnpickler(stream, storage).load()
+        except _Refused:
+            raise _unsafe(path, head[start:]) from None
+        except (CorruptCheckpointError, UnsupportedFormatError, UnsafeFileError):
+            raise
+        except Exception as e:
+            raise CorruptCheckpointError(
+                f"{path}: malformed pickle ({type(e).__name__}: {e})"
+            ) from e
+
+    def no_storage(pid: Any) -> _Storage:
+        raise CorruptCheckpointError(f"{path}: a storage reference outside the main object")
+
+    if next_pickle(no_storage) != LEGACY_MAGIC:
+        raise UnsupportedFormatError(f"{path}: a pickle, but not a torch.save file")
+    if next_pickle(no_storage) != LEGACY_PROTOCOL:
+        raise UnsupportedFormatError(f"{path}: unknown torch.save protocol version")
+    info = next_pickle(no_storage)
+    if not isinstance(info, dict) or info.get("little_endian") is not True:
+        raise UnsupportedFormatError(f"{path}: big-endian torch files are not supported")
+    wanted: dict[str, tuple[torch.dtype, int]] = {}
+
+    def storage(pid: Any) -> _Storage:
+        dtype, key, numel = _storage_pid(pid, path)
+        if key not in storages:
+            # Bounded before allocating: the bytes must fit in what is left of the file.
+            if numel * dtype.itemsize > file_size:
+                raise CorruptCheckpointError(f"{path}: storage {key} is larger than the file")
+            storages[key] = _Storage(
+                key, torch.empty(numel, dtype=dtype, device="meta" if meta else "cpu")
+            )
+            wanted[key] = (dtype, numel)
+        return storages[key]
+
+    loaded.obj = next_pickle(storage)
+    keys = next_pickle(no_storage)
+    if not isinstance(keys, list) or set(keys) != set(wanted) or len(keys) != len(wanted):
+        raise CorruptCheckpointError(f"{path}: the storage list does not match the object")
+    offset = stream.tell()
+    for key in keys:
+        dtype, numel = wanted[key]
+        if offset + 8 > file_size:
+            raise CorruptCheckpointError(f"{path}: the file ends before storage {key}")
+        (count,) = struct.unpack("<q", head[offset : offset + 8])
+        nbytes = numel * dtype.itemsize
+        if count != numel or offset + 8 + nbytes > file_size:
+            raise CorruptCheckpointError(
+                f"{path}: storage {key} should hold {numel} elements; the file says {count} or "
+                "ends early"
+            )
+        loaded.storages.append((storages[key], offset + 8, nbytes, None))
+        offset += 8 + nbytes
+    if offset != file_size:
+        raise CorruptCheckpointError(f"{path}: {file_size - offset} bytes follow the last storage")
+    return loaded
+
+
+# ---------------------------------------------------------------------------------------------
+# public entry points
+
+
+def load_pickle_file(
+    path: str, *, verify: bool = True, meta: bool = False, threads: int = 2
+) -> Any:
+    """Load a ``torch.save`` file without running code from it.
+
+    With ``meta``, tensors come back on the meta device (shapes and dtypes, no data read).
+    With ``verify``, every zip entry's CRC-32 is checked.
+
+    Raises:
+        UnsafeFileError: the file names a global outside the allowlist (all of them listed).
+        CorruptCheckpointError, UnsupportedFormatError.
+    """
+    kind = sniff(path)
+    if kind == "zip":
+        loaded = _load_zip(path, meta=meta)
+    elif kind == "torch-legacy":
+        loaded = _load_stream(path, meta=meta)
+    else:
+        raise UnsupportedFormatError(f"{path}: not a torch.save file")
+    if meta or not loaded.storages:
+        return loaded.obj
+    source = LocalSource(path)
+    try:
+        items = [ReadItem(s.key, offset, s.data, None) for s, offset, _, _ in loaded.storages]
+        read_tensors(source, items, threads=threads, chunk=READ_CHUNK, verify=False)
+    finally:
+        source.close()
+    if verify:
+        _check_crcs(path, loaded, threads)
+    return loaded.obj
+
+
+def _check_crcs(path: str, loaded: _Loaded, threads: int) -> None:
+    from torchkeep.io.memory import tensor_bytes
+
+    bad: list[str] = []
+
+    def check(storage: _Storage, crc: int) -> Callable[[], None]:
+        def job() -> None:
+            view = tensor_bytes(storage.data)
+            if zlib.crc32(view) != crc:
+                bad.append(storage.key)
+
+        return job
+
+    jobs = [check(s, crc) for s, _, _, crc in loaded.storages if crc is not None]
+    run_jobs(jobs, threads=threads)
+    if bad:
+        raise CorruptCheckpointError(
+            f"{path}: storage {sorted(bad)[0]} does not match its CRC-32; the file is corrupt"
+        )
+
+
+@dataclass(frozen=True)
+class ScanReport:
+    """What loading a file would import and call.
+
+    Attributes:
+        format: ``safetensors``, ``torch zip``, ``torch legacy``, ``torchscript`` or ``unknown``.
+        globals: every global the file's pickles name (module.name), sorted.
+        unsafe: those outside torchkeep's allowlist: loading with pickle would import and call them.
+        safe: True when torchkeep can load the file without running any of its code.
+    """
+
+    path: str
+    format: str
+    globals: tuple[str, ...]
+    unsafe: tuple[str, ...]
+    safe: bool
+    verdict: str
+
+
+def _scan_pickles(data: bytes) -> list[str]:
+    seen: list[str] = []
+    stream = io.BytesIO(data)
+    while stream.tell() < len(data):
+        try:
+            _RecordingUnpickler(stream, seen).load()
+        except Exception:
+            break
+    return seen
+
+
+def _iter_zip_pickles(archive: _Archive) -> Iterator[tuple[str, bytes]]:
+    for name, record in archive.records.items():
+        if name.endswith(".pkl"):
+            yield name, _read_record(archive, record)
+
+
+def scan(source: str | os.PathLike[str]) -> ScanReport:
+    """List every global a file's pickles would import and call, without running any of them.
+
+    Example::
+
+        report = tk.scan("downloaded.pth")
+        if not report.safe:
+            print("would run:", report.unsafe)
+    """
+    path = os.fspath(source)
+    if os.path.isdir(path):
+        raise UnsupportedFormatError(f"{path}: scan takes a file, not a directory")
+    kind = sniff(path)
+    names: list[str] = []
+    fmt = {"zip": "torch zip", "torch-legacy": "torch legacy"}.get(kind, "safetensors")
+    if kind == "zip":
+        try:
+            archive = _open_zip(path)
+            for _, data in _iter_zip_pickles(archive):
+                names += _scan_pickles(data)
+        except UnsafeFileError as e:
+            return ScanReport(path, "torchscript", (), (), False, f"unsafe: {e}")
+        except (CorruptCheckpointError, UnsupportedFormatError) as e:
+            return ScanReport(path, "zip", (), (), False, f"refused: {e}")
+    elif kind == "torch-legacy":
+        with open(path, "rb") as f:
+            names = _scan_pickles(f.read())
+    else:
+        with open(path, "rb") as f:
+            head = f.read(16)
+        if len(head) < 16 or head[8:9] != b"{":
+            return ScanReport(path, "unknown", (), (), False, "not a checkpoint torchkeep knows")
+        return ScanReport(path, "safetensors", (), (), True, "safe: no pickle, no code")
+    found = tuple(sorted(set(names)))
+    unsafe = tuple(n for n in found if tuple(n.rsplit(".", 1)) not in ALLOWED_GLOBALS)
+    verdict = (
+        f"unsafe: loading with pickle would import and call {', '.join(unsafe)}"
+        if unsafe
+        else "safe: only plain data; torchkeep loads it without running code"
+    )
+    return ScanReport(path, fmt, found, unsafe, not unsafe, verdict)

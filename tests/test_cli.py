@@ -76,3 +76,84 @@ def test_bench_without_safetensors_names_the_extra():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 1
     assert "pip install 'torchkeep[bench]'" in done.stderr
+
+
+def _evil_pth(tmp_path):
+    import os as _os
+
+    class Evil:
+        def __reduce__(self):
+            return (_os.system, (f"touch {tmp_path / 'canary'}",))
+
+    path = tmp_path / "evil.pth"
+    torch.save({"w": torch.ones(2), "evil": Evil()}, path)
+    return path
+
+
+def test_scan_command(tmp_path, capsys):
+    torch.save({"w": torch.ones(2)}, tmp_path / "ok.pth")
+    assert main(["scan", str(tmp_path / "ok.pth")]) == 0
+    assert "safe" in capsys.readouterr().out
+    evil = _evil_pth(tmp_path)
+    assert main(["scan", str(evil)]) == 1
+    out = capsys.readouterr().out
+    assert "UNSAFE" in out and "posix.system" in out
+    assert main(["scan", "--json", str(evil)]) == 1
+    assert '"unsafe"' in capsys.readouterr().out
+    assert not (tmp_path / "canary").exists()
+
+
+def test_convert_and_diff_commands(tmp_path, capsys):
+    model = TiedLM()
+    torch.save(model.state_dict(), tmp_path / "m.pth")
+    out16 = tmp_path / "m16.safetensors"
+    assert main(["convert", str(tmp_path / "m.pth"), str(out16), "--dtype", "fp16"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert tk.load_state_dict(out16)["embed.weight"].dtype == torch.float16
+    assert main(["convert", str(tmp_path / "m.pth"), str(tmp_path / "m.safetensors")]) == 0
+    capsys.readouterr()
+    assert main(["diff", str(tmp_path / "m.pth"), str(tmp_path / "m.safetensors")]) == 0
+    assert "same" in capsys.readouterr().out
+    assert main(["diff", str(tmp_path / "m.pth"), str(out16)]) == 1
+    assert "dtype float32 → float16" in capsys.readouterr().out
+    assert main(["diff", "--json", str(tmp_path / "m.pth"), str(out16)]) == 1
+    assert '"same": false' in capsys.readouterr().out
+    assert (
+        main(["convert", str(tmp_path / "m.pth"), str(tmp_path / "hf"), "--max-shard-size", "huge"])
+        == 2
+    )
+    assert "size" in capsys.readouterr().err
+
+
+def test_inspect_json_and_torch_files(tmp_path, capsys):
+    torch.save({"w": torch.ones(2, 3)}, tmp_path / "w.pth")
+    assert main(["inspect", "--json", str(tmp_path / "w.pth")]) == 0
+    out = capsys.readouterr().out
+    assert '"torch zip (pickle)"' in out and '"w"' in out
+    assert main(["verify", "--json", str(tmp_path / "w.pth")]) == 0
+    assert '"ok": true' in capsys.readouterr().out
+    assert main(["inspect", str(_evil_pth(tmp_path))]) == 1
+    assert "posix.system" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["inspect", "{w}"],
+        ["verify", "{w}"],
+        ["scan", "{w}"],
+        ["convert", "{w}", "{dir}/out.safetensors"],
+        ["diff", "{w}", "{w}"],
+        ["convert", "--help"],
+    ],
+    ids=lambda c: c[0] if c[-1] != "--help" else "help",
+)
+def test_every_command_in_a_real_process(tmp_path, command):
+    weights = tmp_path / "w.safetensors"
+    tk.save_weights(TiedLM(), weights)
+    argv = [part.format(w=weights, dir=tmp_path) for part in command]
+    done = subprocess.run(
+        [sys.executable, "-m", "torchkeep", *argv], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.strip()

@@ -9,6 +9,7 @@ Example::
 
 from torchkeep.checkpoint import Checkpoint, load, load_checkpoint, save, save_checkpoint
 from torchkeep.container import SaveInfo
+from torchkeep.convert import convert
 from torchkeep.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
@@ -21,7 +22,16 @@ from torchkeep.errors import (
     UnsupportedFormatError,
     UnsupportedObjectError,
 )
-from torchkeep.inspect import Description, TensorInfo, VerifyReport, describe, verify
+from torchkeep.inspect import (
+    Change,
+    Description,
+    Diff,
+    TensorInfo,
+    VerifyReport,
+    describe,
+    diff,
+    verify,
+)
 from torchkeep.legacy import ScanReport, scan
 from torchkeep.tree import RNGState, Stateful
 from torchkeep.weights import LoadResult, load_state_dict, load_weights, save_weights
@@ -29,10 +39,12 @@ from torchkeep.weights import LoadResult, load_state_dict, load_weights, save_we
 __version__ = "0.1.0"
 
 __all__ = [
+    "Change",
     "Checkpoint",
     "CheckpointNotFoundError",
     "CorruptCheckpointError",
     "Description",
+    "Diff",
     "IncompleteCheckpointError",
     "LoadResult",
     "MissingDependencyError",
@@ -49,7 +61,9 @@ __all__ = [
     "UnsupportedObjectError",
     "VerifyReport",
     "__version__",
+    "convert",
     "describe",
+    "diff",
     "load",
     "load_checkpoint",
     "load_state_dict",

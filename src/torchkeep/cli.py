@@ -6,13 +6,16 @@ Exit codes: 0 ok, 1 a problem was found (corruption, a failed demo step), 2 a us
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -20,6 +23,12 @@ from rich.table import Table
 import torchkeep as tk
 
 OK, PROBLEM, USAGE = 0, 1, 2
+DTYPE_CHOICES = {
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "fp32": torch.float32,
+    "fp64": torch.float64,
+}
 
 
 def _human(n: float) -> str:
@@ -30,8 +39,19 @@ def _human(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
+def _print_json(console: Console, value: Any) -> None:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    elif isinstance(value, list):
+        value = [dataclasses.asdict(v) for v in value]
+    console.print_json(json.dumps(value, default=str))
+
+
 def cmd_inspect(args: argparse.Namespace, console: Console) -> int:
     info = tk.describe(args.path)
+    if args.json:
+        _print_json(console, info)
+        return OK
     console.print(
         f"[bold]{info.path}[/bold]  ({info.format}{', ' + info.kind if info.kind else ''})"
     )
@@ -61,9 +81,13 @@ def cmd_inspect(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_verify(args: argparse.Namespace, console: Console) -> int:
+    with console.status("verifying…"):
+        reports = [tk.verify(path) for path in args.paths]
+    if args.json:
+        _print_json(console, reports)
+        return OK if all(r.ok for r in reports) else PROBLEM
     status = OK
-    for path in args.paths:
-        report = tk.verify(path)
+    for path, report in zip(args.paths, reports, strict=True):
         if report.ok:
             note = "" if report.checksummed else " (no checksums: not written by torchkeep)"
             console.print(
@@ -76,6 +100,64 @@ def cmd_verify(args: argparse.Namespace, console: Console) -> int:
             for problem in report.problems:
                 console.print(f"  {problem}", markup=False)
     return status
+
+
+def cmd_scan(args: argparse.Namespace, console: Console) -> int:
+    reports = [tk.scan(path) for path in args.paths]
+    if args.json:
+        _print_json(console, reports)
+    else:
+        for report in reports:
+            mark = "[green]safe[/green]" if report.safe else "[red]UNSAFE[/red]"
+            console.print(f"{mark} {report.path} ({report.format})")
+            console.print(f"  {report.verdict}", markup=False)
+            for name in report.globals:
+                flag = "  [red]✗[/red]" if name in report.unsafe else "  ✓"
+                console.print(f"{flag} {name}", highlight=False)
+    return OK if all(r.safe for r in reports) else PROBLEM
+
+
+def cmd_convert(args: argparse.Namespace, console: Console) -> int:
+    dtype = DTYPE_CHOICES[args.dtype] if args.dtype else None
+    with console.status(f"converting {args.src}…"):
+        info = tk.convert(args.src, args.dst, dtype=dtype, max_shard_size=args.max_shard_size)
+    before = tk.describe(args.src).file_bytes if not os.path.isdir(args.src) else None
+    size = f"{_human(info.file_bytes)}" + (f" (was {_human(before)})" if before else "")
+    console.print(
+        f"[green]wrote[/green] {info.path}: {info.tensors} tensors, {size}, "
+        f"{len(info.files)} file(s), in {info.seconds:.2f}s"
+    )
+    return OK
+
+
+def cmd_diff(args: argparse.Namespace, console: Console) -> int:
+    with console.status("comparing…"):
+        d = tk.diff(args.a, args.b)
+    if args.json:
+        _print_json(console, {**dataclasses.asdict(d), "same": d.same})
+        return OK if d.same else PROBLEM
+    if d.same:
+        console.print(f"[green]same[/green]: {d.unchanged} entries are equal")
+        return OK
+    table = Table(show_edge=False)
+    for column in ("entry", "change", "max |a-b|"):
+        table.add_column(column)
+    rows = [(n, "[green]added[/green]", "") for n in d.added]
+    rows += [(n, "[red]removed[/red]", "") for n in d.removed]
+    rows += [
+        (c.name, c.what, "" if c.max_abs_diff is None else f"{c.max_abs_diff:.4g}")
+        for c in d.changed
+    ]
+    for row in rows[: args.limit]:
+        table.add_row(*row)
+    console.print(table)
+    if len(rows) > args.limit:
+        console.print(f"… and {len(rows) - args.limit} more (--limit to show more)")
+    console.print(
+        f"{len(d.added)} added, {len(d.removed)} removed, {len(d.changed)} changed, "
+        f"{d.unchanged} unchanged"
+    )
+    return PROBLEM
 
 
 def cmd_demo(args: argparse.Namespace, console: Console) -> int:
@@ -149,37 +231,83 @@ def cmd_bench(args: argparse.Namespace, console: Console) -> int:
     return OK
 
 
+def _command(
+    sub: Any, name: str, summary: str, examples: str, func: Any
+) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name,
+        help=summary,
+        description=summary,
+        epilog="examples:\n" + examples,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.set_defaults(func=func)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="torchkeep", description="Save, load, inspect and verify PyTorch checkpoints."
+        prog="torchkeep",
+        description="Save, load, inspect, verify, scan and convert PyTorch checkpoints.",
+        epilog="exit codes: 0 ok, 1 a problem found, 2 a usage error or a missing path",
     )
     parser.add_argument("--version", action="version", version=f"torchkeep {tk.__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("inspect", help="show what a checkpoint holds")
+    p = _command(sub, "inspect", "show what a checkpoint holds (reads headers only)",
+                 "  torchkeep inspect model.safetensors\n  torchkeep inspect ckpt.pth --json\n",
+                 cmd_inspect)  # fmt: skip
     p.add_argument("path")
     p.add_argument("--limit", type=int, default=40, help="tensors to list (default 40)")
     p.add_argument("--all", action="store_true", help="list every tensor")
-    p.set_defaults(func=cmd_inspect)
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
-    p = sub.add_parser("verify", help="check every checksum; exit 1 if anything is damaged")
+    p = _command(sub, "verify", "check every checksum; exit 1 if anything is damaged",
+                 "  torchkeep verify ckpt.safetensors\n  torchkeep verify runs/step_*\n",
+                 cmd_verify)  # fmt: skip
     p.add_argument("paths", nargs="+")
-    p.set_defaults(func=cmd_verify)
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
-    p = sub.add_parser("demo", help="run the end-to-end demo")
+    p = _command(sub, "scan", "list the code a pickle file would run; exit 1 if any",
+                 "  torchkeep scan downloaded.pth\n  torchkeep scan *.bin --json\n",
+                 cmd_scan)  # fmt: skip
+    p.add_argument("paths", nargs="+")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+    p = _command(sub, "convert", "convert any checkpoint to safetensors or a torchkeep directory",
+                 "  torchkeep convert model.pth model.safetensors\n"
+                 "  torchkeep convert model.pth model-bf16.safetensors --dtype bf16\n"
+                 "  torchkeep convert model.bin hf_model --max-shard-size 5GB\n",
+                 cmd_convert)  # fmt: skip
+    p.add_argument("src")
+    p.add_argument("dst", help="*.safetensors for one file, any other name for a directory")
+    p.add_argument("--dtype", choices=sorted(DTYPE_CHOICES), help="cast floating-point tensors")
+    p.add_argument("--max-shard-size", help="write a Hugging Face sharded directory (e.g. 5GB)")
+
+    p = _command(sub, "diff", "compare two checkpoints; exit 1 if they differ",
+                 "  torchkeep diff epoch_1.safetensors epoch_2.safetensors\n"
+                 "  torchkeep diff model.pth model.safetensors --json\n",
+                 cmd_diff)  # fmt: skip
+    p.add_argument("a")
+    p.add_argument("b")
+    p.add_argument("--limit", type=int, default=50, help="rows to show (default 50)")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+    p = _command(sub, "demo", "run the end-to-end demo",
+                 "  torchkeep demo\n  torchkeep demo --out demo_files\n", cmd_demo)  # fmt: skip
     p.add_argument("--out", help="keep the files in this directory")
-    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("demo-worker")
     p.add_argument("args", nargs="+")
     p.set_defaults(func=cmd_demo_worker)
 
-    p = sub.add_parser("bench", help="compare with torch.save/torch.load and safetensors")
+    p = _command(sub, "bench", "compare with torch.save/torch.load and safetensors",
+                 "  torchkeep bench\n  torchkeep bench --size-mib 256 --repeats 5 --out t.md\n",
+                 cmd_bench)  # fmt: skip
     p.add_argument("--size-mib", type=int, default=1024)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--dir", help="where to write (default: a temporary directory here)")
     p.add_argument("--out", help="also write the Markdown table to this file")
-    p.set_defaults(func=cmd_bench)
     return parser
 
 
@@ -190,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     errors = Console(stderr=True, highlight=False, soft_wrap=True)
     try:
         status: int = args.func(args, console)
-    except tk.CheckpointNotFoundError as e:
+    except (tk.CheckpointNotFoundError, ValueError) as e:
         errors.print(f"torchkeep: {e}", markup=False)
         return USAGE
     except tk.TorchkeepError as e:

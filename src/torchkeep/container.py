@@ -175,7 +175,9 @@ def _with_checksums(manifest: Manifest, checksums: Mapping[str, str]) -> Manifes
 
 
 def _single_header(manifest: Manifest) -> bytes:
-    return encode_header(manifest.tensors, {MANIFEST_KEY: manifest_to_json(manifest)})
+    # "format": "pt" is what Hugging Face loaders look for in a safetensors file.
+    metadata = {"format": "pt", MANIFEST_KEY: manifest_to_json(manifest)}
+    return encode_header(manifest.tensors, metadata)
 
 
 def _write_single(
@@ -305,6 +307,11 @@ class Container:
             return  # a plain safetensors file written by another tool: no checksums
         self.manifest = manifest_from_json(text, where=self.path)
         check_against_header(self.manifest, opened.header, file=None, where=self.path)
+        if opened.header.metadata != {"format": "pt", MANIFEST_KEY: text}:
+            # torchkeep writes exactly these two entries; anything else is damage.
+            raise CorruptCheckpointError(
+                f"{self.path}: the header's metadata entries were altered; the file is corrupt"
+            )
 
     def _open_directory(self) -> None:
         manifest_path = f"{self.path}/{MANIFEST_FILE}"

@@ -179,3 +179,92 @@ def verify(source: str | os.PathLike[str]) -> VerifyReport:
         tensor_bytes=sum(e.nbytes for e in entries.values()),
         checksummed=checksummed,
     )
+
+
+@dataclass(frozen=True)
+class Change:
+    """One entry present in both saves that differs."""
+
+    name: str
+    what: str
+    max_abs_diff: float | None = None
+
+
+@dataclass(frozen=True)
+class Diff:
+    """How two saves differ: entries only in ``b`` (added), only in ``a`` (removed), changed.
+
+    ``same`` is True when nothing differs. Tensors compare by dtype, shape and value (the largest
+    absolute difference is reported); other values by equality.
+    """
+
+    a: str
+    b: str
+    added: tuple[str, ...]
+    removed: tuple[str, ...]
+    changed: tuple[Change, ...]
+    unchanged: int
+
+    @property
+    def same(self) -> bool:
+        return not (self.added or self.removed or self.changed)
+
+
+def _leaves(obj: Any, prefix: str, out: dict[str, Any]) -> dict[str, Any]:
+    if isinstance(obj, Mapping) and obj:
+        for k, v in obj.items():
+            _leaves(v, f"{prefix}.{k}" if prefix else str(k), out)
+    elif isinstance(obj, (list, tuple)) and obj and not isinstance(obj, torch.Size):
+        for i, v in enumerate(obj):
+            _leaves(v, f"{prefix}.{i}" if prefix else str(i), out)
+    else:
+        out[prefix or "obj"] = obj
+    return out
+
+
+def _compare(name: str, x: Any, y: Any) -> Change | None:
+    if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
+        if x.dtype != y.dtype:
+            return Change(name, f"dtype {x.dtype} → {y.dtype}".replace("torch.", ""))
+        if x.shape != y.shape:
+            return Change(name, f"shape {list(x.shape)} → {list(y.shape)}")
+        if torch.equal(x, y):
+            return None
+        if x.is_floating_point() or x.is_complex():
+            worst = float((x.double() - y.double()).abs().nan_to_num(nan=float("inf")).max())
+        else:
+            worst = float((x.long() - y.long()).abs().max()) if x.dtype != torch.bool else 1.0
+        return Change(name, "values", worst)
+    if type(x) is not type(y):
+        return Change(name, f"type {type(x).__name__} → {type(y).__name__}")
+    if isinstance(x, float) and isinstance(y, float) and x != x and y != y:
+        return None  # both nan
+    return None if x == y else Change(name, f"{x!r} → {y!r}"[:200])
+
+
+def diff(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> Diff:
+    """Compare two saves entry by entry: added, removed and changed keys, with the largest
+    absolute difference of each changed tensor.
+
+    Example::
+
+        d = tk.diff("epoch_1.safetensors", "epoch_2.safetensors")
+        print(d.same, [c.name for c in d.changed])
+    """
+    from torchkeep.checkpoint import load
+
+    left = _leaves(load(a), "", {})
+    right = _leaves(load(b), "", {})
+    changed = []
+    for name in left.keys() & right.keys():
+        change = _compare(name, left[name], right[name])
+        if change is not None:
+            changed.append(change)
+    return Diff(
+        a=os.fspath(a),
+        b=os.fspath(b),
+        added=tuple(sorted(right.keys() - left.keys())),
+        removed=tuple(sorted(left.keys() - right.keys())),
+        changed=tuple(sorted(changed, key=lambda c: c.name)),
+        unchanged=len(left.keys() & right.keys()) - len(changed),
+    )

@@ -1,0 +1,5 @@
+"""``python -m torchkeep``: the command line."""
+
+from torchkeep.cli import _run
+
+_run()

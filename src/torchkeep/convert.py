@@ -1,0 +1,170 @@
+"""``convert``: any readable checkpoint to a torchkeep/safetensors file, a torchkeep directory
+or a Hugging Face sharded directory, with an optional cast for deployment."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from torchkeep.checkpoint import load, save
+from torchkeep.container import SaveInfo, write_container
+from torchkeep.errors import UnsupportedFormatError
+from torchkeep.format import MANIFEST_FILE, check_target_name, is_single_file
+from torchkeep.storage import DEFAULT_STORAGE, Sink
+from torchkeep.tree import dedupe, flatten
+from torchkeep.weights import load_state_dict
+
+HF_INDEX = "model.safetensors.index.json"
+
+
+def _read(src: str) -> Any:
+    if os.path.isdir(src) and not os.path.exists(os.path.join(src, MANIFEST_FILE)):
+        return load_state_dict(src)  # a Hugging Face directory: its weights
+    return load(src)
+
+
+def _is_weights(obj: Any) -> bool:
+    return (
+        isinstance(obj, Mapping)
+        and bool(obj)
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+    )
+
+
+def parse_size(size: int | str) -> int:
+    """Return a byte count from an int or a string such as ``"5GB"`` or ``"500MiB"``."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    else:
+        text = str(size).strip().upper().replace(" ", "")
+        units = {"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "KB": 10**3, "MB": 10**6,
+                 "GB": 10**9, "B": 1}  # fmt: skip
+        for unit, factor in units.items():
+            if text.endswith(unit) and text[: -len(unit)].replace(".", "", 1).isdigit():
+                value = int(float(text[: -len(unit)]) * factor)
+                break
+        else:
+            if not text.isdigit():
+                raise ValueError(f"invalid size {size!r}; give bytes or a size such as '5GB'")
+            value = int(text)
+    if value <= 0:
+        raise ValueError(f"invalid size {size!r}: must be positive")
+    return value
+
+
+def convert(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    dtype: torch.dtype | None = None,
+    max_shard_size: int | str | None = None,
+) -> SaveInfo:
+    """Convert any checkpoint torchkeep reads into a torchkeep file, directory or HF directory.
+
+    Args:
+        src: a ``torch.save`` file, a safetensors or torchkeep file or directory, or a Hugging
+            Face model directory.
+        dst: ``*.safetensors`` for one file; any other name for a directory.
+        dtype: cast floating-point tensors to this dtype (e.g. ``torch.bfloat16`` to halve the
+            size for deployment); integer tensors are never cast.
+        max_shard_size: write a Hugging Face sharded directory (``model-00001-of-0000N.safetensors``
+            plus ``model.safetensors.index.json``) with shards of at most this size (bytes or a
+            string such as ``"5GB"``). The source must hold model weights.
+
+    Example::
+
+        tk.convert("model.pth", "model.safetensors", dtype=torch.bfloat16)
+    """
+    src, dst = os.fspath(src), os.fspath(dst)
+    obj = _read(src)
+    if max_shard_size is not None:
+        if not _is_weights(obj):
+            raise UnsupportedFormatError(
+                f"{src}: holds more than model weights; a Hugging Face directory holds weights "
+                "only. Convert to a torchkeep file or directory instead (no max_shard_size)"
+            )
+        return _write_hf(obj, dst, dtype=dtype, shard_bytes=parse_size(max_shard_size))
+    if dtype is None:
+        if _is_weights(obj):
+            flat = dedupe(obj)
+            return write_container(dst, flat.tensors, kind="weights", aliases=flat.aliases)
+        return save(obj, dst)
+    flat = flatten(obj)
+    kind, tree = ("weights", None) if _is_weights(obj) else ("state", flat.tree)
+    return write_container(
+        dst,
+        flat.tensors,
+        kind=kind,
+        tree=tree,
+        aliases=flat.aliases,
+        dtype=lambda _, t: dtype if t.is_floating_point() else t.dtype,
+    )
+
+
+def _write_hf(
+    weights: Mapping[str, torch.Tensor], dst: str, *, dtype: torch.dtype | None, shard_bytes: int
+) -> SaveInfo:
+    if is_single_file(dst):
+        raise UnsupportedFormatError(
+            f"{dst}: a Hugging Face sharded checkpoint is a directory; give a name without the "
+            ".safetensors suffix"
+        )
+    check_target_name(dst)
+    started = time.perf_counter()
+    flat = dedupe(weights)  # tied weights are stored once, as Hugging Face does
+
+    def target(t: torch.Tensor) -> torch.dtype:
+        return dtype if dtype is not None and t.is_floating_point() else t.dtype
+
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, t in flat.tensors.items():
+        nbytes = t.numel() * target(t).itemsize
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    count = len(shards)
+    files = [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+    storage = DEFAULT_STORAGE
+    staging = storage.staging_dir(dst)
+    try:
+        total = 0
+        for file, names in zip(files, shards, strict=True):
+            info = write_container(
+                os.path.join(staging, file),
+                {n: flat.tensors[n] for n in names},
+                kind="weights",
+                dtype=lambda _, t: target(t),
+            )
+            total += info.file_bytes
+        index = {
+            "metadata": {
+                "total_size": sum(t.numel() * target(t).itemsize for t in flat.tensors.values())
+            },
+            "weight_map": {
+                n: file for file, names in zip(files, shards, strict=True) for n in names
+            },
+        }
+        text = json.dumps(index, indent=2, sort_keys=True).encode()
+
+        def fill(sink: Sink) -> None:
+            sink.pwrite(memoryview(text), 0)
+
+        # The index is written last: a reader never sees it before every shard it names.
+        storage.write_file(os.path.join(staging, HF_INDEX), len(text), fill)
+        storage.commit_dir(staging, dst)
+    except BaseException:
+        storage.remove_dir(staging)
+        raise
+    data = sum(t.numel() * target(t).itemsize for t in flat.tensors.values())
+    return SaveInfo(
+        dst, (*files, HF_INDEX), len(flat.tensors), data, total + len(text),
+        time.perf_counter() - started,
+    )  # fmt: skip

@@ -157,3 +157,18 @@ def test_every_command_in_a_real_process(tmp_path, command):
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.strip()
+
+
+def test_inspect_summarises_modules_and_optimizer(tmp_path, capsys):
+    from conftest import TheModelClass
+
+    model = TheModelClass()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    model(torch.randn(1, 3, 32, 32)).sum().backward()
+    optimizer.step()
+    tk.save_checkpoint(tmp_path / "c.safetensors", model=model, optimizer=optimizer)
+    info = tk.describe(tmp_path / "c.safetensors")
+    assert info.modules["fc1"] == 400 * 120 + 120 and sum(info.modules.values()) == 62006
+    assert "state for 10 parameters (exp_avg, exp_avg_sq, step)" in info.optimizer
+    assert main(["inspect", str(tmp_path / "c.safetensors")]) == 0
+    assert "parameters: 62,006" in capsys.readouterr().out

@@ -350,3 +350,41 @@ def test_storage_claims_are_checked_before_allocating(tmp_path):
     _zip_with(path, members)
     with pytest.raises(tk.CorruptCheckpointError, match="claims"):
         tk.load(path)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_malformed_torch_zips(tmp_path):
+    buffer = io.BytesIO()
+    torch.save({"w": torch.ones(4)}, buffer)
+    with zipfile.ZipFile(io.BytesIO(buffer.getvalue())) as z:
+        members = {n: z.read(n) for n in z.namelist()}
+    pkl = next(n for n in members if n.endswith("data.pkl"))
+    prefix = pkl[: -len("data.pkl")]
+
+    duplicate = tmp_path / "duplicate.pt"
+    with zipfile.ZipFile(duplicate, "w") as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+        z.writestr(f"{prefix}data/0", b"\x00" * 16)  # the same name again
+    with pytest.raises(tk.CorruptCheckpointError, match="twice"):
+        tk.load(duplicate)
+
+    escaping = tmp_path / "escaping.pt"
+    _zip_with(escaping, {**members, "../outside": b"x"})
+    with pytest.raises(tk.CorruptCheckpointError, match="escapes"):
+        tk.load(escaping)
+
+    missing = tmp_path / "missing.pt"
+    _zip_with(missing, {n: d for n, d in members.items() if "/data/" not in n})
+    with pytest.raises(tk.CorruptCheckpointError, match="missing"):
+        tk.load(missing)
+
+    two_pickles = tmp_path / "two.pt"
+    _zip_with(two_pickles, {**members, "other/data.pkl": members[pkl]})
+    with pytest.raises(tk.UnsupportedFormatError, match=r"data\.pkl"):
+        tk.load(two_pickles)
+
+    big_endian = tmp_path / "big.pt"
+    _zip_with(big_endian, {**members, f"{prefix}byteorder": b"big"})
+    with pytest.raises(tk.UnsupportedFormatError, match="big-endian"):
+        tk.load(big_endian)

@@ -73,6 +73,12 @@ def cmd_inspect(args: argparse.Namespace, console: Console) -> int:
     console.print(table)
     if len(shown) < len(info.tensors):
         console.print(f"… and {len(info.tensors) - len(shown)} more (--all to list every one)")
+    if info.modules:
+        parts = [f"{name} {count:,}" for name, count in list(info.modules.items())[:12]]
+        more = f", … ({len(info.modules)} in all)" if len(info.modules) > 12 else ""
+        console.print(f"parameters: {sum(info.modules.values()):,} ({', '.join(parts)}{more})")
+    if info.optimizer:
+        console.print(info.optimizer, markup=False)
     if info.aliases:
         console.print("tied: " + ", ".join(f"{a} = {t}" for a, t in info.aliases.items()))
     if info.metadata:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from torchkeep.errors import (
 )
 from torchkeep.format import DTYPE_NAMES
 from torchkeep.legacy import load_pickle_file, sniff
+from torchkeep.tree import decode
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,8 @@ class Description:
         tensors: every stored tensor, in file order.
         aliases: tied names and the tensor each one shares.
         tree: the saved object's skeleton (typed JSON), or None.
+        modules: parameters (elements) per top-level module of the model's weights.
+        optimizer: a one-line summary of the optimizer state, if the save holds one.
     """
 
     path: str
@@ -58,6 +62,8 @@ class Description:
     torch_version: str = ""
     torchkeep_version: str = ""
     checksummed: bool = False
+    modules: dict[str, int] = field(default_factory=dict)
+    optimizer: str = ""
 
 
 @dataclass(frozen=True)
@@ -92,6 +98,7 @@ def describe(source: str | os.PathLike[str]) -> Description:
             if m is None
             else ("torchkeep directory" if c.directory else "torchkeep file")
         )
+        skeleton = decode(m.tree, lambda name: name) if m is not None and m.tree else None
         return Description(
             path=c.path,
             format=fmt,
@@ -107,6 +114,8 @@ def describe(source: str | os.PathLike[str]) -> Description:
             torch_version=m.torch_version if m else "",
             torchkeep_version=m.torchkeep_version if m else "",
             checksummed=m is not None,
+            modules=_modules(tensors),
+            optimizer=_optimizer_summary(skeleton),
         )
 
 
@@ -128,6 +137,7 @@ def _describe_pickle(path: str) -> Description:
 
     walk(obj, "")
     kind = "torch zip (pickle)" if sniff(path) == "zip" else "torch legacy (pickle)"
+    extras = {"modules": _modules(tensors), "optimizer": _optimizer_summary(obj)}
     return Description(
         path=path,
         format=kind,
@@ -136,7 +146,46 @@ def _describe_pickle(path: str) -> Description:
         tensors=tuple(tensors),
         tensor_bytes=sum(t.nbytes for t in tensors),
         file_bytes=os.path.getsize(path),
+        **extras,  # type: ignore[arg-type]
     )
+
+
+_MODEL_KEYS = ("model_state_dict", "model", "state_dict", "module")
+_OPTIMIZER_KEYS = ("optimizer_state_dict", "optimizer", "optimizer_states")
+
+
+def _modules(tensors: tuple[TensorInfo, ...] | list[TensorInfo]) -> dict[str, int]:
+    names = [t.name for t in tensors]
+    prefix = next((k + "." for k in _MODEL_KEYS if any(n.startswith(k + ".") for n in names)), "")
+    counts: dict[str, int] = {}
+    for t in tensors:
+        if t.name.startswith(prefix):
+            top = t.name[len(prefix) :].split(".")[0]
+            counts[top] = counts.get(top, 0) + math.prod(t.shape)
+    return counts
+
+
+def _optimizer_summary(obj: Any) -> str:
+    if not isinstance(obj, Mapping):
+        return ""
+    for key in _OPTIMIZER_KEYS:
+        state = obj.get(key)
+        if isinstance(state, list) and state:
+            state = state[0]
+        if isinstance(state, Mapping) and "state" in state and "param_groups" in state:
+            slots = state["state"]
+            groups = state["param_groups"]
+            names: set[str] = set()
+            if isinstance(slots, Mapping):
+                for value in slots.values():
+                    if isinstance(value, Mapping):
+                        names.update(map(str, value))
+            lrs = [g.get("lr") for g in groups if isinstance(g, Mapping)]
+            return (
+                f"{key}: state for {len(slots)} parameters ({', '.join(sorted(names)) or 'none'}), "
+                f"{len(groups)} param group(s), lr {', '.join(map(str, lrs))}"
+            )
+    return ""
 
 
 def verify(source: str | os.PathLike[str]) -> VerifyReport:

@@ -190,8 +190,11 @@ def _unsupported_message(obj: Any, path: tuple[str, ...]) -> str:
 # decoding
 
 
-def decode(tree: Any, tensor: Callable[[str], torch.Tensor]) -> Any:
-    """Rebuild the object a skeleton describes; Stateful objects come back as their state."""
+def decode(tree: Any, tensor: Callable[[str], Any]) -> Any:
+    """Rebuild the object a skeleton describes; Stateful objects come back as their state.
+
+    ``tensor`` maps each tensor name to what stands at its place (the tensor, when loading).
+    """
     if isinstance(tree, list):
         return [decode(v, tensor) for v in tree]
     if not isinstance(tree, dict):

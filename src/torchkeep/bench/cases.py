@@ -29,6 +29,9 @@ SAVE = "durable save"
 LOAD = "cold load, all bytes read"
 LOAD_INTO = "cold load into model"
 RAW = "raw disk"
+CONVERT = "convert .pth to safetensors, durable"
+READ_PTH = "cold read of a torch.save file, all bytes read"
+TORCH_THEN_SAFETENSORS = "torch.load + save_file"
 LIBRARIES = (TORCHKEEP, TORCH, SAFETENSORS)
 
 # ---------------------------------------------------------------------------------------------
@@ -92,6 +95,35 @@ def time_load_into(library: str, model: nn.Module, path: str) -> float:
     drop_cache(path)
     started = time.perf_counter()
     load_into_with(library, model, path)
+    return time.perf_counter() - started
+
+
+def time_convert(library: str, src: str, dst: str) -> float:
+    """Drop ``src`` from the page cache, then time converting it to a durable safetensors file."""
+    remove_file(dst)
+    drop_cache(src)
+    started = time.perf_counter()
+    if library == TORCHKEEP:
+        tk.convert(src, dst)
+    elif library == TORCH_THEN_SAFETENSORS:
+        safetensors.torch.save_file(torch.load(src, weights_only=True), dst)
+        fsync_file(dst)
+    else:
+        raise ValueError(f"unknown library {library!r}")
+    return time.perf_counter() - started
+
+
+def time_read_pth(library: str, path: str) -> float:
+    """Drop a ``torch.save`` file from the page cache, then time loading it and reading every
+    byte: torchkeep's restricted loader against ``torch.load(weights_only=True)``."""
+    drop_cache(path)
+    started = time.perf_counter()
+    if library == TORCHKEEP:
+        touch(tk.load_state_dict(path))
+    elif library == TORCH:
+        touch(torch.load(path, weights_only=True))
+    else:
+        raise ValueError(f"unknown library {library!r}")
     return time.perf_counter() - started
 
 

@@ -16,22 +16,27 @@ from functools import partial
 import torch
 
 from torchkeep.bench.cases import (
+    CONVERT,
     LIBRARIES,
     LOAD,
     LOAD_INTO,
     RAW,
+    READ_PTH,
     SAFETENSORS,
     SAVE,
     TORCH,
+    TORCH_THEN_SAFETENSORS,
     TORCHKEEP,
     MemoryResult,
     collect_save_memory,
     measure_save_memory,
     save_with,
+    time_convert,
     time_load,
     time_load_into,
     time_raw_read,
     time_raw_write,
+    time_read_pth,
     time_save,
 )
 from torchkeep.bench.report import BenchResult, CaseResult, machine_info
@@ -139,6 +144,19 @@ def _cases(
         loaded = model.state_dict()
         if set(loaded) != set(state) or not all(torch.equal(loaded[k], state[k]) for k in state):
             raise AssertionError("the model does not hold the saved weights after loading")
+        del model, loaded
+
+        # Files users already have: the torch.save file written above, read and converted.
+        pth = loads[TORCH]
+        runs = {lib: partial(time_read_pth, lib, pth) for lib in (TORCHKEEP, TORCH)}
+        cases += run_interleaved(READ_PTH, runs, repeats=repeats, nbytes=nbytes, progress=progress)
+        converted = os.path.join(work, "converted.safetensors")
+        saves[TORCHKEEP] = converted
+        runs = {
+            lib: partial(time_convert, lib, pth, converted)
+            for lib in (TORCHKEEP, TORCH_THEN_SAFETENSORS)
+        }
+        cases += run_interleaved(CONVERT, runs, repeats=repeats, nbytes=nbytes, progress=progress)
         return cases, raw
     finally:
         for p in (*saves.values(), *loads.values(), raw_path):

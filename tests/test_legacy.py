@@ -388,3 +388,12 @@ def test_malformed_torch_zips(tmp_path):
     _zip_with(big_endian, {**members, f"{prefix}byteorder": b"big"})
     with pytest.raises(tk.UnsupportedFormatError, match="big-endian"):
         tk.load(big_endian)
+
+
+def test_describe_hugging_face_directory(tmp_path):
+    state = {k: v.clone() for k, v in TiedLM().state_dict().items()}
+    safetensors.torch.save_file(state, tmp_path / "model.safetensors")
+    info = tk.describe(tmp_path)
+    assert info.format == "Hugging Face directory"
+    assert {t.name for t in info.tensors} == set(state)
+    assert info.modules == {"embed": 800, "norm": 32, "head": 800}

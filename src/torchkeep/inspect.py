@@ -18,7 +18,7 @@ from torchkeep.errors import (
     UnsafeFileError,
     UnsupportedFormatError,
 )
-from torchkeep.format import DTYPE_NAMES
+from torchkeep.format import DTYPE_NAMES, MANIFEST_FILE
 from torchkeep.legacy import load_pickle_file, sniff
 from torchkeep.tree import decode
 
@@ -89,6 +89,8 @@ def describe(source: str | os.PathLike[str]) -> Description:
     path = os.fspath(source)
     if not os.path.isdir(path) and sniff(path) != "safetensors":
         return _describe_pickle(path)
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, MANIFEST_FILE)):
+        return _describe_weights_directory(path)
     with open_container(source) as c:
         m = c.manifest
         entries = sorted(c.entries.items(), key=lambda kv: (kv[1].file or "", kv[1].begin))
@@ -117,6 +119,36 @@ def describe(source: str | os.PathLike[str]) -> Description:
             modules=_modules(tensors),
             optimizer=_optimizer_summary(skeleton),
         )
+
+
+def _describe_weights_directory(path: str) -> Description:
+    from torchkeep.weights import WeightsSource
+
+    tensors: list[TensorInfo] = []
+    files = 0
+    with WeightsSource(path, verify=False) as weights:
+        for part in weights.parts:
+            if part.container is not None:
+                files += part.container.file_bytes()
+                entries = part.container.entries
+                for key, name in part.names.items():
+                    e = entries[name]
+                    tensors.append(TensorInfo(key, e.dtype, e.shape, e.nbytes, e.file))
+            else:
+                for key, t in part.loaded.items():
+                    dtype = DTYPE_NAMES.get(t.dtype, str(t.dtype).removeprefix("torch."))
+                    nbytes = t.numel() * t.element_size()
+                    tensors.append(TensorInfo(key, dtype, tuple(t.shape), nbytes))
+    return Description(
+        path=path,
+        format="Hugging Face directory",
+        kind="weights",
+        format_version=None,
+        tensors=tuple(tensors),
+        tensor_bytes=sum(t.nbytes for t in tensors),
+        file_bytes=files,
+        modules=_modules(tensors),
+    )
 
 
 def _describe_pickle(path: str) -> Description:

@@ -20,7 +20,6 @@ import os
 import pickle
 import struct
 import zipfile
-import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ from torchkeep.errors import (
     UnsupportedFormatError,
 )
 from torchkeep.io import ReadItem, read_tensors
-from torchkeep.io.pool import run_jobs
+from torchkeep.io.checksum import ZIP_CRC32
 from torchkeep.storage import LocalSource
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -609,34 +608,20 @@ def load_pickle_file(
         return loaded.obj
     source = LocalSource(path)
     try:
-        items = [ReadItem(s.key, offset, s.data, None) for s, offset, _, _ in loaded.storages]
-        read_tensors(source, items, threads=threads, chunk=READ_CHUNK, verify=False)
+        items = [
+            ReadItem(s.key, offset, s.data, None if crc is None else f"{crc:08x}")
+            for s, offset, _, crc in loaded.storages
+        ]
+        read_tensors(
+            source, items, threads=threads, chunk=READ_CHUNK, verify=verify, checksum=ZIP_CRC32
+        )
+    except CorruptCheckpointError as e:
+        raise CorruptCheckpointError(
+            f"{e} (a storage of this torch.save file does not match its CRC-32)"
+        ) from e
     finally:
         source.close()
-    if verify:
-        _check_crcs(path, loaded, threads)
     return loaded.obj
-
-
-def _check_crcs(path: str, loaded: _Loaded, threads: int) -> None:
-    from torchkeep.io.memory import tensor_bytes
-
-    bad: list[str] = []
-
-    def check(storage: _Storage, crc: int) -> Callable[[], None]:
-        def job() -> None:
-            view = tensor_bytes(storage.data)
-            if zlib.crc32(view) != crc:
-                bad.append(storage.key)
-
-        return job
-
-    jobs = [check(s, crc) for s, _, _, crc in loaded.storages if crc is not None]
-    run_jobs(jobs, threads=threads)
-    if bad:
-        raise CorruptCheckpointError(
-            f"{path}: storage {sorted(bad)[0]} does not match its CRC-32; the file is corrupt"
-        )
 
 
 @dataclass(frozen=True)

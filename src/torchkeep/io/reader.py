@@ -9,7 +9,7 @@ from functools import partial
 import torch
 
 from torchkeep.errors import CorruptCheckpointError
-from torchkeep.format import checksum_bytes, chunk_spans, combine_digests
+from torchkeep.io.checksum import XXH3, Checksum
 from torchkeep.io.memory import tensor_bytes
 from torchkeep.io.pool import run_jobs
 from torchkeep.storage import Source
@@ -46,27 +46,36 @@ def _read_piece(
     index: int,
     begin: int,
     end: int,
-    verify: bool,
+    checksum: Checksum | None,
 ) -> None:
     view = tensor_bytes(item.dest)[begin:end]
     source.readinto([view], item.offset + begin)
-    if verify:
-        digests.values[index] = checksum_bytes(view)
+    if checksum is not None:
+        digests.values[index] = checksum.digest(view)
 
 
-def _read_batch(source: Source, batch: list[tuple[ReadItem, _Digests]], verify: bool) -> None:
+def _read_batch(
+    source: Source, batch: list[tuple[ReadItem, _Digests]], checksum: Checksum | None
+) -> None:
     # Consecutive small tensors are read with one preadv call into all their buffers.
     views = [tensor_bytes(item.dest) for item, _ in batch]
     source.readinto(views, batch[0][0].offset)
-    if verify:
+    if checksum is not None:
         for view, (_, digests) in zip(views, batch, strict=True):
-            digests.values[0] = checksum_bytes(view)
+            digests.values[0] = checksum.digest(view)
 
 
 def read_tensors(
-    source: Source, items: Sequence[ReadItem], *, threads: int, chunk: int, verify: bool
+    source: Source,
+    items: Sequence[ReadItem],
+    *,
+    threads: int,
+    chunk: int,
+    verify: bool,
+    checksum: Checksum = XXH3,
 ) -> None:
-    """Fill every item's destination in parallel; with ``verify``, check every checksum.
+    """Fill every item's destination in parallel; with ``verify``, check every checksum,
+    computed by ``checksum`` piece by piece as the pieces arrive.
 
     Raises:
         CorruptCheckpointError: a tensor's bytes do not match its checksum (named in the message).
@@ -77,15 +86,17 @@ def read_tensors(
     batch_bytes = 0
     end_of_batch = -1
 
+    hashing = checksum if verify else None
+
     def flush() -> None:
         nonlocal batch, batch_bytes
         if batch:
-            jobs.append(partial(_read_batch, source, batch, verify))
+            jobs.append(partial(_read_batch, source, batch, hashing))
         batch, batch_bytes = [], 0
 
     for item in sorted(items, key=lambda i: i.offset):
         nbytes = item.nbytes
-        spans = chunk_spans(nbytes, chunk)
+        spans = checksum.spans(nbytes, chunk)
         digests = _Digests(len(spans))
         all_digests.append((item, digests))
         if nbytes <= SMALL_TENSOR_BYTES:
@@ -100,13 +111,13 @@ def read_tensors(
             end_of_batch = item.offset + nbytes
             continue
         for index, (begin, end) in enumerate(spans):
-            jobs.append(partial(_read_piece, source, item, digests, index, begin, end, verify))
+            jobs.append(partial(_read_piece, source, item, digests, index, begin, end, hashing))
     flush()
     run_jobs(jobs, threads=threads)
     if not verify:
         return
     for item, digests in all_digests:
-        if item.checksum is not None and combine_digests(digests.values) != item.checksum:
+        if item.checksum is not None and checksum.combine(digests.values, chunk) != item.checksum:
             raise CorruptCheckpointError(
                 f"{source.name}: tensor '{item.name}' does not match its checksum "
                 f"({item.nbytes} bytes at offset {item.offset}); the file is corrupt. "

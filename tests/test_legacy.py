@@ -397,3 +397,34 @@ def test_describe_hugging_face_directory(tmp_path):
     assert info.format == "Hugging Face directory"
     assert {t.name for t in info.tensors} == set(state)
     assert info.modules == {"embed": 800, "norm": 32, "head": 800}
+
+
+def test_a_file_cannot_change_how_later_files_are_read(tmp_path):
+    # BUILD applied to allowlisted objects: a storage type, a rebuild function, a class.
+    attacks = {
+        "storage-type": b"\x80\x02ctorch\nFloatStorage\n}X\x05\x00\x00\x00dtypectorch\nfloat64\nsb.",
+        "function": b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\n}X\x0c\x00\x00\x00__defaults__)sb.",
+        "class": b"\x80\x02cargparse\nNamespace\nN}X\x0b\x00\x00\x00__getattr__Ns\x86b.",
+    }
+    for name, payload in attacks.items():
+        path = tmp_path / f"{name}.pt"
+        path.write_bytes(payload)
+        with pytest.raises(tk.TorchkeepError):
+            tk.load(path)
+    w = torch.randn(3)
+    torch.save({"w": w}, tmp_path / "after.pt")
+    back = tk.load(tmp_path / "after.pt")
+    assert back["w"].dtype == torch.float32 and torch.equal(back["w"], w)
+    assert tk.load(tmp_path / "after.pt")  # the rebuild functions still validate and work
+
+
+def test_new_dtypes_through_untyped_storage(tmp_path):
+    state = {
+        "f8": torch.randn(4).to(torch.float8_e4m3fn),
+        "u16": torch.arange(5, dtype=torch.int32).to(torch.uint16),
+    }
+    torch.save(state, tmp_path / "new.pt")
+    back = tk.load(tmp_path / "new.pt")
+    for key, value in state.items():
+        assert back[key].dtype == value.dtype
+        assert torch.equal(back[key].view(torch.uint8), value.view(torch.uint8))

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from torchkeep.container import SaveInfo, open_container, write_container
+from torchkeep.dcp import is_dcp_dir, load_dcp
 from torchkeep.errors import StateMismatchError, UnsupportedObjectError
 from torchkeep.legacy import load_pickle_file, sniff
 from torchkeep.tree import STATEFUL, TENSOR, RNGState, Stateful, decode, flatten, path_name
@@ -74,8 +75,9 @@ def load(
     dtype: torch.dtype | None = None,
     verify: bool = True,
 ) -> Any:
-    """Load state saved by ``save``, any safetensors file (as a flat dict of tensors), or a
-    ``torch.save`` file (through a restricted unpickler that never runs code from the file).
+    """Load state saved by ``save``, any safetensors file (as a flat dict of tensors), a
+    ``torch.save`` file (through a restricted unpickler that never runs code from the file), or
+    a torch.distributed.checkpoint directory (in one process, tensors reassembled in full).
 
     Args:
         path: the file or directory.
@@ -97,8 +99,13 @@ def load(
 
         state = tk.load("ckpt.safetensors", into={"model": model, "optimizer": optimizer})
     """
-    if not os.path.isdir(path) and sniff(os.fspath(path)) != "safetensors":
-        obj = _convert_tree(load_pickle_file(os.fspath(path), verify=verify), map_location, dtype)
+    foreign = None
+    if is_dcp_dir(path):
+        foreign = load_dcp(path, verify=verify)
+    elif not os.path.isdir(path) and sniff(os.fspath(path)) != "safetensors":
+        foreign = load_pickle_file(os.fspath(path), verify=verify)
+    if foreign is not None:
+        obj = _convert_tree(foreign, map_location, dtype)
         return obj if into is None else _restore(None, obj, into, ())
     with open_container(path) as container:
         tree = _tree_of(container.entries, container.aliases, container.manifest)

@@ -13,6 +13,7 @@ import torch
 
 from torchkeep.checkpoint import load, save
 from torchkeep.container import SaveInfo, write_container
+from torchkeep.dcp import is_dcp_dir
 from torchkeep.errors import UnsupportedFormatError
 from torchkeep.format import MANIFEST_FILE, check_target_name, is_single_file
 from torchkeep.storage import DEFAULT_STORAGE, Sink
@@ -23,6 +24,8 @@ HF_INDEX = "model.safetensors.index.json"
 
 
 def _read(src: str) -> Any:
+    if is_dcp_dir(src):
+        return load(src)
     if os.path.isdir(src) and not os.path.exists(os.path.join(src, MANIFEST_FILE)):
         return load_state_dict(src)  # a Hugging Face directory: its weights
     return load(src)

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from torchkeep.container import open_container
+from torchkeep.dcp import is_dcp_dir, load_dcp
 from torchkeep.errors import (
     CorruptCheckpointError,
     IncompleteCheckpointError,
@@ -89,6 +90,8 @@ def describe(source: str | os.PathLike[str]) -> Description:
     path = os.fspath(source)
     if not os.path.isdir(path) and sniff(path) != "safetensors":
         return _describe_pickle(path)
+    if is_dcp_dir(path):
+        return _describe_object(path, load_dcp(path), "torch.distributed.checkpoint directory")
     if os.path.isdir(path) and not os.path.exists(os.path.join(path, MANIFEST_FILE)):
         return _describe_weights_directory(path)
     with open_container(source) as c:
@@ -152,7 +155,17 @@ def _describe_weights_directory(path: str) -> Description:
 
 
 def _describe_pickle(path: str) -> Description:
-    obj = load_pickle_file(path, meta=True)
+    kind = "torch zip (pickle)" if sniff(path) == "zip" else "torch legacy (pickle)"
+    return _describe_object(path, load_pickle_file(path, meta=True), kind)
+
+
+def _size_on_disk(path: str) -> int:
+    if not os.path.isdir(path):
+        return os.path.getsize(path)
+    return sum(e.stat().st_size for e in os.scandir(path) if e.is_file(follow_symlinks=False))
+
+
+def _describe_object(path: str, obj: Any, kind: str) -> Description:
     tensors: list[TensorInfo] = []
 
     def walk(node: Any, name: str) -> None:
@@ -168,7 +181,6 @@ def _describe_pickle(path: str) -> Description:
                 walk(v, f"{name}.{i}" if name else str(i))
 
     walk(obj, "")
-    kind = "torch zip (pickle)" if sniff(path) == "zip" else "torch legacy (pickle)"
     extras = {"modules": _modules(tensors), "optimizer": _optimizer_summary(obj)}
     return Description(
         path=path,
@@ -177,7 +189,7 @@ def _describe_pickle(path: str) -> Description:
         format_version=None,
         tensors=tuple(tensors),
         tensor_bytes=sum(t.nbytes for t in tensors),
-        file_bytes=os.path.getsize(path),
+        file_bytes=_size_on_disk(path),
         **extras,  # type: ignore[arg-type]
     )
 
@@ -234,9 +246,10 @@ def verify(source: str | os.PathLike[str]) -> VerifyReport:
     """
     path = os.fspath(source)
     try:
-        if not os.path.isdir(path) and sniff(path) != "safetensors":
+        if is_dcp_dir(path) or (not os.path.isdir(path) and sniff(path) != "safetensors"):
             described = describe(path)
-            load_pickle_file(path, verify=True)
+            if not is_dcp_dir(path):
+                load_pickle_file(path, verify=True)  # (describe read the DCP dir with verify)
             return VerifyReport(
                 path, True, (), len(described.tensors), described.tensor_bytes, checksummed=True
             )

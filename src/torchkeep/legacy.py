@@ -76,17 +76,25 @@ def sniff(path: str) -> str:
 # stand-ins: what the restricted unpickler hands out instead of importing
 
 
-@dataclass(frozen=True)
+class _Sealed(type):
+    """A metaclass whose classes cannot be changed: a pickle's BUILD opcode applied to an
+    allowlisted class must not alter it for later loads."""
+
+    def __setattr__(cls, name: str, value: Any) -> None:
+        raise UnsafeFileError(f"a pickle tried to change {cls.__name__}.{name}; refused")
+
+
+@dataclass(frozen=True, slots=True)
 class _StorageType:
     name: str
     dtype: torch.dtype
 
 
-class _TensorType:
+class _TensorType(metaclass=_Sealed):
     """Marks ``torch.Tensor`` / ``torch.nn.Parameter`` in ``_rebuild_from_type_v2``."""
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
 class _Storage:
     """A storage the file holds: a flat tensor of ``numel`` elements, filled after unpickling."""
 
@@ -94,7 +102,7 @@ class _Storage:
     data: torch.Tensor
 
 
-class AttributeDict(dict[str, Any]):
+class AttributeDict(dict[str, Any], metaclass=_Sealed):
     """A dict whose items are also attributes: how torchkeep reads ``argparse.Namespace`` and
     Lightning's ``AttributeDict`` (plain data, saved again as a dict)."""
 
@@ -182,7 +190,32 @@ def _rebuild_parameter(data: Any, requires_grad: Any, hooks: Any, state: Any = N
     return data
 
 
-_REBUILDERS = (_rebuild_tensor, _rebuild_tensor_v2, _rebuild_tensor_v3, _rebuild_parameter)
+class _Function:
+    """An allowlisted function as the unpickler hands it out: callable, and immutable (no
+    ``__dict__``, no ``__defaults__`` to rewrite, BUILD refused), so one file cannot change
+    how the next is read."""
+
+    __slots__ = ("_function",)
+    _function: Callable[..., Any]
+
+    def __init__(self, function: Callable[..., Any]) -> None:
+        object.__setattr__(self, "_function", function)
+
+    def __call__(self, *args: Any) -> Any:
+        return self._function(*args)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise UnsafeFileError("a pickle tried to change an allowlisted function; refused")
+
+    def __setstate__(self, state: Any) -> None:
+        raise UnsafeFileError("a pickle tried to change an allowlisted function; refused")
+
+
+_REBUILD_TENSOR = _Function(_rebuild_tensor)
+_REBUILD_TENSOR_V2 = _Function(_rebuild_tensor_v2)
+_REBUILD_TENSOR_V3 = _Function(_rebuild_tensor_v3)
+_REBUILD_PARAMETER = _Function(_rebuild_parameter)
+_REBUILDERS = (_REBUILD_TENSOR, _REBUILD_TENSOR_V2, _REBUILD_TENSOR_V3, _REBUILD_PARAMETER)
 
 
 def _rebuild_from_type_v2(func: Any, new_type: Any, args: Any, state: Any) -> Any:
@@ -198,7 +231,7 @@ def _codecs_encode(text: Any, encoding: Any = "utf-8") -> bytes:
     return text.encode("latin1")
 
 
-class _NumpyDType:
+class _NumpyDType(metaclass=_Sealed):
     """A numpy dtype, recorded as its spec string; numpy itself is never imported."""
 
     _FORMATS: ClassVar[dict[str, str]] = {
@@ -233,28 +266,30 @@ def _numpy_scalar(dtype: Any, raw: Any = b"") -> int | float | bool:
 def _allowed_globals() -> dict[tuple[str, str], Any]:
     table: dict[tuple[str, str], Any] = {
         ("collections", "OrderedDict"): OrderedDict,
-        ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
-        ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
-        ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
-        ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-        ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
-        ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
+        ("torch._utils", "_rebuild_tensor"): _REBUILD_TENSOR,
+        ("torch._utils", "_rebuild_tensor_v2"): _REBUILD_TENSOR_V2,
+        ("torch._utils", "_rebuild_tensor_v3"): _REBUILD_TENSOR_V3,
+        ("torch._utils", "_rebuild_parameter"): _REBUILD_PARAMETER,
+        ("torch._utils", "_rebuild_parameter_with_state"): _REBUILD_PARAMETER,
+        ("torch._tensor", "_rebuild_from_type_v2"): _Function(_rebuild_from_type_v2),
         ("torch", "Tensor"): _TensorType,
         ("torch.nn.parameter", "Parameter"): _TensorType,
         ("torch", "Size"): torch.Size,
         ("torch", "device"): torch.device,
-        ("_codecs", "encode"): _codecs_encode,
+        ("_codecs", "encode"): _Function(_codecs_encode),
         ("builtins", "set"): set,
         ("builtins", "frozenset"): frozenset,
         ("builtins", "complex"): complex,
         ("builtins", "slice"): slice,
         ("argparse", "Namespace"): AttributeDict,
         ("numpy", "dtype"): _NumpyDType,
-        ("numpy.core.multiarray", "scalar"): _numpy_scalar,
-        ("numpy._core.multiarray", "scalar"): _numpy_scalar,
+        ("numpy.core.multiarray", "scalar"): _Function(_numpy_scalar),
+        ("numpy._core.multiarray", "scalar"): _Function(_numpy_scalar),
     }
     for name, dtype in _STORAGE_DTYPES.items():
         table[("torch", name)] = _StorageType(name, dtype)
+    # torch.save names the untyped storage of newer dtypes (float8, uint16, …) by its module.
+    table[("torch.storage", "UntypedStorage")] = _StorageType("UntypedStorage", torch.uint8)
     for name in dir(torch):
         value = getattr(torch, name, None)
         if isinstance(value, torch.dtype):

@@ -12,6 +12,7 @@ import torch
 
 from torchkeep.checkpoint import Device, check_metadata, convert
 from torchkeep.container import Container, SaveInfo, open_container, write_container
+from torchkeep.dcp import is_dcp_dir, load_dcp
 from torchkeep.errors import (
     CorruptCheckpointError,
     StateMismatchError,
@@ -176,6 +177,9 @@ class WeightsSource:
         if os.path.exists(os.path.join(path, MANIFEST_FILE)):
             self._open_file(path)
             return
+        if is_dcp_dir(path):
+            self.parts.append(_Part(loaded=weights_in(load_dcp(path, verify=self.verify), path)))
+            return
         for index in HF_INDEX_FILES:
             if os.path.exists(os.path.join(path, index)):
                 self._open_index(os.path.join(path, index))
@@ -286,8 +290,9 @@ def load_state_dict(
     """Return the weights stored at ``source`` as a state dict.
 
     ``source`` is a safetensors file, a torchkeep file or directory (a checkpoint's model
-    entry), a ``torch.save`` file (read without running code), or a Hugging Face model
-    directory (``model.safetensors``, sharded with its index, or ``pytorch_model.bin``). Tied
+    entry), a ``torch.save`` file (read without running code), a Hugging Face model
+    directory (``model.safetensors``, sharded with its index, or ``pytorch_model.bin``), or a
+    torch.distributed.checkpoint directory (its ``model`` entry, reassembled in full). Tied
     weights come back as one tensor under all their names.
 
     Args:

@@ -39,6 +39,7 @@ from torchkeep.storage import LocalSource
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
+MAX_SCANNED_BYTES = 64 << 20  # of a refused pickle stream, read again to list its globals
 READ_CHUNK = 16 << 20
 
 _STORAGE_DTYPES = {
@@ -550,18 +551,23 @@ def _load_zip(path: str, *, meta: bool) -> _Loaded:
 
 def _load_stream(path: str, *, meta: bool) -> _Loaded:
     file_size = os.path.getsize(path)
+    with open(path, "rb") as stream:
+        # The pickles come first and are read from the file as they are parsed; the storage
+        # bytes after them are read later, straight into the tensors.
+        return _read_stream(path, stream, file_size, meta=meta)
+
+
+def _read_stream(path: str, stream: io.BufferedReader, file_size: int, *, meta: bool) -> _Loaded:
     loaded = _Loaded(None)
     storages: dict[str, _Storage] = {}
-    with open(path, "rb") as f:
-        head = f.read()  # bounded by the file: the pickles are small, storages follow
-    stream = io.BytesIO(head)
 
     def next_pickle(storage: Callable[[Any], _Storage]) -> Any:
         start = stream.tell()
         try:
             return _RestrictedUnpickler(stream, storage).load()
         except _Refused:
-            raise _unsafe(path, head[start:]) from None
+            stream.seek(start)
+            raise _unsafe(path, stream.read(MAX_SCANNED_BYTES)) from None
         except (CorruptCheckpointError, UnsupportedFormatError, UnsafeFileError):
             raise
         except Exception as e:
@@ -602,7 +608,8 @@ def _load_stream(path: str, *, meta: bool) -> _Loaded:
         dtype, numel = wanted[key]
         if offset + 8 > file_size:
             raise CorruptCheckpointError(f"{path}: the file ends before storage {key}")
-        (count,) = struct.unpack("<q", head[offset : offset + 8])
+        stream.seek(offset)
+        (count,) = struct.unpack("<q", stream.read(8))
         nbytes = numel * dtype.itemsize
         if count != numel or offset + 8 + nbytes > file_size:
             raise CorruptCheckpointError(

@@ -428,3 +428,15 @@ def test_new_dtypes_through_untyped_storage(tmp_path):
     for key, value in state.items():
         assert back[key].dtype == value.dtype
         assert torch.equal(back[key].view(torch.uint8), value.view(torch.uint8))
+
+
+def test_verify_hugging_face_directory(tmp_path):
+    state = {k: v.clone() for k, v in TiedLM().state_dict().items()}
+    tk.save_weights(state, tmp_path / "model.safetensors")
+    report = tk.verify(tmp_path)
+    assert report.ok and report.checksummed and report.tensors == len(state)
+    data = bytearray((tmp_path / "model.safetensors").read_bytes())
+    data[-5] ^= 0xFF
+    (tmp_path / "model.safetensors").write_bytes(bytes(data))
+    report = tk.verify(tmp_path)
+    assert not report.ok and "checksum" in report.problems[0]

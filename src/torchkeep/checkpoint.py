@@ -291,13 +291,8 @@ def save_checkpoint(
         tk.save_checkpoint("ckpt.safetensors", model=model, optimizer=optimizer,
                            epoch=epoch, loss=loss)
     """
-    state: dict[str, Any] = {}
-    for arg, key in _SLOTS.items():
-        obj = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}[
-            arg
-        ]
-        if obj is not None:
-            state[key] = obj
+    given = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
+    state: dict[str, Any] = {_SLOTS[k]: v for k, v in given.items() if v is not None}
     if isinstance(loss, torch.Tensor):
         loss = loss.detach()
     state.update(epoch=epoch, step=step, loss=loss, metrics=dict(metrics or {}), extra=extra)

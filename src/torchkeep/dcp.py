@@ -7,7 +7,7 @@ flattened to dotted keys; ``Metadata.planner_data`` maps each key back to its pa
 
 ``.metadata`` is unpickled with stand-ins for DCP's dataclasses (``find_class`` imports nothing);
 every span is checked against the directory and its file, and every chunk against its tensor,
-before memory is allocated; payloads are read by ``legacy``'s restricted unpickler.
+before memory is allocated; payloads are read by the restricted unpickler (``torchkeep.unpickler``).
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ from torchkeep.errors import (
 )
 from torchkeep.io import ReadItem, read_tensors
 from torchkeep.io.memory import tensor_bytes
-from torchkeep.legacy import _modern_name, _Refused, _scan_pickles, _Storage, _storage_pid
-from torchkeep.legacy import _unpickle as _unpickle_payload
 from torchkeep.storage import LocalSource
+from torchkeep.unpickler import _modern_name, _Refused, _scan_pickles, _Storage, _storage_pid
+from torchkeep.unpickler import _unpickle as _unpickle_payload
 
 METADATA_NAME = ".metadata"
 READ_THREADS = 2
@@ -430,7 +430,7 @@ def _read_payload(source: LocalSource, piece: _Piece, what: str, verify: bool) -
         raise CorruptCheckpointError(f"{what}: data.pkl does not match its CRC-32; corrupt")
     try:
         obj = _unpickle_payload(pickled, storage, what)
-    except UnsafeFileError as e:  # legacy's closing hint, `torchkeep scan`, fits whole files only
+    except UnsafeFileError as e:  # its `torchkeep scan` hint fits whole files only
         raise UnsafeFileError(str(e).split(". If you trust")[0]) from None
     items = [ReadItem(s.key, record[0], s.data, None) for s, record in storages.values()]
     read_tensors(source, items, threads=READ_THREADS, chunk=READ_CHUNK, verify=False)

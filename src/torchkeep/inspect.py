@@ -247,23 +247,19 @@ def verify(source: str | os.PathLike[str]) -> VerifyReport:
     path = os.fspath(source)
     try:
         if is_dcp_dir(path) or (not os.path.isdir(path) and sniff(path) != "safetensors"):
-            described = describe(path)
+            described = describe(path)  # a DCP directory is read whole, CRC-32s checked
             if not is_dcp_dir(path):
-                load_pickle_file(path, verify=True)  # (describe read the DCP dir with verify)
+                load_pickle_file(path, verify=True)
             return VerifyReport(
                 path, True, (), len(described.tensors), described.tensor_bytes, checksummed=True
             )
+        if os.path.isdir(path) and not os.path.exists(os.path.join(path, MANIFEST_FILE)):
+            return _verify_weights_directory(path)
         with open_container(path) as c:
             problems = c.verify()
             entries = c.entries
             checksummed = c.manifest is not None
-    except (
-        CorruptCheckpointError,
-        IncompleteCheckpointError,
-        UnsupportedFormatError,
-        UnsafeFileError,
-        StorageError,
-    ) as e:
+    except _DAMAGE as e:
         return VerifyReport(path, False, (str(e),))
     return VerifyReport(
         path,
@@ -271,6 +267,37 @@ def verify(source: str | os.PathLike[str]) -> VerifyReport:
         tuple(problems),
         tensors=len(entries),
         tensor_bytes=sum(e.nbytes for e in entries.values()),
+        checksummed=checksummed,
+    )
+
+
+_DAMAGE = (
+    CorruptCheckpointError,
+    IncompleteCheckpointError,
+    UnsupportedFormatError,
+    UnsafeFileError,
+    StorageError,
+)
+
+
+def _verify_weights_directory(path: str) -> VerifyReport:
+    """A Hugging Face directory: every file's structure, checksums where the files have them."""
+    from torchkeep.weights import WeightsSource
+
+    described = describe(path)
+    problems: list[str] = []
+    checksummed = True
+    with WeightsSource(path, verify=True) as weights:  # pickle shards: CRC-32s checked here
+        for part in weights.parts:
+            if part.container is not None:
+                problems += part.container.verify()
+                checksummed = checksummed and part.container.manifest is not None
+    return VerifyReport(
+        path,
+        not problems,
+        tuple(problems),
+        tensors=len(described.tensors),
+        tensor_bytes=described.tensor_bytes,
         checksummed=checksummed,
     )
 

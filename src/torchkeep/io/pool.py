@@ -5,6 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
+# Tensors below this size are read and written in batches, one job for many, to keep the
+# per-job overhead far below the cost of the bytes.
+SMALL_TENSOR_BYTES = 1 << 20
+BATCH_BYTES = 8 << 20
+
 
 def run_jobs(jobs: Sequence[Callable[[], None]], *, threads: int) -> None:
     """Run every job on up to ``threads`` threads; on the first error, cancel the rest, raise it."""

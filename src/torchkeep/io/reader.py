@@ -11,11 +11,9 @@ import torch
 from torchkeep.errors import CorruptCheckpointError
 from torchkeep.io.checksum import XXH3, Checksum
 from torchkeep.io.memory import tensor_bytes
-from torchkeep.io.pool import run_jobs
+from torchkeep.io.pool import BATCH_BYTES, SMALL_TENSOR_BYTES, run_jobs
 from torchkeep.storage import Source
 
-SMALL_TENSOR_BYTES = 1 << 20
-BATCH_BYTES = 8 << 20
 # preadv takes at most IOV_MAX (1024 on Linux) buffers per call.
 BATCH_BUFFERS = 512
 

@@ -11,13 +11,8 @@ import torch
 
 from torchkeep.format import checksum_bytes, chunk_spans, combine_digests
 from torchkeep.io.memory import tensor_bytes
-from torchkeep.io.pool import run_jobs
+from torchkeep.io.pool import BATCH_BYTES, SMALL_TENSOR_BYTES, run_jobs
 from torchkeep.storage import Sink
-
-# Tensors below this size are written in batches, one job for many, to keep per-job overhead
-# far below the cost of the bytes.
-SMALL_TENSOR_BYTES = 1 << 20
-BATCH_BYTES = 8 << 20
 
 
 @dataclass(frozen=True)

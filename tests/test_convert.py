@@ -114,3 +114,31 @@ def test_diff(tmp_path):
     # Across formats: a torch.save file against its conversion.
     torch.save(a, tmp_path / "a.pt")
     assert tk.diff(tmp_path / "a.pt", tmp_path / "a.safetensors").same
+
+
+def test_convert_of_a_corrupt_torch_file_commits_nothing(tmp_path):
+    source = tmp_path / "model.pth"
+    torch.save({f"w{i}": torch.randn(100_000) for i in range(8)}, source)
+    data = bytearray(source.read_bytes())
+    data[data.find(b"data/5") + 300_000] ^= 0xFF  # inside a storage, past the small headers
+    source.write_bytes(bytes(data))
+    target = tmp_path / "model.safetensors"
+    tk.save_weights({"previous": torch.ones(2)}, target)
+    with pytest.raises(tk.CorruptCheckpointError, match="CRC-32"):
+        tk.convert(source, target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pth", "model.safetensors"]
+    assert torch.equal(tk.load_state_dict(target)["previous"], torch.ones(2))
+    with pytest.raises(tk.CorruptCheckpointError):
+        tk.convert(source, tmp_path / "as_dir")
+    assert not (tmp_path / "as_dir").exists()
+
+
+def test_convert_refuses_unsafe_torch_file_before_writing(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'canary'}",))
+
+    torch.save({"w": torch.ones(2), "x": Evil()}, tmp_path / "evil.pth")
+    with pytest.raises(tk.UnsafeFileError):
+        tk.convert(tmp_path / "evil.pth", tmp_path / "out.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["evil.pth"]

@@ -119,8 +119,15 @@ def write_container(
     storage: Storage = DEFAULT_STORAGE,
     threads: int = WRITE_THREADS,
     shard_bytes: int = SHARD_BYTES,
+    ready: Callable[[str], None] | None = None,
+    before_commit: Callable[[], None] | None = None,
 ) -> SaveInfo:
-    """Write ``tensors`` and their manifest to ``path`` (a ``.safetensors`` file or a directory)."""
+    """Write ``tensors`` and their manifest to ``path`` (a ``.safetensors`` file or a directory).
+
+    ``ready(name)``, when given, is called before a tensor's memory is first read (it may block
+    until the data is there); ``before_commit()`` runs after the data is written and before the
+    save commits, and may raise to abandon it.
+    """
     path = os.fspath(path)
     check_target_name(path)
     started = time.perf_counter()
@@ -141,15 +148,32 @@ def write_container(
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     )
     data_bytes = sum(e.nbytes for e in entries.values())
+    hooks = _Hooks(ready, before_commit)
     if single:
-        file_bytes = _write_single(path, manifest, tensors, dtypes, storage, threads)
+        file_bytes = _write_single(path, manifest, tensors, dtypes, storage, threads, hooks)
         written: tuple[str, ...] = (os.path.basename(path),)
     else:
-        file_bytes = _write_directory(path, manifest, files, tensors, dtypes, storage, threads)
+        file_bytes = _write_directory(
+            path, manifest, files, tensors, dtypes, storage, threads, hooks
+        )
         written = (*files, MANIFEST_FILE)
     seconds = time.perf_counter() - started
     log.info("saved %d tensors (%d bytes) to %s in %.3fs", len(entries), data_bytes, path, seconds)
     return SaveInfo(path, written, len(entries), data_bytes, file_bytes, seconds)
+
+
+@dataclass(frozen=True)
+class _Hooks:
+    ready: Callable[[str], None] | None = None
+    before_commit: Callable[[], None] | None = None
+
+    def ready_for(self, name: str) -> Callable[[], None] | None:
+        ready = self.ready
+        return None if ready is None else (lambda: ready(name))
+
+    def commit(self) -> None:
+        if self.before_commit is not None:
+            self.before_commit()
 
 
 def _write_items(
@@ -159,9 +183,12 @@ def _write_items(
     dtypes: Mapping[str, torch.dtype],
     data_start: int,
     threads: int,
+    hooks: _Hooks,
 ) -> dict[str, str]:
     items = [
-        WriteItem(name, tensors[name], dtypes[name], data_start + entry.begin)
+        WriteItem(
+            name, tensors[name], dtypes[name], data_start + entry.begin, hooks.ready_for(name)
+        )
         for name, entry in entries.items()
     ]
     return write_tensors(sink, items, threads=threads, chunk=CHECKSUM_CHUNK)
@@ -187,6 +214,7 @@ def _write_single(
     dtypes: Mapping[str, torch.dtype],
     storage: Storage,
     threads: int,
+    hooks: _Hooks,
 ) -> int:
     # The header holds the checksums, known only after the data is written: reserve its space
     # (checksums are fixed-width, so the final header has exactly the placeholder's length),
@@ -195,7 +223,8 @@ def _write_single(
     size = reserved + sum(e.nbytes for e in manifest.tensors.values())
 
     def fill(sink: Sink) -> None:
-        checksums = _write_items(sink, manifest.tensors, tensors, dtypes, reserved, threads)
+        checksums = _write_items(sink, manifest.tensors, tensors, dtypes, reserved, threads, hooks)
+        hooks.commit()
         header = _single_header(_with_checksums(manifest, checksums))
         if len(header) != reserved:
             raise AssertionError("header length changed between layout and commit")
@@ -213,6 +242,7 @@ def _write_directory(
     dtypes: Mapping[str, torch.dtype],
     storage: Storage,
     threads: int,
+    hooks: _Hooks,
 ) -> int:
     save_id = uuid.uuid4().hex
     staging = storage.staging_dir(path)
@@ -228,10 +258,13 @@ def _write_directory(
                 sink: Sink, shard: dict[str, TensorEntry] = shard, header: bytes = header
             ) -> None:
                 sink.pwrite(memoryview(header), 0)
-                checksums.update(_write_items(sink, shard, tensors, dtypes, len(header), threads))
+                checksums.update(
+                    _write_items(sink, shard, tensors, dtypes, len(header), threads, hooks)
+                )
 
             storage.write_file(f"{staging}/{file}", size, fill)
             total += size
+        hooks.commit()
         text = manifest_to_json(
             replace(_with_checksums(manifest, checksums), metadata={**manifest.metadata})
         ).encode()

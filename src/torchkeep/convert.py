@@ -6,16 +6,17 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
-from torchkeep.checkpoint import load, save
+from torchkeep.checkpoint import load
 from torchkeep.container import SaveInfo, write_container
 from torchkeep.dcp import is_dcp_dir
 from torchkeep.errors import UnsupportedFormatError
 from torchkeep.format import MANIFEST_FILE, check_target_name, is_single_file
+from torchkeep.legacy import PendingLoad, sniff
 from torchkeep.storage import DEFAULT_STORAGE, Sink
 from torchkeep.tree import dedupe, flatten
 from torchkeep.weights import load_state_dict
@@ -84,6 +85,8 @@ def convert(
         tk.convert("model.pth", "model.safetensors", dtype=torch.bfloat16)
     """
     src, dst = os.fspath(src), os.fspath(dst)
+    if max_shard_size is None and not os.path.isdir(src) and sniff(src) != "safetensors":
+        return _stream_pickle(src, dst, dtype=dtype)
     obj = _read(src)
     if max_shard_size is not None:
         if not _is_weights(obj):
@@ -92,21 +95,50 @@ def convert(
                 "only. Convert to a torchkeep file or directory instead (no max_shard_size)"
             )
         return _write_hf(obj, dst, dtype=dtype, shard_bytes=parse_size(max_shard_size))
-    if dtype is None:
-        if _is_weights(obj):
-            flat = dedupe(obj)
-            return write_container(dst, flat.tensors, kind="weights", aliases=flat.aliases)
-        return save(obj, dst)
-    flat = flatten(obj)
-    kind, tree = ("weights", None) if _is_weights(obj) else ("state", flat.tree)
+    return _write(obj, dst, dtype=dtype)
+
+
+def _write(
+    obj: Any,
+    dst: str,
+    *,
+    dtype: torch.dtype | None,
+    ready: Callable[[torch.Tensor], None] | None = None,
+    before_commit: Callable[[], None] | None = None,
+) -> SaveInfo:
+    weights = _is_weights(obj)
+    flat = dedupe(obj) if weights else flatten(obj)
+    tensors = flat.tensors
     return write_container(
         dst,
-        flat.tensors,
-        kind=kind,
-        tree=tree,
+        tensors,
+        kind="weights" if weights else "state",
+        tree=None if weights else flat.tree,
         aliases=flat.aliases,
-        dtype=lambda _, t: dtype if t.is_floating_point() else t.dtype,
+        dtype=_cast(dtype),
+        ready=None if ready is None else (lambda name: ready(tensors[name])),
+        before_commit=before_commit,
     )
+
+
+def _cast(dtype: torch.dtype | None) -> Callable[[str, torch.Tensor], torch.dtype] | None:
+    if dtype is None:
+        return None
+    return lambda _, t: dtype if t.is_floating_point() else t.dtype
+
+
+def _stream_pickle(src: str, dst: str, *, dtype: torch.dtype | None) -> SaveInfo:
+    """Convert a ``torch.save`` file with its reading and the durable write overlapped: each
+    tensor is written as soon as its bytes are in, and the result commits only after every
+    CRC-32 of the source matched."""
+    check_target_name(dst)
+    pending = PendingLoad(src)
+    try:
+        return _write(
+            pending.obj, dst, dtype=dtype, ready=pending.wait, before_commit=pending.finish
+        )
+    finally:
+        pending.finish_quietly()
 
 
 def _write_hf(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import struct
+import threading
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -262,6 +263,46 @@ def _read_stream(path: str, stream: io.BufferedReader, file_size: int, *, meta: 
 # public entry points
 
 
+def _load(path: str, *, meta: bool) -> _Loaded:
+    kind = sniff(path)
+    if kind == "zip":
+        return _load_zip(path, meta=meta)
+    if kind == "torch-legacy":
+        return _load_stream(path, meta=meta)
+    raise UnsupportedFormatError(f"{path}: not a torch.save file")
+
+
+def _read_storages(
+    path: str,
+    loaded: _Loaded,
+    *,
+    verify: bool,
+    threads: int,
+    on_done: Callable[[ReadItem], None] | None = None,
+) -> None:
+    source = LocalSource(path)
+    try:
+        items = [
+            ReadItem(s.key, offset, s.data, None if crc is None else f"{crc:08x}")
+            for s, offset, _, crc in loaded.storages
+        ]
+        read_tensors(
+            source,
+            items,
+            threads=threads,
+            chunk=READ_CHUNK,
+            verify=verify,
+            checksum=ZIP_CRC32,
+            on_done=on_done,
+        )
+    except CorruptCheckpointError as e:
+        raise CorruptCheckpointError(
+            f"{e} (a storage of this torch.save file does not match its CRC-32)"
+        ) from e
+    finally:
+        source.close()
+
+
 def load_pickle_file(
     path: str, *, verify: bool = True, meta: bool = False, threads: int = 2
 ) -> Any:
@@ -274,31 +315,56 @@ def load_pickle_file(
         UnsafeFileError: the file names a global outside the allowlist (all of them listed).
         CorruptCheckpointError, UnsupportedFormatError.
     """
-    kind = sniff(path)
-    if kind == "zip":
-        loaded = _load_zip(path, meta=meta)
-    elif kind == "torch-legacy":
-        loaded = _load_stream(path, meta=meta)
-    else:
-        raise UnsupportedFormatError(f"{path}: not a torch.save file")
-    if meta or not loaded.storages:
-        return loaded.obj
-    source = LocalSource(path)
-    try:
-        items = [
-            ReadItem(s.key, offset, s.data, None if crc is None else f"{crc:08x}")
-            for s, offset, _, crc in loaded.storages
-        ]
-        read_tensors(
-            source, items, threads=threads, chunk=READ_CHUNK, verify=verify, checksum=ZIP_CRC32
-        )
-    except CorruptCheckpointError as e:
-        raise CorruptCheckpointError(
-            f"{e} (a storage of this torch.save file does not match its CRC-32)"
-        ) from e
-    finally:
-        source.close()
+    loaded = _load(path, meta=meta)
+    if not meta and loaded.storages:
+        _read_storages(path, loaded, verify=verify, threads=threads)
     return loaded.obj
+
+
+class PendingLoad:
+    """A ``torch.save`` file being read in the background: ``obj`` holds the tensors already
+    (allocated), ``wait(tensor)`` blocks until that tensor's bytes are in, and ``finish()``
+    waits for the whole read and raises its error (a CRC-32 mismatch, say), if any."""
+
+    def __init__(self, path: str, *, verify: bool = True, threads: int = 2) -> None:
+        loaded = _load(path, meta=False)
+        self.obj = loaded.obj
+        self._events = {
+            s.data.untyped_storage().data_ptr(): threading.Event() for s, *_ in loaded.storages
+        }
+        self._error: BaseException | None = None
+
+        def done(item: ReadItem) -> None:
+            self._events[item.dest.untyped_storage().data_ptr()].set()
+
+        def run() -> None:
+            try:
+                _read_storages(path, loaded, verify=verify, threads=threads, on_done=done)
+            except BaseException as e:  # handed to finish(), in the caller's thread
+                self._error = e
+            finally:
+                for event in self._events.values():
+                    event.set()
+
+        self._thread = threading.Thread(target=run, name="torchkeep-read", daemon=True)
+        self._thread.start()
+
+    def wait(self, tensor: torch.Tensor) -> None:
+        event = self._events.get(tensor.untyped_storage().data_ptr())
+        if event is not None:
+            event.wait()
+        if self._error is not None:
+            raise self._error
+
+    def finish(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def finish_quietly(self) -> None:
+        """Wait for the background read to end without raising: for cleanup after a failure
+        that is already being reported."""
+        self._thread.join()
 
 
 @dataclass(frozen=True)

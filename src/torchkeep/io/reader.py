@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -33,8 +34,23 @@ class ReadItem:
 
 
 class _Digests:
-    def __init__(self, count: int) -> None:
+    """The digests of one tensor's pieces, and how many pieces are still to be read."""
+
+    def __init__(self, item: ReadItem, count: int, on_done: Callable[[ReadItem], None] | None):
         self.values: list[int] = [0] * count
+        self._item = item
+        self._remaining = count
+        self._lock = threading.Lock()
+        self._on_done = on_done
+
+    def piece_read(self) -> None:
+        if self._on_done is None:
+            return
+        with self._lock:
+            self._remaining -= 1
+            finished = self._remaining == 0
+        if finished:
+            self._on_done(self._item)
 
 
 def _read_piece(
@@ -50,6 +66,7 @@ def _read_piece(
     source.readinto([view], item.offset + begin)
     if checksum is not None:
         digests.values[index] = checksum.digest(view)
+    digests.piece_read()
 
 
 def _read_batch(
@@ -58,9 +75,10 @@ def _read_batch(
     # Consecutive small tensors are read with one preadv call into all their buffers.
     views = [tensor_bytes(item.dest) for item, _ in batch]
     source.readinto(views, batch[0][0].offset)
-    if checksum is not None:
-        for view, (_, digests) in zip(views, batch, strict=True):
+    for view, (_, digests) in zip(views, batch, strict=True):
+        if checksum is not None:
             digests.values[0] = checksum.digest(view)
+        digests.piece_read()
 
 
 def read_tensors(
@@ -71,9 +89,11 @@ def read_tensors(
     chunk: int,
     verify: bool,
     checksum: Checksum = XXH3,
+    on_done: Callable[[ReadItem], None] | None = None,
 ) -> None:
     """Fill every item's destination in parallel; with ``verify``, check every checksum,
-    computed by ``checksum`` piece by piece as the pieces arrive.
+    computed by ``checksum`` piece by piece as the pieces arrive. ``on_done`` is called for
+    each item as soon as all its bytes are in (before checksums are compared).
 
     Raises:
         CorruptCheckpointError: a tensor's bytes do not match its checksum (named in the message).
@@ -95,7 +115,7 @@ def read_tensors(
     for item in sorted(items, key=lambda i: i.offset):
         nbytes = item.nbytes
         spans = checksum.spans(nbytes, chunk)
-        digests = _Digests(len(spans))
+        digests = _Digests(item, len(spans), on_done)
         all_digests.append((item, digests))
         if nbytes <= SMALL_TENSOR_BYTES:
             if batch and (

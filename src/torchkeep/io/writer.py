@@ -23,6 +23,7 @@ class WriteItem:
     tensor: torch.Tensor
     dtype: torch.dtype
     offset: int
+    ready: Callable[[], None] | None = None  # blocks until the tensor's memory holds its data
 
     @property
     def nbytes(self) -> int:
@@ -89,6 +90,8 @@ def _piece_bytes(pieces: _Pieces, begin: int, end: int, staging: _Staging) -> me
 def _write_piece(
     sink: Sink, staging: _Staging, pieces: _Pieces, index: int, begin: int, end: int
 ) -> None:
+    if pieces.item.ready is not None:
+        pieces.item.ready()
     view = _piece_bytes(pieces, begin, end, staging)
     pieces.digests[index] = checksum_bytes(view)
     offset = pieces.item.offset + begin

@@ -109,6 +109,9 @@ def load(
         return obj if into is None else _restore(None, obj, into, ())
     with open_container(path) as container:
         tree = _tree_of(container.entries, container.aliases, container.manifest)
+        if into is not None:
+            # Everything that can be checked is checked before a byte is read into `into`.
+            _check_into(tree, into, container.entries, container.aliases, ())
         direct = bool(into is not None and map_location is None and dtype is None)
         dests: dict[str, torch.Tensor] = {}
         if direct:
@@ -175,6 +178,76 @@ def _plan_destinations(tree: Any, into: Any, dests: dict[str, torch.Tensor]) -> 
     elif isinstance(tree, list) and isinstance(into, (list, tuple)):
         for sub_tree, sub_into in zip(tree, into, strict=False):
             _plan_destinations(sub_tree, sub_into, dests)
+
+
+def _check_into(
+    tree: Any,
+    into: Any,
+    entries: Mapping[str, Any],
+    aliases: Mapping[str, str],
+    path: tuple[str, ...],
+) -> None:
+    """Raise StateMismatchError if ``into`` cannot take the saved state (keys, shapes)."""
+    where = path_name(path)
+
+    def shape(node: Any) -> tuple[int, ...] | None:
+        if isinstance(node, dict) and set(node) == {TENSOR}:
+            return tuple(entries[aliases.get(node[TENSOR], node[TENSOR])].shape)
+        return None
+
+    if isinstance(into, torch.Tensor):
+        saved = shape(tree)
+        if saved is None:
+            raise StateMismatchError(f"{where}: into= holds a tensor but the checkpoint does not")
+        if tuple(into.shape) != saved:
+            raise StateMismatchError(
+                f"{where}: into= holds a tensor of shape {list(into.shape)} but the checkpoint's "
+                f"is {list(saved)}"
+            )
+        return
+    if isinstance(into, torch.nn.Module):
+        state = (
+            tree["state"] if isinstance(tree, dict) and set(tree) == {STATEFUL, "state"} else tree
+        )
+        if not isinstance(state, dict) or _is_tagged(state):
+            raise StateMismatchError(f"{where}: the checkpoint holds no module state here")
+        expected = into.state_dict()
+        missing = [k for k in expected if k not in state]
+        unexpected = [k for k in state if k not in expected]
+        resized = [
+            f"{k} (saved {list(shape(state[k]) or ())}, module {list(expected[k].shape)})"
+            for k in expected
+            if k in state and shape(state[k]) not in (None, tuple(expected[k].shape))
+        ]
+        if missing or unexpected or resized:
+            raise StateMismatchError(
+                f"{where}: the saved state does not fit this {type(into).__name__}: missing "
+                f"{missing[:8]}, unexpected {unexpected[:8]}, different shapes {resized[:8]}"
+            )
+        return
+    if isinstance(into, Stateful) or not isinstance(into, (Mapping, list, tuple)):
+        return  # other Stateful objects validate in their own load_state_dict
+    if isinstance(into, Mapping):
+        keys: dict[Any, Any] = {}
+        if isinstance(tree, dict) and not _is_tagged(tree):
+            keys = dict(tree)
+        elif isinstance(tree, dict) and "$dict" in tree:
+            keys = {decode(k, lambda n: n): v for k, v in tree["$dict"]}
+        else:
+            raise StateMismatchError(f"{where}: into= holds a dict but the checkpoint does not")
+        missing = [k for k in into if k not in keys]
+        if missing:
+            raise StateMismatchError(
+                f"{where}: the checkpoint has no {missing}; it holds {sorted(map(str, keys))}"
+            )
+        for k in into:
+            _check_into(keys[k], into[k], entries, aliases, (*path, str(k)))
+        return
+    items = tree if isinstance(tree, list) else (tree or {}).get("$tuple")
+    if not isinstance(items, list) or len(items) != len(into):
+        raise StateMismatchError(f"{where}: into= holds {len(into)} items; the checkpoint differs")
+    for n, (sub_tree, sub_into) in enumerate(zip(items, into, strict=True)):
+        _check_into(sub_tree, sub_into, entries, aliases, (*path, str(n)))
 
 
 def _is_tagged(tree: dict[str, Any]) -> bool:

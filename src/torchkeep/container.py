@@ -8,6 +8,7 @@ into place; a directory: shards first, ``manifest.json`` last, then the director
 
 from __future__ import annotations
 
+import errno
 import logging
 import mmap
 import os
@@ -30,6 +31,7 @@ from torchkeep.format import (
     DTYPES,
     MANIFEST_FILE,
     MANIFEST_KEY,
+    MAX_MANIFEST_BYTES,
     Header,
     Manifest,
     TensorEntry,
@@ -245,6 +247,7 @@ def _write_directory(
     hooks: _Hooks,
 ) -> int:
     save_id = uuid.uuid4().hex
+    check_replaceable(path, storage, (MANIFEST_FILE,))
     staging = storage.staging_dir(path)
     total = 0
     checksums: dict[str, str] = {}
@@ -280,6 +283,19 @@ def _write_directory(
         storage.remove_dir(staging)
         raise
     return total
+
+
+def check_replaceable(path: str, storage: Storage, markers: tuple[str, ...]) -> None:
+    """Refuse to replace a directory that is neither empty nor a save (one holding a marker)."""
+    if not storage.is_dir(path) or any(storage.exists(f"{path}/{m}") for m in markers):
+        return
+    if os.path.isdir(path) and not os.listdir(path):
+        return
+    raise StorageError(
+        errno.EEXIST,
+        f"{path}: exists and is not a checkpoint; saving there would delete what it holds. "
+        "Choose another name, or remove the directory first",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,6 +371,11 @@ class Container:
             )
         source = self._storage.open(manifest_path)
         try:
+            if source.size > MAX_MANIFEST_BYTES:
+                raise CorruptCheckpointError(
+                    f"{manifest_path}: {source.size} bytes, over the {MAX_MANIFEST_BYTES}-byte "
+                    "limit of a manifest; the file is corrupt"
+                )
             raw = source.read(0, source.size)
         finally:
             source.close()
@@ -417,7 +438,7 @@ class Container:
     ) -> dict[str, torch.Tensor]:
         """Read tensors; a name found in ``into`` with the file's dtype and shape is read
         straight into that tensor's memory, the others into new tensors."""
-        into = into or {}
+        into = _disjoint(into or {})
         result: dict[str, torch.Tensor] = {}
         by_file: dict[str | None, list[ReadItem]] = {}
         for name in names:
@@ -505,6 +526,24 @@ class Container:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _disjoint(into: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keep the destinations whose memory no earlier one overlaps (tied weights share theirs):
+    two reads into one buffer would leave it holding only the second."""
+    spans = []
+    for name, t in into.items():
+        if t.device.type == "cpu" and t.numel():
+            start = t.data_ptr()
+            spans.append((start, start + t.numel() * t.element_size(), name))
+    kept: dict[str, torch.Tensor] = {}
+    end = -1
+    for start, stop, name in sorted(spans):
+        if start >= end:
+            kept[name] = into[name]
+            end = stop
+        # else: overlapping; that tensor is read into new memory and copied in by the caller
+    return kept
 
 
 def _fits(dest: torch.Tensor | None, entry: TensorEntry) -> bool:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from torchkeep.checkpoint import load
-from torchkeep.container import SaveInfo, write_container
+from torchkeep.container import SaveInfo, check_replaceable, write_container
 from torchkeep.dcp import is_dcp_dir
 from torchkeep.errors import UnsupportedFormatError
 from torchkeep.format import MANIFEST_FILE, check_target_name, is_single_file
@@ -168,6 +168,7 @@ def _write_hf(
     count = len(shards)
     files = [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
     storage = DEFAULT_STORAGE
+    check_replaceable(dst, storage, (HF_INDEX,))
     staging = storage.staging_dir(dst)
     try:
         total = 0
@@ -175,17 +176,17 @@ def _write_hf(
             info = write_container(
                 os.path.join(staging, file),
                 {n: flat.tensors[n] for n in names},
+                aliases={a: t for a, t in flat.aliases.items() if t in names},
                 kind="weights",
                 dtype=lambda _, t: target(t),
             )
             total += info.file_bytes
+        file_of = {n: file for file, names in zip(files, shards, strict=True) for n in names}
         index = {
             "metadata": {
                 "total_size": sum(t.numel() * target(t).itemsize for t in flat.tensors.values())
             },
-            "weight_map": {
-                n: file for file, names in zip(files, shards, strict=True) for n in names
-            },
+            "weight_map": {**file_of, **{a: file_of[t] for a, t in flat.aliases.items()}},
         }
         text = json.dumps(index, indent=2, sort_keys=True).encode()
 

@@ -391,7 +391,7 @@ def manifest_from_json(text: str, *, where: str) -> Manifest:
     for name, spec in raw_tensors.items():
         tensors[name] = _parse_manifest_tensor(name, spec, where=where)
     for alias, target in aliases.items():
-        if target not in tensors:
+        if not isinstance(target, str) or target not in tensors:
             raise CorruptCheckpointError(
                 f"{where}: alias '{alias}' points at '{target}', which the manifest does not hold"
             )
@@ -502,6 +502,21 @@ def is_single_file(path: str) -> bool:
 MAX_TREE_DEPTH = 200
 
 
+def _is_key_json(key: Any, depth: int) -> bool:
+    """Whether typed JSON ``key`` decodes to a hashable dict key (a scalar or nested tuples)."""
+    if depth > MAX_TREE_DEPTH:
+        return False
+    if key is None or isinstance(key, (str, int, float, bool)):
+        return True
+    if isinstance(key, dict) and len(key) == 1:
+        ((tag, value),) = key.items()
+        if tag in ("$float", "$bytes"):
+            return isinstance(value, str)
+        if tag == "$tuple" and isinstance(value, list):
+            return all(_is_key_json(k, depth + 1) for k in value)
+    return False
+
+
 def check_tree(tree: Any, names: set[str]) -> None:
     """Raise TypeError/ValueError unless ``tree`` is a skeleton ``tree.decode`` can rebuild."""
     stack: list[tuple[Any, int]] = [(tree, 0)]
@@ -557,10 +572,8 @@ def check_tree(tree: Any, names: set[str]) -> None:
                 ):
                     raise TypeError("$dict must hold [key, value] pairs")
                 for key, v in value:
-                    if isinstance(key, dict) and not (
-                        len(key) == 1 and next(iter(key)) in ("$tuple", "$float", "$bytes")
-                    ):
-                        raise TypeError(f"unhashable dict key {key!r}")
+                    if not _is_key_json(key, depth):
+                        raise TypeError(f"dict key {key!r:.100} is not a valid key")
                     stack.append((key, depth + 1))
                     stack.append((v, depth + 1))
                 continue

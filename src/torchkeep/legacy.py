@@ -124,6 +124,16 @@ def _open_zip(path: str) -> _Archive:
                     f"{path}: entry '{name}' runs past the end of the file; it was truncated"
                 )
             records[name] = _Record(name, start, info.file_size, info.CRC)
+    end = 0
+    for record in sorted(records.values(), key=lambda r: r.offset):
+        # Disjoint entries: no byte of the file may back two storages, so what is allocated
+        # for them never exceeds the file's size.
+        if record.offset < end:
+            raise CorruptCheckpointError(
+                f"{path}: entry '{record.name}' overlaps the previous entry; the archive is "
+                "corrupt or crafted"
+            )
+        end = record.offset + record.size
     pickles = [n for n in records if n.endswith("data.pkl") and n.count("/") == 1]
     if len(pickles) != 1:
         raise UnsupportedFormatError(
@@ -222,13 +232,17 @@ def _read_stream(path: str, stream: io.BufferedReader, file_size: int, *, meta: 
     if not isinstance(info, dict) or info.get("little_endian") is not True:
         raise UnsupportedFormatError(f"{path}: big-endian torch files are not supported")
     wanted: dict[str, tuple[torch.dtype, int]] = {}
+    claimed = [0]
 
     def storage(pid: Any) -> _Storage:
         dtype, key, numel = _storage_pid(pid, path)
         if key not in storages:
             # Bounded before allocating: the bytes must fit in what is left of the file.
-            if numel * dtype.itemsize > file_size:
-                raise CorruptCheckpointError(f"{path}: storage {key} is larger than the file")
+            claimed[0] += numel * dtype.itemsize
+            if claimed[0] > file_size:
+                raise CorruptCheckpointError(
+                    f"{path}: its storages claim more bytes than the file holds (at {key})"
+                )
             storages[key] = _Storage(
                 key, torch.empty(numel, dtype=dtype, device="meta" if meta else "cpu")
             )

@@ -78,7 +78,8 @@ def _tensor_identity(t: torch.Tensor) -> tuple[Any, ...]:
 def _unique_name(base: str, flat: Flat) -> str:
     name = base or "tensor"
     n = 1
-    while name in flat.tensors or name in flat.aliases:
+    # "__metadata__" is the safetensors header's own entry, never a tensor name.
+    while name in flat.tensors or name in flat.aliases or name == "__metadata__":
         name = f"{base}#{n}"
         n += 1
     return name
@@ -291,7 +292,7 @@ class RNGState:
         np = _numpy()
         if np is not None and "numpy" in state_dict:
             s = state_dict["numpy"]
-            keys = s["keys"].numpy().astype("uint32")
+            keys = s["keys"].cpu().numpy().astype("uint32")
             np.random.set_state((s["kind"], keys, s["pos"], s["has_gauss"], s["cached_gaussian"]))
         cuda = state_dict.get("cuda")
         if cuda and torch.cuda.is_available():
@@ -314,6 +315,11 @@ def dedupe(named: Mapping[str, torch.Tensor]) -> Flat:
     for key, value in named.items():
         if not isinstance(key, str):
             raise UnsupportedObjectError(f"state dict key {key!r} is not a string")
+        if key == "__metadata__":
+            raise UnsupportedObjectError(
+                "__metadata__: safetensors reserves this name for the file's metadata; "
+                "rename the tensor (a state dict key cannot be '__metadata__')"
+            )
         if not isinstance(value, torch.Tensor):
             raise UnsupportedObjectError(
                 f"{key}: a weights file holds tensors only, this is a {type(value).__name__}; "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import _compat_pickle
 import io
+import math
 import pickle
 import struct
 from collections import OrderedDict
@@ -108,6 +109,12 @@ def _view(
     if len(shape) != len(strides) or not isinstance(offset, int) or offset < 0:
         raise CorruptCheckpointError(
             f"storage {storage.key}: invalid view {offset}, {size}, {stride}"
+        )
+    if math.prod(shape) > data.numel():
+        raise UnsupportedFormatError(
+            f"a tensor of size {list(shape)} expands storage {storage.key} of {data.numel()} "
+            "elements (stride 0); torchkeep does not rebuild expanded tensors from files, "
+            "since their size is not bounded by the file. Save tensor.contiguous() instead"
         )
     if all(shape):
         last = offset + sum((n - 1) * s for n, s in zip(shape, strides, strict=True))

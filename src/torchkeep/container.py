@@ -123,6 +123,7 @@ def write_container(
     shard_bytes: int = SHARD_BYTES,
     ready: Callable[[str], None] | None = None,
     before_commit: Callable[[], None] | None = None,
+    checksum_chunk: int = CHECKSUM_CHUNK,
 ) -> SaveInfo:
     """Write ``tensors`` and their manifest to ``path`` (a ``.safetensors`` file or a directory).
 
@@ -148,9 +149,10 @@ def write_container(
         aliases=dict(aliases or {}),
         metadata=dict(metadata or {}),
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        checksum_chunk=checksum_chunk,
     )
     data_bytes = sum(e.nbytes for e in entries.values())
-    hooks = _Hooks(ready, before_commit)
+    hooks = _Hooks(ready, before_commit, checksum_chunk)
     if single:
         file_bytes = _write_single(path, manifest, tensors, dtypes, storage, threads, hooks)
         written: tuple[str, ...] = (os.path.basename(path),)
@@ -166,8 +168,11 @@ def write_container(
 
 @dataclass(frozen=True)
 class _Hooks:
+    """What the write of one save needs besides its tensors."""
+
     ready: Callable[[str], None] | None = None
     before_commit: Callable[[], None] | None = None
+    checksum_chunk: int = CHECKSUM_CHUNK
 
     def ready_for(self, name: str) -> Callable[[], None] | None:
         ready = self.ready
@@ -193,7 +198,7 @@ def _write_items(
         )
         for name, entry in entries.items()
     ]
-    return write_tensors(sink, items, threads=threads, chunk=CHECKSUM_CHUNK)
+    return write_tensors(sink, items, threads=threads, chunk=hooks.checksum_chunk)
 
 
 def _with_checksums(manifest: Manifest, checksums: Mapping[str, str]) -> Manifest:

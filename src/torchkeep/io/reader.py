@@ -117,7 +117,7 @@ def read_tensors(
         spans = checksum.spans(nbytes, chunk)
         digests = _Digests(item, len(spans), on_done)
         all_digests.append((item, digests))
-        if nbytes <= SMALL_TENSOR_BYTES:
+        if nbytes <= SMALL_TENSOR_BYTES and len(spans) == 1:
             if batch and (
                 item.offset != end_of_batch
                 or batch_bytes >= BATCH_BYTES

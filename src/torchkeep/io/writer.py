@@ -123,7 +123,7 @@ def write_tensors(
         spans = chunk_spans(nbytes, chunk)
         pieces = _Pieces(item, len(spans))
         results[item.name] = pieces
-        if nbytes <= SMALL_TENSOR_BYTES:
+        if nbytes <= SMALL_TENSOR_BYTES and len(spans) == 1:
             batch.append(pieces)
             batch_bytes += nbytes
             if batch_bytes >= BATCH_BYTES:

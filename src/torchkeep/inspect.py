@@ -22,6 +22,7 @@ from torchkeep.errors import (
 from torchkeep.format import DTYPE_NAMES, MANIFEST_FILE
 from torchkeep.legacy import load_pickle_file, sniff
 from torchkeep.tree import decode
+from torchkeep.weights import MODEL_KEYS, WeightsSource
 
 
 @dataclass(frozen=True)
@@ -125,8 +126,6 @@ def describe(source: str | os.PathLike[str]) -> Description:
 
 
 def _describe_weights_directory(path: str) -> Description:
-    from torchkeep.weights import WeightsSource
-
     tensors: list[TensorInfo] = []
     files = 0
     with WeightsSource(path, verify=False) as weights:
@@ -194,13 +193,12 @@ def _describe_object(path: str, obj: Any, kind: str) -> Description:
     )
 
 
-_MODEL_KEYS = ("model_state_dict", "model", "state_dict", "module")
 _OPTIMIZER_KEYS = ("optimizer_state_dict", "optimizer", "optimizer_states")
 
 
 def _modules(tensors: tuple[TensorInfo, ...] | list[TensorInfo]) -> dict[str, int]:
     names = [t.name for t in tensors]
-    prefix = next((k + "." for k in _MODEL_KEYS if any(n.startswith(k + ".") for n in names)), "")
+    prefix = next((k + "." for k in MODEL_KEYS if any(n.startswith(k + ".") for n in names)), "")
     counts: dict[str, int] = {}
     for t in tensors:
         if t.name.startswith(prefix):
@@ -247,9 +245,12 @@ def verify(source: str | os.PathLike[str]) -> VerifyReport:
     path = os.fspath(source)
     try:
         if is_dcp_dir(path) or (not os.path.isdir(path) and sniff(path) != "safetensors"):
-            described = describe(path)  # a DCP directory is read whole, CRC-32s checked
-            if not is_dcp_dir(path):
-                load_pickle_file(path, verify=True)
+            # Read whole, every CRC-32 checked (a DCP directory's describe reads it so).
+            if is_dcp_dir(path):
+                described = describe(path)
+            else:
+                obj = load_pickle_file(path, verify=True)
+                described = _describe_object(path, obj, "torch pickle")
             return VerifyReport(
                 path, True, (), len(described.tensors), described.tensor_bytes, checksummed=True
             )
@@ -282,24 +283,19 @@ _DAMAGE = (
 
 def _verify_weights_directory(path: str) -> VerifyReport:
     """A Hugging Face directory: every file's structure, checksums where the files have them."""
-    from torchkeep.weights import WeightsSource
-
-    described = describe(path)
     problems: list[str] = []
     checksummed = True
+    nbytes = 0
     with WeightsSource(path, verify=True) as weights:  # pickle shards: CRC-32s checked here
         for part in weights.parts:
             if part.container is not None:
                 problems += part.container.verify()
                 checksummed = checksummed and part.container.manifest is not None
-    return VerifyReport(
-        path,
-        not problems,
-        tuple(problems),
-        tensors=len(described.tensors),
-        tensor_bytes=described.tensor_bytes,
-        checksummed=checksummed,
-    )
+                nbytes += sum(part.container.entries[n].nbytes for n in set(part.names.values()))
+            else:
+                nbytes += sum(t.numel() * t.element_size() for t in part.loaded.values())
+        count = len(weights.shapes())
+    return VerifyReport(path, not problems, tuple(problems), count, nbytes, checksummed)
 
 
 @dataclass(frozen=True)

@@ -76,10 +76,6 @@ class TensorEntry:
     def nbytes(self) -> int:
         return self.end - self.begin
 
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
-
 
 @dataclass(frozen=True)
 class Manifest:

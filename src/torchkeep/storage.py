@@ -178,10 +178,6 @@ class LocalSource:
     def map(self) -> mmap.mmap:
         return mmap.mmap(self._fd, 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
 
-    def advise_sequential(self) -> None:
-        if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-
     def close(self) -> None:
         os.close(self._fd)
 

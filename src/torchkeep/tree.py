@@ -230,25 +230,6 @@ def _freeze(key: Any) -> Any:
     return tuple(_freeze(k) for k in key) if isinstance(key, list) else key
 
 
-def tensor_names(tree: Any) -> list[str]:
-    """Return every tensor name a skeleton refers to, in order."""
-    names: list[str] = []
-
-    def walk(node: Any) -> None:
-        if isinstance(node, list):
-            for v in node:
-                walk(v)
-        elif isinstance(node, dict):
-            if set(node) == {TENSOR}:
-                names.append(node[TENSOR])
-                return
-            for v in node.values():
-                walk(v)
-
-    walk(tree)
-    return names
-
-
 # ---------------------------------------------------------------------------------------------
 # random number generators
 

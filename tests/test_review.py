@@ -161,3 +161,21 @@ def test_small_checksum_chunks_agree_between_writer_reader_and_verify(tmp_path):
         assert c.manifest is not None and c.manifest.checksum_chunk == 64 << 10
     assert tk.verify(tmp_path / "s.safetensors").ok
     assert torch.equal(tk.load_state_dict(tmp_path / "s.safetensors")["small"], state["small"])
+
+
+def test_oversized_dcp_metadata_is_refused_unread(tmp_path):
+    directory = tmp_path / "dcp"
+    directory.mkdir()
+    with open(directory / ".metadata", "wb") as f:
+        f.truncate(1 << 30)  # sparse: 1 GiB claimed, nothing stored
+    (directory / "__0_0.distcp").write_bytes(b"")
+    with pytest.raises(tk.CorruptCheckpointError, match="refused unread"):
+        tk.load(directory)
+
+
+def test_scan_of_a_pre_1_6_file_reads_only_its_pickles(tmp_path):
+    path = tmp_path / "old.pt"
+    torch.save({"w": torch.ones(10)}, path, _use_new_zipfile_serialization=False)
+    report = tk.scan(path)
+    assert report.safe and report.format == "torch legacy"
+    assert "torch.FloatStorage" in report.globals

@@ -40,6 +40,7 @@ from torchkeep.unpickler import _modern_name, _Refused, _scan_pickles, _Storage,
 from torchkeep.unpickler import _unpickle as _unpickle_payload
 
 METADATA_NAME = ".metadata"
+MAX_METADATA_BYTES = 256 << 20
 READ_THREADS = 2
 READ_CHUNK = 16 << 20
 _MAX_DEPTH = 64
@@ -194,6 +195,10 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 def _read_metadata(root: str) -> _Metadata:
     path = os.path.join(root, METADATA_NAME)
+    if os.path.getsize(path) > MAX_METADATA_BYTES:
+        raise CorruptCheckpointError(
+            f"{path}: over {MAX_METADATA_BYTES} bytes, more than any DCP metadata; refused unread"
+        )
     with open(path, "rb") as f:
         data = f.read()
     stream = io.BytesIO(data)
@@ -404,6 +409,11 @@ def _zip_records(source: LocalSource, piece: _Piece, what: str) -> dict[str, tup
         if name in records or info.compress_type or start + info.file_size > piece.length:
             raise CorruptCheckpointError(f"{what}: entry '{name}' is repeated, compressed or cut")
         records[name] = (piece.offset + start, info.file_size, info.CRC)
+    end = 0
+    for offset, size, _ in sorted(records.values()):
+        if offset < end:  # entries sharing bytes would let a small file claim a lot of memory
+            raise CorruptCheckpointError(f"{what}: two entries of the payload overlap")
+        end = offset + size
     order = records.get("byteorder")
     if order is not None and source.read(order[0], min(order[1], 16)).strip() != b"little":
         raise UnsupportedFormatError(f"{what}: big-endian payloads are not supported")

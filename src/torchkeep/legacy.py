@@ -432,7 +432,8 @@ def scan(source: str | os.PathLike[str]) -> ScanReport:
             return ScanReport(path, "zip", (), (), False, f"refused: {e}")
     elif kind == "torch-legacy":
         with open(path, "rb") as f:
-            names = _scan_pickles(f.read())
+            # The pickles come first; the storage bytes after them need not be read.
+            names = _scan_pickles(f.read(MAX_SCANNED_BYTES))
     else:
         with open(path, "rb") as f:
             head = f.read(16)

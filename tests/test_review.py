@@ -179,3 +179,58 @@ def test_scan_of_a_pre_1_6_file_reads_only_its_pickles(tmp_path):
     report = tk.scan(path)
     assert report.safe and report.format == "torch legacy"
     assert "torch.FloatStorage" in report.globals
+
+
+MEMORY_SCRIPT = """
+import resource, sys, torchkeep as tk
+paths = sys.argv[1:]
+try:
+    tk.load(paths[0])
+except tk.TorchkeepError:
+    pass
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+for path in paths:
+    try:
+        tk.load(path)
+    except tk.TorchkeepError:
+        pass
+    else:
+        raise SystemExit(f"{path} loaded")
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+"""
+
+
+def test_hostile_files_do_not_grow_memory(tmp_path):
+    import subprocess
+    import sys
+
+    files = []
+    expanded = tmp_path / "expanded.pt"  # 1.5 kB claiming a 900 MB tensor
+    torch.save({"w": torch.zeros(1).expand(15000, 15000)}, expanded)
+    files.append(expanded)
+    liar = tmp_path / "liar.pt"  # a storage claiming 2**30 elements, backed by 16 bytes
+    buffer = io.BytesIO()
+    torch.save({"w": torch.ones(4)}, buffer)
+    with zipfile.ZipFile(io.BytesIO(buffer.getvalue())) as z:
+        members = {n: z.read(n) for n in z.namelist()}
+    pkl = next(n for n in members if n.endswith("data.pkl"))
+    members[pkl] = members[pkl].replace(b"K\x04", b"J\x00\x00\x00\x40", 1)
+    with zipfile.ZipFile(liar, "w") as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    files.append(liar)
+    header = tmp_path / "header.safetensors"  # a shape of 2**40 elements in an 80-byte file
+    spec = {"a": {"dtype": "F32", "shape": [1 << 20, 1 << 20], "data_offsets": [0, 1 << 42]}}
+    text = json.dumps(spec).encode()
+    header.write_bytes(struct.pack("<Q", len(text)) + text + b"\x00" * 16)
+    files.append(header)
+    assert all(os.path.getsize(f) < 4096 for f in files)
+    done = subprocess.run(
+        [sys.executable, "-c", MEMORY_SCRIPT, *map(str, files)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    grown_mib = float(done.stdout.strip().splitlines()[-1])
+    assert grown_mib < 16, f"loading hostile files grew the peak RSS by {grown_mib:.0f} MiB"

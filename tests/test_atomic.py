@@ -82,33 +82,29 @@ PHASES = [
 ]
 
 
-@pytest.mark.parametrize(("phase", "after"), PHASES)
-def test_failed_file_save_keeps_previous_and_leaves_no_temporary(tmp_path, phase, after):
-    path = tmp_path / "model.safetensors"
+def _fail_and_check(tmp_path, name, kind, phase, after):
+    """Save good state, fail a second save at ``phase``, then find the first intact."""
+    path = tmp_path / name
     good = _state(1)
-    tk.save_weights(good, path)
+    write_container(str(path), good, kind=kind)
     with pytest.raises(OSError):  # the injected error, or the StorageError made of it
         write_container(
-            str(path), _state(2), kind="weights", storage=FaultyStorage(phase, fail_after=after)
+            str(path), _state(2), kind=kind, storage=FaultyStorage(phase, fail_after=after)
         )
-    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
+    assert [p.name for p in tmp_path.iterdir()] == [name]
     assert tk.verify(path).ok
     back = tk.load_state_dict(path)
     assert all(torch.equal(back[k], v) for k, v in good.items())
 
 
+@pytest.mark.parametrize(("phase", "after"), PHASES)
+def test_failed_file_save_keeps_previous_and_leaves_no_temporary(tmp_path, phase, after):
+    _fail_and_check(tmp_path, "model.safetensors", "weights", phase, after)
+
+
 @pytest.mark.parametrize(("phase", "after"), [*PHASES, ("mkdir", 0), ("commit", 0)])
 def test_failed_directory_save_keeps_previous(tmp_path, phase, after):
-    path = tmp_path / "step_1"
-    good = _state(1)
-    tk.save(good, path)
-    with pytest.raises(OSError):  # the injected error, or the StorageError made of it
-        write_container(
-            str(path), _state(2), kind="state", storage=FaultyStorage(phase, fail_after=after)
-        )
-    assert [p.name for p in tmp_path.iterdir()] == ["step_1"]
-    back = tk.load(path)
-    assert all(torch.equal(back[k], v) for k, v in good.items())
+    _fail_and_check(tmp_path, "step_1", "weights", phase, after)
 
 
 def test_exception_inside_the_data_is_not_a_partial_file(tmp_path):

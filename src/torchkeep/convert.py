@@ -156,10 +156,10 @@ def _write_hf(
     def target(t: torch.Tensor) -> torch.dtype:
         return dtype if dtype is not None and t.is_floating_point() else t.dtype
 
+    sizes = {name: t.numel() * target(t).itemsize for name, t in flat.tensors.items()}
     shards: list[list[str]] = [[]]
     size = 0
-    for name, t in flat.tensors.items():
-        nbytes = t.numel() * target(t).itemsize
+    for name, nbytes in sizes.items():
         if shards[-1] and size + nbytes > shard_bytes:
             shards.append([])
             size = 0
@@ -183,9 +183,7 @@ def _write_hf(
             total += info.file_bytes
         file_of = {n: file for file, names in zip(files, shards, strict=True) for n in names}
         index = {
-            "metadata": {
-                "total_size": sum(t.numel() * target(t).itemsize for t in flat.tensors.values())
-            },
+            "metadata": {"total_size": sum(sizes.values())},
             "weight_map": {**file_of, **{a: file_of[t] for a, t in flat.aliases.items()}},
         }
         text = json.dumps(index, indent=2, sort_keys=True).encode()
@@ -199,8 +197,7 @@ def _write_hf(
     except BaseException:
         storage.remove_dir(staging)
         raise
-    data = sum(t.numel() * target(t).itemsize for t in flat.tensors.values())
     return SaveInfo(
-        dst, (*files, HF_INDEX), len(flat.tensors), data, total + len(text),
+        dst, (*files, HF_INDEX), len(flat.tensors), sum(sizes.values()), total + len(text),
         time.perf_counter() - started,
     )  # fmt: skip

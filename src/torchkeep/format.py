@@ -136,6 +136,16 @@ def encode_header(tensors: Mapping[str, TensorEntry], metadata: Mapping[str, str
     return struct.pack("<Q", len(text)) + text
 
 
+def pickle_kind(head: bytes) -> str | None:
+    """Return ``"zip"`` or ``"torch-legacy"`` for the first bytes of a ``torch.save`` file,
+    None for anything else (a safetensors file's header starts with ``{`` at byte 8)."""
+    if head[:4] == b"PK\x03\x04":
+        return "zip"
+    if head[:1] == b"\x80" and head[8:9] != b"{":
+        return "torch-legacy"
+    return None
+
+
 def read_header_length(prefix: bytes, *, file_size: int, where: str) -> int:
     """Validate the 8-byte length prefix against the file's size and the cap; return it."""
     if file_size < 8 or len(prefix) < 8:
@@ -143,7 +153,7 @@ def read_header_length(prefix: bytes, *, file_size: int, where: str) -> int:
             f"{where}: the file is {file_size} bytes, too short to be a safetensors file; "
             "it was truncated or is not a checkpoint"
         )
-    if (prefix[:4] == b"PK\x03\x04" or prefix[:1] == b"\x80") and prefix[8:9] != b"{":
+    if pickle_kind(prefix) is not None:
         raise UnsupportedFormatError(
             f"{where}: this is a torch.save (pickle) file, not a safetensors file; "
             "inspect it with `torchkeep scan` before loading it"

@@ -25,6 +25,7 @@ from torchkeep.errors import (
     UnsafeFileError,
     UnsupportedFormatError,
 )
+from torchkeep.format import pickle_kind
 from torchkeep.io import ReadItem, read_tensors
 from torchkeep.io.checksum import ZIP_CRC32
 from torchkeep.storage import LocalSource
@@ -52,11 +53,7 @@ def sniff(path: str) -> str:
             head = f.read(16)
     except FileNotFoundError as e:
         raise CheckpointNotFoundError(f"{path}: no such file") from e
-    if head[:4] == b"PK\x03\x04":
-        return "zip"
-    if head[:1] == b"\x80" and head[8:9] != b"{":
-        return "torch-legacy"
-    return "safetensors"
+    return pickle_kind(head) or "safetensors"
 
 
 # ---------------------------------------------------------------------------------------------

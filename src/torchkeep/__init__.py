@@ -33,6 +33,8 @@ from torchkeep.inspect import (
     verify,
 )
 from torchkeep.legacy import ScanReport, scan
+from torchkeep.model import load_model, save_model
+from torchkeep.recipe import capture
 from torchkeep.tree import RNGState, Stateful
 from torchkeep.weights import LoadResult, load_state_dict, load_weights, save_weights
 
@@ -61,15 +63,18 @@ __all__ = [
     "UnsupportedObjectError",
     "VerifyReport",
     "__version__",
+    "capture",
     "convert",
     "describe",
     "diff",
     "load",
     "load_checkpoint",
+    "load_model",
     "load_state_dict",
     "load_weights",
     "save",
     "save_checkpoint",
+    "save_model",
     "save_weights",
     "scan",
     "verify",

@@ -17,8 +17,10 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.tree import Tree
 
 import torchkeep as tk
 
@@ -79,11 +81,69 @@ def cmd_inspect(args: argparse.Namespace, console: Console) -> int:
         console.print(f"parameters: {sum(info.modules.values()):,} ({', '.join(parts)}{more})")
     if info.optimizer:
         console.print(info.optimizer, markup=False)
+    if info.model:
+        _print_model(console, info.model, info.file_bytes, everything=args.all)
     if info.aliases:
         console.print("tied: " + ", ".join(f"{a} = {t}" for a, t in info.aliases.items()))
     if info.metadata:
         console.print("metadata: " + json.dumps(info.metadata))
     return OK
+
+
+def _print_model(
+    console: Console, model: dict[str, Any], file_bytes: int, *, everything: bool
+) -> None:
+    """A saved model: how it can be rebuilt, what a conversion changed, its module tree."""
+    console.print(f"model: {model.get('class', '?').replace(':', '.')}", markup=False)
+    if model.get("recipe"):
+        modules = ", ".join(model.get("recipe_modules") or [])
+        console.print(f"  rebuilt by: {model['recipe']}", markup=False)
+        console.print(f"  (needs the code of: {modules})", markup=False)
+    else:
+        console.print(f"  no recipe: {model.get('recipe_problem')}", markup=False)
+    program = model.get("program")
+    if program:
+        inputs = ", ".join(
+            "[" + ", ".join("batch" if d is None else str(d) for d in spec["shape"]) + "] "
+            + str(spec["dtype"])
+            for spec in program.get("inputs", [])
+        )
+        console.print(
+            f"  exported program: {program.get('file')}, runs with no code; inputs {inputs}",
+            markup=False,
+        )
+    else:
+        console.print("  no exported program (save with example_inputs= to store one)")
+    converted = model.get("converted")
+    if converted:
+        console.print(
+            f"  converted to {converted.get('dtype')} from {converted.get('source')}: "
+            f"{_human(converted.get('source_bytes', 0))} → {_human(file_bytes)}; "
+            f"output difference: {converted.get('output_difference')}",
+            markup=False,
+        )
+    architecture = model.get("architecture")
+    if isinstance(architecture, dict):
+        tree = Tree(_module_label("", architecture))
+        _add_children(tree, architecture, depth=1, limit=None if everything else 3)
+        console.print(tree)
+
+
+def _module_label(name: str, node: dict[str, Any]) -> str:
+    kind = str(node.get("type", "?")).rpartition(":")[2]
+    label = f"{name}: {kind}" if name else kind
+    return f"{escape(label)} [dim]{node.get('parameters', 0):,} parameters[/dim]"
+
+
+def _add_children(tree: Tree, node: dict[str, Any], *, depth: int, limit: int | None) -> None:
+    children = node.get("children") or {}
+    if limit is not None and depth > limit and children:
+        tree.add(f"[dim]… {len(children)} children (--all to show)[/dim]")
+        return
+    for name, child in children.items():
+        if isinstance(child, dict):
+            branch = tree.add(_module_label(name, child))
+            _add_children(branch, child, depth=depth + 1, limit=limit)
 
 
 def cmd_verify(args: argparse.Namespace, console: Console) -> int:

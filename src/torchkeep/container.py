@@ -32,12 +32,14 @@ from torchkeep.format import (
     MANIFEST_FILE,
     MANIFEST_KEY,
     MAX_MANIFEST_BYTES,
+    FileEntry,
     Header,
     Manifest,
     TensorEntry,
     check_against_header,
     check_target_name,
     checksum_bytes,
+    checksum_data,
     chunk_spans,
     combine_digests,
     dtype_name,
@@ -124,8 +126,13 @@ def write_container(
     ready: Callable[[str], None] | None = None,
     before_commit: Callable[[], None] | None = None,
     checksum_chunk: int = CHECKSUM_CHUNK,
+    files: Mapping[str, bytes] | None = None,
+    model: Any = None,
 ) -> SaveInfo:
     """Write ``tensors`` and their manifest to ``path`` (a ``.safetensors`` file or a directory).
+
+    ``files`` are other members of a directory save (an exported program), written beside the
+    shards with their checksums in the manifest; ``model`` is the manifest's model section.
 
     ``ready(name)``, when given, is called before a tensor's memory is first read (it may block
     until the data is there); ``before_commit()`` runs after the data is written and before the
@@ -136,10 +143,15 @@ def write_container(
     started = time.perf_counter()
     dtypes = {n: (dtype(n, t) if dtype else t.dtype) for n, t in tensors.items()}
     single = is_single_file(path)
+    files = dict(files or {})
+    if files and single:
+        raise ValueError(f"{path}: only a directory save holds other files")
     shards = _layout(tensors, dtypes, shard_bytes if not single else 1 << 62)
-    files = ["" if single else f"shard-{i:05d}.safetensors" for i in range(len(shards))]
+    shard_files = ["" if single else f"shard-{i:05d}.safetensors" for i in range(len(shards))]
+    if set(files) & {*shard_files, MANIFEST_FILE}:
+        raise ValueError(f"{path}: the names {sorted(files)} clash with the save's own files")
     entries: dict[str, TensorEntry] = {}
-    for file, shard in zip(files, shards, strict=True):
+    for file, shard in zip(shard_files, shards, strict=True):
         for name, entry in shard:
             entries[name] = replace(entry, file=file or None)
     manifest = Manifest(
@@ -150,6 +162,8 @@ def write_container(
         metadata=dict(metadata or {}),
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         checksum_chunk=checksum_chunk,
+        files={n: FileEntry(len(b), checksum_data(b, checksum_chunk)) for n, b in files.items()},
+        model=model,
     )
     data_bytes = sum(e.nbytes for e in entries.values())
     hooks = _Hooks(ready, before_commit, checksum_chunk)
@@ -158,9 +172,9 @@ def write_container(
         written: tuple[str, ...] = (os.path.basename(path),)
     else:
         file_bytes = _write_directory(
-            path, manifest, files, tensors, dtypes, storage, threads, hooks
+            path, manifest, shard_files, files, tensors, dtypes, storage, threads, hooks
         )
-        written = (*files, MANIFEST_FILE)
+        written = (*shard_files, *files, MANIFEST_FILE)
     seconds = time.perf_counter() - started
     log.info("saved %d tensors (%d bytes) to %s in %.3fs", len(entries), data_bytes, path, seconds)
     return SaveInfo(path, written, len(entries), data_bytes, file_bytes, seconds)
@@ -245,6 +259,7 @@ def _write_directory(
     path: str,
     manifest: Manifest,
     files: list[str],
+    members: Mapping[str, bytes],
     tensors: Mapping[str, torch.Tensor],
     dtypes: Mapping[str, torch.dtype],
     storage: Storage,
@@ -272,6 +287,13 @@ def _write_directory(
 
             storage.write_file(f"{staging}/{file}", size, fill)
             total += size
+        for name, data in members.items():
+
+            def put(sink: Sink, data: bytes = data) -> None:
+                sink.pwrite(memoryview(data), 0)
+
+            storage.write_file(f"{staging}/{name}", len(data), put)
+            total += len(data)
         hooks.commit()
         text = manifest_to_json(
             replace(_with_checksums(manifest, checksums), metadata={**manifest.metadata})
@@ -410,6 +432,13 @@ class Container:
             )
         if None in files:
             raise CorruptCheckpointError(f"{manifest_path}: a tensor entry names no shard file")
+        for name in self.manifest.files:
+            member = f"{self.path}/{name}"
+            if name in files or not self._storage.exists(member) or self._storage.is_dir(member):
+                raise CorruptCheckpointError(
+                    f"{member}: named by {MANIFEST_FILE} but missing; the checkpoint directory "
+                    "was modified or copied in part. Restore it from another copy"
+                )
 
     # -- what it holds
 
@@ -425,8 +454,9 @@ class Container:
         return self.manifest.aliases if self.manifest is not None else {}
 
     def file_bytes(self) -> int:
-        """Return the bytes on disk of every file read (the manifest file excluded)."""
-        return sum(opened.source.size for opened in self._files.values())
+        """Return the bytes on disk of every file of the save (the manifest file excluded)."""
+        members = sum(f.nbytes for f in self.manifest.files.values()) if self.manifest else 0
+        return members + sum(opened.source.size for opened in self._files.values())
 
     def _file_of(self, entry: TensorEntry) -> _File:
         return self._files[entry.file]
@@ -464,6 +494,28 @@ class Container:
                 self._files[file].source, items, threads=threads, chunk=chunk, verify=verify
             )
         return result
+
+    def read_member(self, name: str, *, verify: bool = True) -> bytes:
+        """Return a file of the save other than its shards (an exported program), checked
+        against its size and checksum."""
+        entry = self.manifest.files.get(name) if self.manifest is not None else None
+        where = f"{self.path}/{name}"
+        if entry is None:
+            raise CheckpointNotFoundError(f"{where}: the save holds no file '{name}'")
+        source = self._storage.open(where)
+        try:
+            if source.size != entry.nbytes:
+                raise CorruptCheckpointError(
+                    f"{where}: {source.size} bytes where the manifest says {entry.nbytes}; "
+                    "the file is truncated or was replaced"
+                )
+            data = source.read(0, entry.nbytes)
+        finally:
+            source.close()
+        assert self.manifest is not None
+        if verify and checksum_data(data, self.manifest.checksum_chunk) != entry.checksum:
+            raise CorruptCheckpointError(f"{where}: does not match its checksum; it is corrupt")
+        return data
 
     def map(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
         """Return tensors backed by private mappings of the files: nothing is read until used."""
@@ -519,6 +571,11 @@ class Container:
             if combine_digests(digests[name]) != entry.checksum:
                 where = self.path if entry.file is None else f"{self.path}/{entry.file}"
                 problems.append(f"{where}: tensor '{name}' does not match its checksum")
+        for name in self.manifest.files:
+            try:
+                self.read_member(name)
+            except (CorruptCheckpointError, StorageError) as e:
+                problems.append(str(e))
         return problems
 
     def close(self) -> None:

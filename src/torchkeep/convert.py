@@ -17,6 +17,7 @@ from torchkeep.dcp import is_dcp_dir
 from torchkeep.errors import UnsupportedFormatError
 from torchkeep.format import MANIFEST_FILE, check_target_name, is_single_file
 from torchkeep.legacy import PendingLoad, sniff
+from torchkeep.model import convert_model, is_saved_model
 from torchkeep.storage import DEFAULT_STORAGE, Sink
 from torchkeep.tree import dedupe, flatten
 from torchkeep.weights import load_state_dict
@@ -85,6 +86,14 @@ def convert(
         tk.convert("model.pth", "model.safetensors", dtype=torch.bfloat16)
     """
     src, dst = os.fspath(src), os.fspath(dst)
+    if max_shard_size is None and is_saved_model(src):
+        if is_single_file(dst):
+            raise UnsupportedFormatError(
+                f"{src}: a whole model converts to a directory; name the target without "
+                "'.safetensors' (or convert its weights: tk.save_weights(tk.load_state_dict(src), "
+                "dst))"
+            )
+        return convert_model(src, dst, dtype=dtype)
     if max_shard_size is None and not os.path.isdir(src) and sniff(src) != "safetensors":
         return _stream_pickle(src, dst, dtype=dtype)
     obj = _read(src)

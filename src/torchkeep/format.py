@@ -78,8 +78,18 @@ class TensorEntry:
 
 
 @dataclass(frozen=True)
+class FileEntry:
+    """A file of a directory save that is not a tensor shard (an exported program): its size
+    and checksum."""
+
+    nbytes: int
+    checksum: str
+
+
+@dataclass(frozen=True)
 class Manifest:
-    """What a save holds: the state tree, each tensor's place and checksum, aliases, metadata."""
+    """What a save holds: the state tree, each tensor's place and checksum, aliases, metadata;
+    for a whole model its ``model`` section (recipe, architecture) and other ``files``."""
 
     kind: str
     tensors: dict[str, TensorEntry]
@@ -91,6 +101,8 @@ class Manifest:
     created: str = ""
     checksum_chunk: int = CHECKSUM_CHUNK
     format_version: int = FORMAT_VERSION
+    files: dict[str, FileEntry] = field(default_factory=dict)
+    model: Any = None
 
 
 @dataclass(frozen=True)
@@ -303,6 +315,12 @@ def combine_digests(digests: Iterable[int]) -> str:
     return f"{xxhash.xxh3_64_intdigest(packed):016x}"
 
 
+def checksum_data(data: bytes | memoryview, chunk: int) -> str:
+    """Return the checksum of a whole piece of data, computed chunk by chunk as tensors are."""
+    view = memoryview(data)
+    return combine_digests(checksum_bytes(view[b:e]) for b, e in chunk_spans(len(view), chunk))
+
+
 def chunk_spans(nbytes: int, chunk: int) -> list[tuple[int, int]]:
     """Split ``nbytes`` into consecutive ``[begin, end)`` pieces of at most ``chunk`` bytes."""
     if nbytes == 0:
@@ -333,7 +351,7 @@ def _manifest_body(m: Manifest) -> dict[str, Any]:
         if e.file is not None:
             entry["file"] = e.file
         tensors[name] = entry
-    return {
+    body: dict[str, Any] = {
         "format": FORMAT_NAME,
         "format_version": m.format_version,
         "kind": m.kind,
@@ -346,6 +364,13 @@ def _manifest_body(m: Manifest) -> dict[str, Any]:
         "tree": m.tree,
         "metadata": m.metadata,
     }
+    if m.files:
+        body["files"] = {
+            n: {"bytes": f.nbytes, "checksum": f.checksum} for n, f in m.files.items()
+        }
+    if m.model is not None:
+        body["model"] = m.model
+    return body
 
 
 def _body_checksum(body: Mapping[str, Any]) -> str:
@@ -407,6 +432,9 @@ def manifest_from_json(text: str, *, where: str) -> Manifest:
     except (TypeError, ValueError, RecursionError) as e:
         raise CorruptCheckpointError(f"{where}: the manifest's state tree is malformed: {e}") from e
     metadata = body.get("metadata")
+    model = body.get("model")
+    if model is not None and not isinstance(model, dict):
+        raise CorruptCheckpointError(f"{where}: the manifest's model section is not an object")
     return Manifest(
         kind=str(body.get("kind", "")),
         tensors=tensors,
@@ -418,7 +446,26 @@ def manifest_from_json(text: str, *, where: str) -> Manifest:
         created=str(body.get("created", "")),
         checksum_chunk=chunk,
         format_version=version,
+        files=_parse_files(body.get("files", {}), where=where),
+        model=model,
     )
+
+
+def _parse_files(raw: Any, *, where: str) -> dict[str, FileEntry]:
+    if not isinstance(raw, dict):
+        raise CorruptCheckpointError(f"{where}: the manifest's file table is not an object")
+    files: dict[str, FileEntry] = {}
+    for name, spec in raw.items():
+        check_member_name(name, where=where)
+        if name == MANIFEST_FILE or not isinstance(spec, dict):
+            raise CorruptCheckpointError(f"{where}: invalid file entry '{name}'")
+        nbytes, checksum = spec.get("bytes"), spec.get("checksum")
+        if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 0:
+            raise CorruptCheckpointError(f"{where}: file entry '{name}' has no valid size")
+        if not isinstance(checksum, str) or len(checksum) != 16:
+            raise CorruptCheckpointError(f"{where}: file entry '{name}' has no valid checksum")
+        files[name] = FileEntry(nbytes, checksum)
+    return files
 
 
 def _parse_manifest_tensor(name: str, spec: Any, *, where: str) -> TensorEntry:

@@ -21,6 +21,7 @@ from torchkeep.errors import (
 )
 from torchkeep.format import DTYPE_NAMES, MANIFEST_FILE
 from torchkeep.legacy import load_pickle_file, sniff
+from torchkeep.model import model_summary
 from torchkeep.tree import decode
 from torchkeep.weights import MODEL_KEYS, WeightsSource
 
@@ -48,6 +49,9 @@ class Description:
         tree: the saved object's skeleton (typed JSON), or None.
         modules: parameters (elements) per top-level module of the model's weights.
         optimizer: a one-line summary of the optimizer state, if the save holds one.
+        model: for a whole model (``save_model``): its class, the recipe that rebuilds it as a
+            call, the exported program's inputs, and its architecture (each module's class and
+            parameter count); for a converted model, what the conversion changed.
     """
 
     path: str
@@ -66,6 +70,7 @@ class Description:
     checksummed: bool = False
     modules: dict[str, int] = field(default_factory=dict)
     optimizer: str = ""
+    model: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -122,6 +127,7 @@ def describe(source: str | os.PathLike[str]) -> Description:
             checksummed=m is not None,
             modules=_modules(tensors),
             optimizer=_optimizer_summary(skeleton),
+            model=model_summary(c),
         )
 
 

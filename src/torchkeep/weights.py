@@ -19,7 +19,7 @@ from torchkeep.errors import (
     UnsupportedFormatError,
     UnsupportedObjectError,
 )
-from torchkeep.format import MANIFEST_FILE, check_member_name, load_json
+from torchkeep.format import MANIFEST_FILE, Manifest, check_member_name, load_json
 from torchkeep.legacy import load_pickle_file, sniff
 from torchkeep.tree import STATEFUL, TENSOR, dedupe
 
@@ -102,6 +102,10 @@ def weight_names(container: Container) -> dict[str, str]:
     if manifest is None or manifest.tree is None:
         keys = {name: name for name in container.entries}
         keys.update(aliases)
+        if isinstance(manifest, Manifest) and isinstance(manifest.model, dict):
+            # A whole model also stores its non-persistent buffers, which state_dict leaves out.
+            for name in manifest.model.get("buffers") or []:
+                keys.pop(name, None)
         return keys
     tree = manifest.tree
     for key in MODEL_KEYS:

@@ -1,0 +1,120 @@
+"""CUDA paths: saving from and loading onto the GPU, RNG state of CUDA devices, whole models
+moved to the GPU (rebuilt and exported). These run where a CUDA device is present; the rest of
+the suite covers the same code on the CPU."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+import torchkeep as tk
+from conftest import SimpleNet, TheModelClass, assert_same_state
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def test_weights_from_the_gpu_load_onto_it(tmp_path):
+    model = TheModelClass().cuda()
+    tk.save_weights(model, tmp_path / "m.safetensors")
+    state = tk.load_state_dict(tmp_path / "m.safetensors", device="cuda")
+    assert all(t.device.type == "cuda" for t in state.values())
+    for key, value in model.state_dict().items():
+        assert torch.equal(state[key], value)
+
+
+def test_load_weights_into_a_gpu_model(tmp_path):
+    source = SimpleNet()
+    tk.save_weights(source, tmp_path / "m.safetensors")
+    target = SimpleNet().cuda()
+    tk.load_weights(target, tmp_path / "m.safetensors")
+    assert all(p.device.type == "cuda" for p in target.parameters())
+    assert_same_state(source, target.cpu())
+
+
+def test_gpu_training_state_round_trips_with_map_location(tmp_path):
+    model = SimpleNet().cuda()
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.randn(4, 10, device="cuda")).sum().backward()
+    optimizer.step()
+    tk.save({"model": model, "optimizer": optimizer, "step": 1}, tmp_path / "s.safetensors")
+
+    on_cpu = tk.load(tmp_path / "s.safetensors", map_location="cpu")
+    assert on_cpu["model"]["fc1.weight"].device.type == "cpu"
+    restored_model = SimpleNet().cuda()
+    restored_opt = torch.optim.Adam(restored_model.parameters())
+    tk.load(
+        tmp_path / "s.safetensors",
+        into={"model": restored_model, "optimizer": restored_opt, "step": None},
+    )
+    assert_same_state(model, restored_model)
+    a, b = optimizer.state_dict()["state"], restored_opt.state_dict()["state"]
+    for index in a:
+        assert torch.equal(a[index]["exp_avg"], b[index]["exp_avg"])
+        assert b[index]["exp_avg"].device.type == "cuda"
+
+
+def test_checkpoint_restores_cuda_random_state(tmp_path):
+    model = SimpleNet().cuda()
+    torch.cuda.manual_seed_all(3)
+    tk.save_checkpoint(tmp_path / "c.safetensors", model=model, epoch=1)
+    expected = torch.randn(8, device="cuda")
+    torch.randn(100, device="cuda")
+    tk.load_checkpoint(tmp_path / "c.safetensors", model=model)
+    assert torch.equal(torch.randn(8, device="cuda"), expected)
+
+
+class Small(nn.Module):
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.width = width
+        self.net = nn.Sequential(nn.Linear(8, width), nn.ReLU(), nn.Linear(width, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.net(x)
+        return out
+
+
+def test_saved_model_rebuilds_on_the_gpu(tmp_path):
+    model = Small(width=32).cuda().eval()
+    tk.save_model(model, tmp_path / "m")
+    loaded = tk.load_model(tmp_path / "m", device="cuda")
+    x = torch.randn(5, 8, device="cuda")
+    assert next(loaded.parameters()).device.type == "cuda"
+    assert torch.equal(loaded(x), model(x))
+    half = tk.load_model(tmp_path / "m", device="cuda", dtype=torch.bfloat16)
+    assert next(half.parameters()).dtype == torch.bfloat16
+    assert torch.allclose(half(x.bfloat16()).float(), model(x), atol=0.1)
+
+
+def test_exported_program_moves_between_cpu_and_gpu(tmp_path):
+    model = Small(width=32).eval()
+    x = torch.randn(5, 8)
+    expected = model(x)
+    tk.save_model(model, tmp_path / "m", example_inputs=x[:1])
+    tk.save({"x": x, "expected": expected}, tmp_path / "io.safetensors")
+    # A fresh process that lacks this test module's code: only the program can load it.
+    script = textwrap.dedent(
+        f"""
+        import torch, torchkeep as tk
+        io = tk.load({str(tmp_path / "io.safetensors")!r})
+        for device in ("cuda", "cpu"):
+            model = tk.load_model({str(tmp_path / "m")!r}, device=device)
+            out = model(io["x"].to(device))
+            assert out.device.type == device, out.device
+            assert torch.allclose(out.cpu(), io["expected"], atol=1e-5), device
+            assert model(torch.randn(17, 8, device=device)).shape == (17, 4)
+        print("ok")
+        """
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"

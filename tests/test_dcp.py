@@ -182,10 +182,15 @@ def test_tensor_sharded_by_two_processes_is_reassembled(tmp_path: Path) -> None:
     script.write_text(textwrap.dedent(_RANK_SCRIPT))
     out, store = tmp_path / "ck", tmp_path / "store"
     ranks = [
-        subprocess.Popen([sys.executable, str(script), str(rank), str(store), str(out)])
+        subprocess.Popen(
+            [sys.executable, str(script), str(rank), str(store), str(out)],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for rank in (0, 1)
     ]
-    assert [p.wait(timeout=120) for p in ranks] == [0, 0]
+    errors = [p.communicate(timeout=120)[1] for p in ranks]
+    assert [p.returncode for p in ranks] == [0, 0], "\n".join(errors)
     metadata = read_metadata(out)
     assert len(metadata.state_dict_metadata["rows"].chunks) == 2  # 3 rows + 2 rows
     assert len(metadata.state_dict_metadata["cols"].chunks) == 2  # 5 columns each

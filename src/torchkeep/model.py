@@ -129,6 +129,7 @@ def save_model(
         "recipe_problem": problem,
         "program": program,
         "buffers": buffers,
+        "frozen": [name for name, p in model.named_parameters() if not p.requires_grad],
         "architecture": architecture(model),
     }
     return write_container(
@@ -252,7 +253,10 @@ def _rebuild(
     for stored, t in tensors.items():
         converted[stored] = convert(t, map_location=device, dtype=dtype)
     del tensors
-    assign(model, {key: converted[stored] for key, stored in names.items()}, where=where)
+    frozen = set(section.get("frozen") or [])
+    assign(
+        model, {key: converted[stored] for key, stored in names.items()}, where=where, frozen=frozen
+    )
     return model.eval()
 
 
@@ -262,13 +266,24 @@ def _stored_names(container: Container) -> dict[str, str]:
     return keys
 
 
-def assign(module: nn.Module, tensors: Mapping[str, torch.Tensor], *, where: str) -> None:
-    """Make ``tensors`` the module's parameters and buffers, by name, keeping tied ones tied.
+def assign(
+    module: nn.Module,
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    where: str,
+    frozen: Iterable[str] = (),
+) -> None:
+    """Make ``tensors`` the module's parameters and buffers, by name, keeping tied ones tied;
+    parameters named in ``frozen`` get ``requires_grad=False``.
 
     Raises:
         StateMismatchError: a tensor is missing, extra, or of another shape.
     """
-    done: dict[int, torch.Tensor] = {}
+    # Keyed by id of the rebuilt model's tensor, which is kept alive beside its replacement so
+    # that no id is reused while this runs (a module registered twice is visited twice).
+    done: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    frozen_keys = set(frozen)
+    placed: set[int] = set()
     used: set[str] = set()
     missing: list[str] = []
     for prefix, owner in module.named_modules(remove_duplicate=False):
@@ -277,8 +292,11 @@ def assign(module: nn.Module, tensors: Mapping[str, torch.Tensor], *, where: str
                 if old is None:
                     continue
                 key = f"{prefix}.{name}" if prefix else name
+                if id(old) in placed:  # this module was seen under another name already
+                    used.add(key)
+                    continue
                 if id(old) in done:
-                    table[name] = done[id(old)]
+                    table[name] = done[id(old)][1]
                     used.add(key)
                     continue
                 new = tensors.get(key)
@@ -290,9 +308,11 @@ def assign(module: nn.Module, tensors: Mapping[str, torch.Tensor], *, where: str
                         f"{where}: '{key}' is stored with shape {list(new.shape)} but the rebuilt "
                         f"model has {list(old.shape)}; the model's code changed since the save"
                     )
-                value = nn.Parameter(new, requires_grad=old.requires_grad) if is_param else new
+                trainable = old.requires_grad and key not in frozen_keys
+                value = nn.Parameter(new, requires_grad=trainable) if is_param else new
                 table[name] = value
-                done[id(old)] = value
+                done[id(old)] = (old, value)
+                placed.add(id(value))
                 used.add(key)
     extra = sorted(set(tensors) - used)
     if missing or extra:

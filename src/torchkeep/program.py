@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import json
+import keyword
 import re
 import zipfile
 from collections.abc import Iterator
@@ -75,7 +76,6 @@ _EXPR_NAMES = {
     "Rational",
     "Add",
     "Mul",
-    "Pow",
     "Mod",
     "Max",
     "Min",
@@ -92,6 +92,16 @@ _EXPR_NAMES = {
 }
 _EXPR_TOKENS = re.compile(r"\s*(?:'[su]\d+'|[A-Za-z_][A-Za-z0-9_]*|\d+|[-+*/%(),=])")
 _MAX_PROGRAM_JSON = 256 << 20
+# Module paths of parameters, buffers and constants ("fc1.weight"), and the keys holding them.
+_FQN = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
+_PASTED_NAMES = {
+    "parameter_name",
+    "buffer_name",
+    "tensor_constant_name",
+    "custom_obj_name",
+    "fqn",
+    "target_name",
+}
 
 
 def export_program(
@@ -126,15 +136,11 @@ def export_program(
     try:
         exported = torch.export.export(model, args, dynamic_shapes=dynamic)
     except Exception as e:  # torch.export raises many kinds of errors
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        hint = "Try dynamic_batch=False, or save" if dynamic_batch else "Save"
         raise UnsupportedObjectError(
-            f"torch.export could not export {type(model).__name__}: {type(e).__name__}: "
-            f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}. "
-            + (
-                "Try dynamic_batch=False, or "
-                if dynamic_batch
-                else "Save it without example_inputs "
-            )
-            + "to keep only the recipe"
+            f"torch.export could not export {type(model).__name__}: {type(e).__name__}: {first}. "
+            f"{hint} it without example_inputs to keep only the recipe"
         ) from e
     finally:
         model.train(was_training)
@@ -181,11 +187,18 @@ def check_program(data: bytes, *, where: str) -> bytes:
                 f"{where}: the program archive holds '{name}', which a plain exported program "
                 "does not (pickled objects, compiled libraries and guard code are refused)"
             )
-        if info.compress_type != zipfile.ZIP_STORED or info.file_size > len(data):
-            raise UnsafeFileError(f"{where}: the program archive's entry '{name}' is compressed")
+        # Stored entries only: not compressed, encrypted (flag 0x1, 0x40) or patched (0x20).
+        if (
+            info.compress_type != zipfile.ZIP_STORED
+            or info.flag_bits & 0x61
+            or info.file_size > len(data)
+        ):
+            raise UnsafeFileError(
+                f"{where}: the program archive's entry '{name}' is compressed or encrypted"
+            )
         try:
             entries[name] = archive.read(info)
-        except (zipfile.BadZipFile, ValueError, EOFError) as e:
+        except (zipfile.BadZipFile, ValueError, EOFError, RuntimeError, NotImplementedError) as e:
             raise UnsafeFileError(f"{where}: the program archive is damaged ({e})") from e
     missing = sorted(_FIXED_ENTRIES - set(entries))
     if missing:
@@ -222,7 +235,8 @@ def _check_data_config(body: Any, where: str) -> None:
         raise UnsafeFileError(f"{where}: the program's tensor table is malformed")
     for name, meta in config.items():
         if (
-            not isinstance(meta, dict)
+            not _FQN.fullmatch(name)
+            or not isinstance(meta, dict)
             or meta.get("use_pickle") is not False
             or meta.get("tensor_meta") is None
             or not isinstance(meta.get("path_name"), str)
@@ -249,10 +263,7 @@ def _check_graph(body: Any, where: str) -> None:
         raise UnsafeFileError(f"{where}: the program holds custom objects")
     for node in graph["nodes"]:
         target = node.get("target") if isinstance(node, dict) else None
-        allowed = isinstance(target, str) and (
-            target in _OPERATORS or (_TARGET.fullmatch(target) and not _DENIED_OPS.match(target))
-        )
-        if not allowed:
+        if not (isinstance(target, str) and (target in _OPERATORS or _is_aten_op(target))):
             raise UnsafeFileError(
                 f"{where}: the program calls {target!r}; only ATen operators are allowed"
             )
@@ -261,6 +272,60 @@ def _check_graph(body: Any, where: str) -> None:
             raise UnsafeFileError(f"{where}: the program holds a {key[3:]} argument (refused)")
         if key == "expr_str" and not _plain_expression(value):
             raise UnsafeFileError(f"{where}: the program holds a shape expression {value!r}")
+        # Names torch pastes into the Python code it generates for the module: plain names only.
+        plain = isinstance(value, str) and (_FQN.fullmatch(value) or (key == "fqn" and not value))
+        if key in _PASTED_NAMES and not plain:
+            raise UnsafeFileError(f"{where}: the program holds a malformed name {value!r}")
+        if key == "forward_arg_names" and not (
+            isinstance(value, list) and all(_is_identifier(v) for v in value)
+        ):
+            raise UnsafeFileError(f"{where}: the program's argument names are malformed")
+        if key in ("in_spec", "out_spec") and value is not None and not _plain_spec(value):
+            raise UnsafeFileError(f"{where}: the program's {key} is malformed")
+
+
+def _is_aten_op(target: str) -> bool:
+    """Whether ``target`` names an overload of an ATen operator that touches no files."""
+    if not _TARGET.fullmatch(target) or _DENIED_OPS.match(target) or "__" in target:
+        return False
+    _, _, _, name, overload = target.split(".")
+    packet = getattr(torch.ops.aten, name, None)
+    return isinstance(getattr(packet, overload, None), torch._ops.OpOverload)
+
+
+def _is_identifier(value: Any) -> bool:
+    return isinstance(value, str) and value.isidentifier() and not keyword.iskeyword(value)
+
+
+def _plain_spec(text: Any) -> bool:
+    """A serialized pytree spec whose type names and dict keys are plain names."""
+    if not isinstance(text, str) or len(text) > 1_000_000:
+        return False
+    try:
+        spec = json.loads(text)
+    except (ValueError, RecursionError):
+        return False
+    for key, value in _walk(spec):
+        if (
+            key == "type"
+            and value is not None
+            and not (isinstance(value, str) and _FQN.fullmatch(value))
+        ):
+            return False
+        if key == "context" and value is not None:
+            try:
+                context = json.loads(value) if isinstance(value, str) else value
+            except (ValueError, RecursionError):
+                return False
+            leaves = context if isinstance(context, list) else [context]
+            if not all(
+                leaf is None
+                or isinstance(leaf, int)
+                or (isinstance(leaf, str) and _FQN.fullmatch(leaf))
+                for leaf in leaves
+            ):
+                return False
+    return True
 
 
 def _walk(node: Any, key: str | None = None, depth: int = 0) -> Iterator[tuple[str | None, Any]]:
@@ -276,7 +341,9 @@ def _walk(node: Any, key: str | None = None, depth: int = 0) -> Iterator[tuple[s
 
 
 def _plain_expression(text: Any) -> bool:
-    if not isinstance(text, str) or len(text) > 10_000:
+    if not isinstance(text, str) or len(text) > 10_000 or "**" in text or "Pow" in text:
+        return False  # powers of literals could take sympy unbounded time to evaluate
+    if any(len(digits) > 12 for digits in re.findall(r"\d+", text)):
         return False
     position = 0
     while position < len(text):

@@ -204,7 +204,12 @@ def _infer(module: nn.Module, depth: int) -> Recipe:
         if found:
             if param.default is param.empty or not _same(value, param.default):
                 kwargs[name] = _sub(value, depth) if isinstance(value, nn.Module) else value
-        elif param.default is param.empty:
+        elif param.default is param.empty or (
+            # A class of torch.nn keeps its configuration as attributes (the meta-device check
+            # catches what it does not); elsewhere an argument that is not kept may have been
+            # given a value other than its default, which would rebuild another model.
+            name not in ("device", "dtype") and not cls.__module__.startswith("torch.nn.")
+        ):
             unknown.append(name)
     if unknown:
         raise UnsupportedObjectError(
@@ -483,6 +488,7 @@ def resolve(name: str, trust: Trust, *, where: str, call: bool) -> Any:
     if (
         not module_name
         or not qualname
+        or not all(p.isidentifier() for p in module_name.split("."))
         or any(not p.isidentifier() or p.startswith("__") for p in parts)
     ):
         raise CorruptCheckpointError(f"{where}: the model recipe names {name!r}, not a class")

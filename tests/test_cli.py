@@ -172,3 +172,45 @@ def test_inspect_summarises_modules_and_optimizer(tmp_path, capsys):
     assert "state for 10 parameters (exp_avg, exp_avg_sq, step)" in info.optimizer
     assert main(["inspect", str(tmp_path / "c.safetensors")]) == 0
     assert "parameters: 62,006" in capsys.readouterr().out
+
+
+class Deployable(torch.nn.Module):
+    def __init__(self, width: int = 32) -> None:
+        super().__init__()
+        self.width = width
+        self.body = torch.nn.Sequential(
+            torch.nn.Linear(8, width), torch.nn.ReLU(), torch.nn.Linear(width, 3)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.body(x)
+        return out
+
+
+def test_inspect_a_saved_model_shows_how_it_rebuilds(tmp_path, capsys):
+    tk.save_model(Deployable(width=16), tmp_path / "model", example_inputs=torch.randn(1, 8))
+    assert main(["inspect", str(tmp_path / "model")]) == 0
+    out = capsys.readouterr().out
+    assert f"rebuilt by: {Deployable.__module__}.Deployable(width=16)" in out
+    assert "exported program: program.pt2" in out and "[batch, 8] float32" in out
+    assert "body: Sequential 195 parameters" in out and "0: Linear 144 parameters" in out
+
+
+def test_convert_a_model_for_deployment_reports_size_and_output_difference(tmp_path, capsys):
+    model = Deployable()
+    tk.save_model(model, tmp_path / "model", example_inputs=torch.randn(1, 8))
+    target = tmp_path / "model-bf16"
+    assert main(["convert", str(tmp_path / "model"), str(target), "--dtype", "bf16"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(target)]) == 0
+    out = capsys.readouterr().out
+    assert "converted to bfloat16 from model:" in out and "output difference: max abs" in out
+    info = tk.describe(target)
+    assert {t.dtype for t in info.tensors} == {"BF16"}
+    assert info.file_bytes < tk.describe(tmp_path / "model").file_bytes
+    converted = info.model["converted"]
+    difference = float(converted["output_difference"].split()[2])
+    assert 0 < difference < 0.1
+    loaded = tk.load_model(target)
+    x = torch.randn(4, 8)
+    assert torch.allclose(loaded(x.bfloat16()).float(), model.eval()(x), atol=0.1)

@@ -240,6 +240,8 @@ def run_python(code: str, *args: object, cwd: Path) -> dict:
     """Run ``code`` in a fresh interpreter that has not imported this module; return the JSON
     it prints last."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    # torchkeep itself only (when it is not installed), not this directory of tests
+    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(tk.__file__)))
     result = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code), *map(str, args)],
         cwd=cwd,

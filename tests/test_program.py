@@ -11,6 +11,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import dataclasses
+import inspect
 import io
 import json
 import os
@@ -304,7 +305,8 @@ def test_opaque_object_refused(clean, tmp_path):
         "data/constants/opaque_obj_0",
         pickle.dumps(_Exec(touch(canary))),
     )
-    torch_runs_it(hostile, canary)
+    if "opaque_obj" in inspect.getsource(torch.export.pt2_archive._package):
+        torch_runs_it(hostile, canary)  # torch versions that read opaque objects unpickle them
     assert_refused(hostile, canary)
 
 

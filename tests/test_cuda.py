@@ -92,11 +92,12 @@ def test_saved_model_rebuilds_on_the_gpu(tmp_path):
     assert torch.allclose(half(x.bfloat16()).float(), model(x), atol=0.1)
 
 
-def test_exported_program_moves_between_cpu_and_gpu(tmp_path):
+@pytest.mark.parametrize("exported_on", ["cpu", "cuda"])
+def test_exported_program_moves_between_cpu_and_gpu(tmp_path, exported_on):
     model = Small(width=32).eval()
     x = torch.randn(5, 8)
     expected = model(x)
-    tk.save_model(model, tmp_path / "m", example_inputs=x[:1])
+    tk.save_model(model.to(exported_on), tmp_path / "m", example_inputs=x[:1].to(exported_on))
     tk.save({"x": x, "expected": expected}, tmp_path / "io.safetensors")
     # A fresh process that lacks this test module's code: only the program can load it.
     script = textwrap.dedent(

@@ -1092,3 +1092,39 @@ def test_failed_export_message_says_how_to_keep_only_the_recipe(tmp_path):
             )
         # "save it without example_inputs to keep only the recipe", in both cases
         assert "without example_inputs" in str(refused.value), str(refused.value)
+
+
+def test_capture_keeps_a_running_profiler_informed(tmp_path):
+    seen: list[str] = []
+
+    def profiler(frame, event, arg):
+        if event == "call":
+            seen.append(frame.f_code.co_name)
+
+    sys.setprofile(profiler)
+    try:
+        with tk.capture():
+            model = resnet_like(num_classes=3)
+    finally:
+        sys.setprofile(None)
+    assert "resnet_like" in seen
+    tk.save_model(model, tmp_path / "model")
+    assert model_section(tmp_path / "model")["recipe"]["call"].endswith(":resnet_like")
+
+
+class ReadsATensorInInit(nn.Module):
+    """A constructor that reads a tensor's value, which the meta device cannot give."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(3, int(torch.tensor([2.0]).item()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.linear(x)
+        return out
+
+
+def test_a_constructor_that_cannot_run_on_meta_is_built_on_the_cpu(tmp_path):
+    model = ReadsATensorInInit()
+    loaded = round_trip(model, tmp_path / "model", torch.randn(2, 3))
+    assert loaded.linear.weight.shape == (2, 3)

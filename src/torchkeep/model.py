@@ -31,6 +31,7 @@ from torchkeep.program import PROGRAM_FILE, export_program, load_program
 from torchkeep.recipe import (
     Recipe,
     Trust,
+    build_on_meta,
     decode_recipe,
     describe_recipe_json,
     encode_recipe,
@@ -236,12 +237,7 @@ def _rebuild(
     dtype: torch.dtype | None,
 ) -> nn.Module:
     where = container.path
-    try:
-        with torch.device("meta"):
-            model = recipe.build()
-    except Exception as e:  # the constructor may not support the meta device: build it for real
-        log.info("%s: building on the meta device failed (%s); building on the CPU", where, e)
-        model = recipe.build()
+    model = build_on_meta(recipe)
     if not isinstance(model, nn.Module):
         raise UnsupportedObjectError(
             f"{where}: the recipe {describe_recipe_json(section['recipe'])} returned "

@@ -362,10 +362,11 @@ def load_program(container: Container, *, device: Device, dtype: torch.dtype | N
     where = f"{container.path}/{PROGRAM_FILE}"
     clean = check_program(container.read_member(PROGRAM_FILE), where=where)
     exported = torch.export.load(io.BytesIO(clean))
-    if torch.device(device).type != "cpu":
-        from torch.export.passes import move_to_device_pass
+    # A program keeps the device it was exported on, in its weights and in operators' device
+    # arguments; the pass rewrites both (exported on a GPU, loaded on the CPU, say).
+    from torch.export.passes import move_to_device_pass
 
-        exported = move_to_device_pass(exported, device)
+    exported = move_to_device_pass(exported, torch.device(device))
     try:
         module = exported.module(check_guards=False)
     except TypeError:  # torch versions without check_guards

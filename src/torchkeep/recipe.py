@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import logging
 import math
 import sys
 import types
@@ -34,7 +35,8 @@ from torch import nn
 
 from torchkeep.errors import CorruptCheckpointError, UnsafeFileError, UnsupportedObjectError
 
-_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+log = logging.getLogger(__name__)
+
 _MAX_DEPTH = 64
 
 
@@ -94,6 +96,8 @@ class capture:  # lower case: used like torch.no_grad
         self._pending.clear()
 
     def _profile(self, frame: types.FrameType, event: str, arg: Any) -> None:
+        if self._previous is not None:  # a profiler already running keeps seeing every event
+            self._previous(frame, event, arg)  # type: ignore[arg-type]
         if event == "call" and frame.f_back is self._caller:
             self._pending[frame] = _arguments(frame)
         elif event == "return" and frame in self._pending:
@@ -248,18 +252,30 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def check_rebuilds(recipe: Recipe, module: nn.Module) -> str | None:
-    """Build ``recipe`` on the meta device; return what differs from ``module``, or None."""
+    """Build ``recipe`` (on the meta device, or on the CPU if its constructor cannot run on
+    the meta device); return what differs from ``module``, or None."""
     try:
         encode_recipe(recipe)
-        with torch.device("meta"):
-            built = recipe.build()
     except UnsupportedObjectError as e:
         return str(e)
+    try:
+        built = build_on_meta(recipe)
     except Exception as e:  # the constructor may raise anything
         return f"calling it raised {type(e).__name__}: {e}"
     if not isinstance(built, nn.Module):
         return f"it returned {type(built).__name__}, not a module"
     return structure_difference(built, module)
+
+
+def build_on_meta(recipe: Recipe) -> Any:
+    """Call the recipe with tensors created on the meta device (no memory for weights); if the
+    constructor cannot run there (it reads a tensor's values, say), call it on the CPU."""
+    try:
+        with torch.device("meta"):
+            return recipe.build()
+    except Exception as e:  # the constructor may raise anything: try it for real
+        log.info("building %s on the meta device failed (%s); building it on the CPU", recipe, e)
+        return recipe.build()
 
 
 def structure(module: nn.Module) -> list[tuple[str, str, tuple[int, ...]]]:

@@ -37,6 +37,7 @@ from torchkeep.format import (
     Manifest,
     TensorEntry,
     check_against_header,
+    check_member_name,
     check_target_name,
     checksum_bytes,
     checksum_data,
@@ -146,6 +147,13 @@ def write_container(
     files = dict(files or {})
     if files and single:
         raise ValueError(f"{path}: only a directory save holds other files")
+    for name in files:
+        try:
+            check_member_name(name, where=path)
+        except CorruptCheckpointError as e:
+            raise ValueError(f"{path}: {name!r} is not a plain file name for a save") from e
+    if model is not None and not isinstance(model, dict):
+        raise ValueError(f"{path}: the model section must be a dict, not {type(model).__name__}")
     shards = _layout(tensors, dtypes, shard_bytes if not single else 1 << 62)
     shard_files = ["" if single else f"shard-{i:05d}.safetensors" for i in range(len(shards))]
     if set(files) & {*shard_files, MANIFEST_FILE}:

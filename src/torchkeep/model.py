@@ -21,11 +21,12 @@ from torchkeep.container import Container, SaveInfo, open_container, write_conta
 from torchkeep.errors import (
     CorruptCheckpointError,
     StateMismatchError,
+    TorchkeepError,
     UnsafeFileError,
     UnsupportedFormatError,
     UnsupportedObjectError,
 )
-from torchkeep.format import MANIFEST_FILE, is_single_file
+from torchkeep.format import MANIFEST_FILE, MAX_MANIFEST_BYTES, is_single_file, manifest_from_json
 from torchkeep.legacy import scan, sniff
 from torchkeep.program import PROGRAM_FILE, export_program, load_program
 from torchkeep.recipe import (
@@ -200,6 +201,9 @@ def load_model(
     trust = Trust(tuple(allowed_modules), trust_code)
     with open_container(source) as container:
         section = container.manifest.model if container.manifest is not None else None
+        kind = container.manifest.kind if container.manifest else "safetensors"
+        if kind == MODEL_KIND and not isinstance(section, dict):
+            raise CorruptCheckpointError(f"{source}: a model save without its model section")
         if not isinstance(section, dict) or container.manifest is None:
             kind = container.manifest.kind if container.manifest else "safetensors"
             raise UnsupportedFormatError(
@@ -237,7 +241,14 @@ def _rebuild(
     dtype: torch.dtype | None,
 ) -> nn.Module:
     where = container.path
-    model = build_on_meta(recipe)
+    try:
+        model = build_on_meta(recipe)
+    except Exception as e:  # the constructor may raise anything
+        raise UnsupportedObjectError(
+            f"{where}: rebuilding the model with {describe_recipe_json(section['recipe'])} "
+            f"raised {type(e).__name__}: {e}. Its code changed since the save? Load the "
+            "weights into a model you build: tk.load_weights(model, path, strict=False)"
+        ) from e
     if not isinstance(model, nn.Module):
         raise UnsupportedObjectError(
             f"{where}: the recipe {describe_recipe_json(section['recipe'])} returned "
@@ -326,6 +337,10 @@ def _load_pickled(
 ) -> nn.Module:
     if not trust_code:
         report = scan(path)
+        if not report.safe and not report.unsafe:
+            raise CorruptCheckpointError(
+                f"{path}: not a readable torch.save file: {report.verdict}"
+            )
         if report.safe:
             raise UnsupportedFormatError(
                 f"{path}: holds weights or training state, not a saved model. Build the model "
@@ -354,11 +369,12 @@ def _load_pickled(
 def is_saved_model(path: str) -> bool:
     """Whether ``path`` is a directory written by ``save_model`` (judged by its manifest)."""
     manifest = os.path.join(path, MANIFEST_FILE)
-    if not os.path.isfile(manifest):
-        return False
-    with open(manifest, "rb") as f:
-        head = f.read(4096)
-    return b'"kind":"model"' in head
+    try:
+        with open(manifest, "rb") as f:
+            raw = f.read(MAX_MANIFEST_BYTES + 1)
+        return manifest_from_json(raw.decode("utf-8"), where=manifest).kind == MODEL_KIND
+    except (OSError, UnicodeDecodeError, TorchkeepError):
+        return False  # not a directory save: whoever reads it next says what is wrong
 
 
 def convert_model(src: str, dst: str, *, dtype: torch.dtype | None) -> SaveInfo:
@@ -386,7 +402,7 @@ def convert_model(src: str, dst: str, *, dtype: torch.dtype | None) -> SaveInfo:
     difference = "not measured: the model has no exported program to take its input shapes from"
     if isinstance(program, dict):
         original, converted = load_model(src), load_model(src, dtype=dtype)
-        inputs = _random_inputs(program)
+        inputs = _random_inputs(program, where=src)
         cast_inputs = tuple(x.to(dtype) if dtype and x.is_floating_point() else x for x in inputs)
         with torch.no_grad():
             difference = _difference(original(*inputs), converted(*cast_inputs))
@@ -414,12 +430,22 @@ def convert_model(src: str, dst: str, *, dtype: torch.dtype | None) -> SaveInfo:
     )
 
 
-def _random_inputs(program: Mapping[str, Any]) -> tuple[torch.Tensor, ...]:
+def _random_inputs(program: Mapping[str, Any], *, where: str) -> tuple[torch.Tensor, ...]:
     generator = torch.Generator().manual_seed(0)
     inputs = []
-    for spec in program.get("inputs", []):
-        shape = [2 if d is None else int(d) for d in spec["shape"]]
-        dtype = getattr(torch, str(spec["dtype"]))
+    specs = program.get("inputs")
+    if not isinstance(specs, list) or not specs:
+        raise CorruptCheckpointError(f"{where}: the model's program lists no inputs")
+    for spec in specs:
+        shape = spec.get("shape") if isinstance(spec, dict) else None
+        dtype = getattr(torch, str(spec.get("dtype")), None) if isinstance(spec, dict) else None
+        if (
+            not isinstance(shape, list)
+            or not all(d is None or (type(d) is int and 0 < d <= 1 << 16) for d in shape)
+            or not isinstance(dtype, torch.dtype)
+        ):
+            raise CorruptCheckpointError(f"{where}: the model's program inputs are malformed")
+        shape = [2 if d is None else d for d in shape]
         if dtype.is_floating_point:
             inputs.append(torch.randn(shape, generator=generator).to(dtype))
         else:

@@ -29,7 +29,7 @@ from torch import nn
 
 from torchkeep.checkpoint import Device
 from torchkeep.container import Container
-from torchkeep.errors import UnsafeFileError, UnsupportedObjectError
+from torchkeep.errors import CorruptCheckpointError, UnsafeFileError, UnsupportedObjectError
 
 PROGRAM_FILE = "program.pt2"
 
@@ -194,7 +194,8 @@ def check_program(data: bytes, *, where: str) -> bytes:
             or info.file_size > len(data)
         ):
             raise UnsafeFileError(
-                f"{where}: the program archive's entry '{name}' is compressed or encrypted"
+                f"{where}: the program archive's entry '{name}' is compressed, encrypted or "
+                "larger than the archive"
             )
         try:
             entries[name] = archive.read(info)
@@ -330,7 +331,7 @@ def _plain_spec(text: Any) -> bool:
 
 def _walk(node: Any, key: str | None = None, depth: int = 0) -> Iterator[tuple[str | None, Any]]:
     if depth > 200:
-        raise UnsafeFileError("the program's graph is nested too deeply")
+        raise UnsafeFileError("the program's graph (models/model.json) is nested too deeply")
     if isinstance(node, dict):
         for k, v in node.items():
             yield k, v
@@ -361,7 +362,10 @@ def load_program(container: Container, *, device: Device, dtype: torch.dtype | N
     """Load the checked exported program of a saved model as a module on ``device``."""
     where = f"{container.path}/{PROGRAM_FILE}"
     clean = check_program(container.read_member(PROGRAM_FILE), where=where)
-    exported = torch.export.load(io.BytesIO(clean))
+    try:
+        exported = torch.export.load(io.BytesIO(clean))
+    except Exception as e:  # torch raises many kinds of errors for a damaged program
+        raise CorruptCheckpointError(f"{where}: torch cannot load the program: {e}") from e
     # A program keeps the device it was exported on, in its weights and in operators' device
     # arguments; the pass rewrites both (exported on a GPU, loaded on the CPU, say).
     from torch.export.passes import move_to_device_pass

@@ -304,7 +304,7 @@ def structure_difference(built: nn.Module, module: nn.Module) -> str | None:
 
 def _item(item: tuple[str, str, tuple[int, ...]]) -> str:
     name, kind, shape = item
-    return f"{name or '(root)'}: {kind}" + (f" {list(shape)}" if kind != "module" else "")
+    return f"{name or '(root)'}: {kind}" + ("" if kind.startswith("module") else f" {list(shape)}")
 
 
 def non_persistent_buffers(module: nn.Module) -> list[str]:
@@ -437,8 +437,10 @@ class Trust:
         )
 
 
-def decode_recipe(recipe: Any, trust: Trust, *, where: str) -> Recipe:
+def decode_recipe(recipe: Any, trust: Trust, *, where: str, depth: int = 0) -> Recipe:
     """Turn a stored recipe back into a call, resolving every name it holds under ``trust``."""
+    if depth > _MAX_DEPTH:
+        raise CorruptCheckpointError(f"{where}: the model recipe is nested too deeply")
     if not isinstance(recipe, dict) or not isinstance(recipe.get("call"), str):
         raise CorruptCheckpointError(f"{where}: the model recipe is malformed")
     args, kwargs = recipe.get("args", []), recipe.get("kwargs", {})
@@ -447,8 +449,8 @@ def decode_recipe(recipe: Any, trust: Trust, *, where: str) -> Recipe:
     target = resolve(recipe["call"], trust, where=where, call=True)
     return Recipe(
         target,
-        tuple(_decode(v, trust, where, 0) for v in args),
-        {str(k): _decode(v, trust, where, 0) for k, v in kwargs.items()},
+        tuple(_decode(v, trust, where, depth + 1) for v in args),
+        {str(k): _decode(v, trust, where, depth + 1) for k, v in kwargs.items()},
     )
 
 
@@ -469,7 +471,12 @@ def _decode(value: Any, trust: Trust, where: str, depth: int) -> Any:
         if isinstance(dtype, torch.dtype):
             return dtype
     if tag == "$device" and isinstance(inner, str):
-        return torch.device(inner)
+        try:
+            return torch.device(inner)
+        except (RuntimeError, ValueError) as e:
+            raise CorruptCheckpointError(
+                f"{where}: the model recipe names a device {inner!r}"
+            ) from e
     if tag == "$tuple" and isinstance(inner, list):
         return tuple(_decode(v, trust, where, depth + 1) for v in inner)
     if tag in ("$dict", "$odict") and isinstance(inner, list):
@@ -478,17 +485,16 @@ def _decode(value: Any, trust: Trust, where: str, depth: int) -> Any:
             if not isinstance(pair, list) or len(pair) != 2:
                 raise CorruptCheckpointError(f"{where}: the model recipe holds a malformed dict")
             key = _decode(pair[0], trust, where, depth + 1)
-            pairs.append(
-                (
-                    tuple(key) if isinstance(key, list) else key,
-                    _decode(pair[1], trust, where, depth + 1),
+            if not isinstance(key, (str, int, float, bool, type(None))):
+                raise CorruptCheckpointError(
+                    f"{where}: the model recipe holds a dict key that is not a plain value"
                 )
-            )
+            pairs.append((key, _decode(pair[1], trust, where, depth + 1)))
         return OrderedDict(pairs) if tag == "$odict" else dict(pairs)
     if tag == "$ref" and isinstance(inner, str):
         return resolve(inner, trust, where=where, call=False)
     if tag == "$module":
-        return decode_recipe(inner, trust, where=where)
+        return decode_recipe(inner, trust, where=where, depth=depth + 1)
     raise CorruptCheckpointError(f"{where}: the model recipe holds an unknown value {tag!r}")
 
 

@@ -33,8 +33,11 @@ from torchkeep.inspect import (
     verify,
 )
 from torchkeep.legacy import ScanReport, scan
+from torchkeep.manager import CheckpointManager
 from torchkeep.model import load_model, save_model
 from torchkeep.recipe import capture
+from torchkeep.retention import Policy, Record
+from torchkeep.sampler import ResumableSampler
 from torchkeep.tree import RNGState, Stateful
 from torchkeep.weights import LoadResult, load_state_dict, load_weights, save_weights
 
@@ -43,6 +46,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Change",
     "Checkpoint",
+    "CheckpointManager",
     "CheckpointNotFoundError",
     "CorruptCheckpointError",
     "Description",
@@ -50,7 +54,10 @@ __all__ = [
     "IncompleteCheckpointError",
     "LoadResult",
     "MissingDependencyError",
+    "Policy",
     "RNGState",
+    "Record",
+    "ResumableSampler",
     "SaveInfo",
     "ScanReport",
     "StateMismatchError",

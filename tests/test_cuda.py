@@ -119,3 +119,29 @@ def test_exported_program_moves_between_cpu_and_gpu(tmp_path, exported_on):
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
+
+
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_manager_saves_gpu_state_and_restores_it(tmp_path, async_save):
+    model = SimpleNet().cuda()
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.randn(4, 10, device="cuda")).sum().backward()
+    optimizer.step()
+    state = {"model": model, "optimizer": optimizer, "rng": tk.RNGState()}
+    with tk.CheckpointManager(tmp_path, async_save=async_save) as mgr:
+        mgr.save(1, state)
+        expected = {k: v.clone() for k, v in model.state_dict().items()}
+        with torch.no_grad():  # changed at once: the save holds the values it was given
+            for p in model.parameters():
+                p.add_(1.0)
+        mgr.wait()
+        if async_save:  # the staging buffers of GPU tensors are pinned host memory
+            assert all(b.is_pinned() for b in mgr._staging.values() if b.numel())
+    restored = SimpleNet().cuda()
+    state = {"model": restored, "optimizer": torch.optim.Adam(restored.parameters()),
+             "rng": tk.RNGState()}  # fmt: skip
+    with tk.CheckpointManager(tmp_path) as mgr:
+        assert mgr.restore(state) == 1
+    for key, value in restored.state_dict().items():
+        assert value.device.type == "cuda"
+        assert torch.equal(value, expected[key])

@@ -23,6 +23,7 @@ import types
 import uuid
 from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import IO, Any
 
 import torch
@@ -38,7 +39,7 @@ from torchkeep.errors import (
 from torchkeep.format import MANIFEST_FILE, MAX_MANIFEST_BYTES, manifest_from_json
 from torchkeep.retention import Policy, Record, best, retained
 from torchkeep.storage import DEFAULT_STORAGE, Storage, fsync_dir
-from torchkeep.tree import flatten
+from torchkeep.tree import Flat, flatten
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,14 @@ _STALE_DIR = re.compile(r"\.step_\d{9,}\.tmp-[0-9a-f]{12}(\.old)?")
 METADATA_KEY = "checkpoint_manager"
 BACKGROUND_NICE = 10
 LOCK_FILE = ".torchkeep-writer.lock"
+
+
+@dataclass(frozen=True)
+class _Staged:
+    """A flattened state whose tensors were copied to staging buffers."""
+
+    flat: Flat
+    tensors: dict[str, torch.Tensor]
 
 
 class CheckpointManager:
@@ -239,34 +248,39 @@ class CheckpointManager:
                 "after going back to an earlier step, save to a new directory (or delete the "
                 "newer steps first), so that retention does not keep the abandoned ones"
             )
-        flat = flatten(state)
         metadata = {METADATA_KEY: {"step": step, "time": time.time(), "metrics": clean}}
         if self._executor is None:
+            flat = flatten(state)
             return self._write(step, flat.tree, flat.tensors, flat.aliases, metadata)
-        staged = self._stage(flat.tensors)
-        future = self._executor.submit(self._write, step, flat.tree, staged, flat.aliases, metadata)
+        staged = self._stage(state)
+        future = self._executor.submit(
+            self._write, step, staged.flat.tree, staged.tensors, staged.flat.aliases, metadata
+        )
         self._inflight = future
         return future
 
-    def _stage(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Copy ``tensors`` into staging buffers kept from one save to the next (pinned memory
-        for CUDA tensors); return when every copy is done."""
+    def _stage(self, state: Any) -> _Staged:
+        """Copy the state's tensors into staging buffers kept from one save to the next (pinned
+        memory for CUDA tensors); return when every copy is done. Each copy starts as soon as
+        its tensor is found, so collecting the rest of the state overlaps the device copies."""
+        previous = self._staging
         staged: dict[str, torch.Tensor] = {}
-        sources: list[torch.Tensor] = []
         cuda = False
-        for name, t in tensors.items():
-            buffer = self._staging.get(name)
+
+        def copy(name: str, t: torch.Tensor) -> None:
+            nonlocal cuda
+            buffer = previous.get(name)
             if buffer is None or buffer.shape != t.shape or buffer.dtype != t.dtype:
                 buffer = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda)
-            staged[name] = buffer
-            sources.append(t.detach())
+            buffer.copy_(t, non_blocking=t.is_cuda)
             cuda = cuda or t.is_cuda
-        # One call for every copy: device-to-host copies are queued back to back.
-        torch._foreach_copy_(list(staged.values()), sources, non_blocking=cuda)
+            staged[name] = buffer
+
+        flat = flatten(state, on_tensor=copy)
         if cuda:
             torch.cuda.synchronize()
         self._staging = staged
-        return staged
+        return _Staged(flat, staged)
 
     def _write(
         self,

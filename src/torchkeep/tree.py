@@ -45,6 +45,8 @@ class Flat:
     tree: Any
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     aliases: dict[str, str] = field(default_factory=dict)
+    # Called with each distinct tensor as it is found (an async save starts its copy there).
+    on_tensor: Callable[[str, torch.Tensor], None] | None = None
 
 
 def path_name(path: tuple[str, ...]) -> str:
@@ -52,13 +54,14 @@ def path_name(path: tuple[str, ...]) -> str:
     return ".".join(path) if path else "obj"
 
 
-def flatten(obj: Any) -> Flat:
+def flatten(obj: Any, on_tensor: Callable[[str, torch.Tensor], None] | None = None) -> Flat:
     """Flatten ``obj`` into a skeleton and named tensors; identical tensor views become aliases.
+    ``on_tensor(name, tensor)``, if given, is called as each distinct tensor is found.
 
     Raises:
         UnsupportedObjectError: a value has no safe representation; the message names its path.
     """
-    flat = Flat(tree=None)
+    flat = Flat(tree=None, on_tensor=on_tensor)
     seen: dict[tuple[Any, ...], str] = {}
     flat.tree = _encode(obj, (), flat, seen)
     return flat
@@ -169,6 +172,8 @@ def _add_tensor(
     flat.tensors[name] = t.detach()
     if identity is not None:
         seen[identity] = name
+    if flat.on_tensor is not None:
+        flat.on_tensor(name, flat.tensors[name])
     return name
 
 

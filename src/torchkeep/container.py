@@ -320,6 +320,36 @@ def _write_directory(
     return total
 
 
+def read_manifest(directory: str, storage: Storage = DEFAULT_STORAGE) -> Manifest:
+    """Read and validate the manifest of a directory save (its commit marker).
+
+    Raises:
+        IncompleteCheckpointError: there is none: the save never committed.
+        CorruptCheckpointError, UnsupportedFormatError: it is damaged, or of a newer format.
+    """
+    manifest_path = f"{directory}/{MANIFEST_FILE}"
+    if not storage.exists(manifest_path):
+        raise IncompleteCheckpointError(
+            f"{directory}: no {MANIFEST_FILE}; this save never committed (it was interrupted) "
+            "or the directory is not a torchkeep checkpoint. Load the previous checkpoint."
+        )
+    source = storage.open(manifest_path)
+    try:
+        if source.size > MAX_MANIFEST_BYTES:
+            raise CorruptCheckpointError(
+                f"{manifest_path}: {source.size} bytes, over the {MAX_MANIFEST_BYTES}-byte "
+                "limit of a manifest; the file is corrupt"
+            )
+        raw = source.read(0, source.size)
+    finally:
+        source.close()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CorruptCheckpointError(f"{manifest_path}: not UTF-8 text") from e
+    return manifest_from_json(text, where=manifest_path)
+
+
 def check_replaceable(path: str, storage: Storage, markers: tuple[str, ...]) -> None:
     """Refuse to replace a directory that is neither empty nor a save (one holding a marker)."""
     if not storage.is_dir(path) or any(storage.exists(f"{path}/{m}") for m in markers):
@@ -398,27 +428,7 @@ class Container:
             )
 
     def _open_directory(self) -> None:
-        manifest_path = f"{self.path}/{MANIFEST_FILE}"
-        if not self._storage.exists(manifest_path):
-            raise IncompleteCheckpointError(
-                f"{self.path}: no {MANIFEST_FILE}; this save never committed (it was interrupted) "
-                "or the directory is not a torchkeep checkpoint. Load the previous checkpoint."
-            )
-        source = self._storage.open(manifest_path)
-        try:
-            if source.size > MAX_MANIFEST_BYTES:
-                raise CorruptCheckpointError(
-                    f"{manifest_path}: {source.size} bytes, over the {MAX_MANIFEST_BYTES}-byte "
-                    "limit of a manifest; the file is corrupt"
-                )
-            raw = source.read(0, source.size)
-        finally:
-            source.close()
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise CorruptCheckpointError(f"{manifest_path}: not UTF-8 text") from e
-        self.manifest = manifest_from_json(text, where=manifest_path)
+        self.manifest = read_manifest(self.path, self._storage)
         files = {e.file for e in self.manifest.tensors.values()}
         save_ids = set()
         for file in sorted(f for f in files if f is not None):
@@ -439,7 +449,9 @@ class Container:
                 "the directory was modified by hand"
             )
         if None in files:
-            raise CorruptCheckpointError(f"{manifest_path}: a tensor entry names no shard file")
+            raise CorruptCheckpointError(
+                f"{self.path}/{MANIFEST_FILE}: a tensor entry names no shard file"
+            )
         for name in self.manifest.files:
             member = f"{self.path}/{name}"
             if name in files or not self._storage.exists(member) or self._storage.is_dir(member):

@@ -29,14 +29,15 @@ from typing import IO, Any
 import torch
 
 from torchkeep.checkpoint import load
-from torchkeep.container import SaveInfo, write_container
+from torchkeep.container import SaveInfo, read_manifest, write_container
 from torchkeep.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
+    IncompleteCheckpointError,
     StorageError,
     TorchkeepError,
 )
-from torchkeep.format import MANIFEST_FILE, MAX_MANIFEST_BYTES, manifest_from_json
+from torchkeep.format import MANIFEST_FILE
 from torchkeep.retention import Policy, Record, best, retained
 from torchkeep.storage import DEFAULT_STORAGE, Storage, fsync_dir
 from torchkeep.tree import Flat, flatten
@@ -160,15 +161,12 @@ class CheckpointManager:
                 self._records[record.step] = record
 
     def _read_record(self, path: str, step: int) -> Record | None:
-        manifest = os.path.join(path, MANIFEST_FILE)
         try:
-            with open(manifest, "rb") as f:
-                raw = f.read(MAX_MANIFEST_BYTES + 1)
-            parsed = manifest_from_json(raw.decode("utf-8"), where=manifest)
-        except FileNotFoundError:
+            parsed = read_manifest(path, self._storage)
+        except IncompleteCheckpointError:
             self.problems.append(f"{path}: no {MANIFEST_FILE}, not a committed step (left alone)")
             return None
-        except (TorchkeepError, OSError, UnicodeDecodeError) as e:
+        except (TorchkeepError, OSError) as e:
             self.problems.append(f"{path}: not usable ({e}); left alone")
             return None
         info = parsed.metadata.get(METADATA_KEY)

@@ -17,7 +17,13 @@ import torch
 from torch import nn
 
 from torchkeep.checkpoint import Device, check_metadata, convert
-from torchkeep.container import Container, SaveInfo, open_container, write_container
+from torchkeep.container import (
+    Container,
+    SaveInfo,
+    open_container,
+    read_manifest,
+    write_container,
+)
 from torchkeep.errors import (
     CorruptCheckpointError,
     StateMismatchError,
@@ -26,7 +32,7 @@ from torchkeep.errors import (
     UnsupportedFormatError,
     UnsupportedObjectError,
 )
-from torchkeep.format import MANIFEST_FILE, MAX_MANIFEST_BYTES, is_single_file, manifest_from_json
+from torchkeep.format import is_single_file
 from torchkeep.legacy import scan, sniff
 from torchkeep.program import PROGRAM_FILE, export_program, load_program
 from torchkeep.recipe import (
@@ -368,12 +374,11 @@ def _load_pickled(
 
 def is_saved_model(path: str) -> bool:
     """Whether ``path`` is a directory written by ``save_model`` (judged by its manifest)."""
-    manifest = os.path.join(path, MANIFEST_FILE)
+    if not os.path.isdir(path):
+        return False
     try:
-        with open(manifest, "rb") as f:
-            raw = f.read(MAX_MANIFEST_BYTES + 1)
-        return manifest_from_json(raw.decode("utf-8"), where=manifest).kind == MODEL_KIND
-    except (OSError, UnicodeDecodeError, TorchkeepError):
+        return read_manifest(path).kind == MODEL_KIND
+    except (OSError, TorchkeepError):
         return False  # not a directory save: whoever reads it next says what is wrong
 
 

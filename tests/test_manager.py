@@ -1056,3 +1056,73 @@ def test_saving_a_step_older_than_the_newest_is_refused(tmp_path):
         state = {"w": torch.zeros(4)}
         mgr.restore(state)
         assert torch.equal(state["w"], torch.full((4,), 2.0))
+
+
+def test_without_file_locks_stale_directories_are_left_alone(tmp_path, monkeypatch):
+    import torchkeep.manager as manager
+
+    stale = tmp_path / ".step_000000001.tmp-0123456789ab"
+    stale.mkdir()
+    monkeypatch.setattr(manager, "_writer_lock", lambda root: (True, None))
+    with tk.CheckpointManager(tmp_path) as mgr:  # cannot tell whether another one writes
+        assert stale.exists()
+        mgr.save(1, {"w": torch.ones(2)})
+        assert mgr.steps() == [1]
+
+
+def test_a_step_moved_aside_by_an_interrupted_replacement_comes_back(tmp_path):
+    # Where the atomic exchange is missing, a replacement renames the old step aside, then the
+    # new one into place; killed in between, the old version must not be lost.
+    with tk.CheckpointManager(tmp_path) as mgr:
+        mgr.save(7, {"w": torch.full((2,), 7.0)})
+    aside = tmp_path / ".step_000000007.tmp-0123456789ab.old"
+    os.rename(tmp_path / "step_000000007", aside)
+    (tmp_path / ".step_000000007.tmp-0123456789ab").mkdir()  # the new version, unfinished
+    with tk.CheckpointManager(tmp_path) as mgr:
+        assert mgr.steps() == [7]
+        state = {"w": torch.zeros(2)}
+        assert mgr.restore(state) == 7 and torch.equal(state["w"], torch.full((2,), 7.0))
+    assert _listing(tmp_path) == ["step_000000007"]
+
+
+def test_urls_are_refused_until_remote_storage_exists(tmp_path):
+    with pytest.raises(tk.UnsupportedFormatError, match="remote storage"):
+        tk.CheckpointManager("s3://bucket/run1")
+    with pytest.raises(tk.UnsupportedFormatError, match="remote storage"):
+        tk.save({"w": torch.ones(2)}, "s3://bucket/w.safetensors")
+    assert not (tmp_path / "s3:").exists() and not os.path.exists("s3:")
+
+
+_SIGNALS_SCRIPT = """
+import os, signal, sys, torch, torchkeep as tk
+root = sys.argv[1]
+try:
+    tk.CheckpointManager(root + "/a", preemption=[signal.SIGTERM, signal.SIGKILL])
+except ValueError as e:
+    print("refused:", "SIGKILL" in str(e) or "9" in str(e), flush=True)
+print("default again:", signal.getsignal(signal.SIGTERM) == signal.SIG_DFL, flush=True)
+with tk.CheckpointManager(root + "/a") as mgr:  # the failed one released its lock
+    mgr.save(1, {"w": torch.ones(2)})
+first = tk.CheckpointManager(root + "/b", preemption=True)
+second = tk.CheckpointManager(root + "/c", preemption=True)
+first.close()   # out of order: the second one's handler stays
+os.kill(os.getpid(), signal.SIGTERM)
+print("second stops:", second.should_stop, flush=True)
+second.close()
+os.kill(os.getpid(), signal.SIGTERM)  # both closed: the default action, the process ends
+print("still alive", flush=True)
+"""
+
+
+def test_signal_handlers_survive_failures_and_any_closing_order(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-c", _SIGNALS_SCRIPT, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "refused: True" in done.stdout, done.stdout + done.stderr
+    assert "default again: True" in done.stdout
+    assert "second stops: True" in done.stdout
+    assert "still alive" not in done.stdout
+    assert done.returncode == -signal.SIGTERM, done.stderr

@@ -208,13 +208,19 @@ HERE = __name__  # the name recipes give this module (pytest imports it as test_
 # helpers
 
 
-def round_trip(model: nn.Module, path: Path, *inputs: torch.Tensor, **save: object) -> nn.Module:
+def round_trip(
+    model: nn.Module,
+    path: Path,
+    *inputs: torch.Tensor,
+    allowed: tuple[str, ...] = (),
+    **save: object,
+) -> nn.Module:
     """Save and load ``model``; check the state and the eval outputs are bitwise the same."""
     model.eval()
     with torch.no_grad():
         expected = model(*inputs) if inputs else None
     tk.save_model(model, path, **save)  # type: ignore[arg-type]
-    loaded = tk.load_model(path)
+    loaded = tk.load_model(path, allowed_modules=allowed)
     assert type(loaded) is type(model)
     assert loaded is not model
     assert_same_state(model, loaded)
@@ -376,7 +382,9 @@ def test_captured_class_with_unstored_arguments_round_trip(tmp_path):
 def test_captured_factory_function_round_trip(tmp_path):
     with tk.capture():
         model = resnet_like(num_classes=7)
-    loaded = round_trip(model, tmp_path / "model", torch.randn(2, 3))
+    with pytest.raises(tk.UnsafeFileError, match="allowed_modules"):  # a function: not trusted
+        round_trip(model, tmp_path / "model", torch.randn(2, 3))
+    loaded = round_trip(model, tmp_path / "model", torch.randn(2, 3), allowed=(HERE,))
     assert loaded.head.out_features == 7
     section = model_section(tmp_path / "model")
     assert section["class"] == f"{HERE}:SomeNet"
@@ -408,7 +416,11 @@ def test_explicit_recipe_round_trip(tmp_path):
     round_trip(Unstored(4), tmp_path / "class", torch.randn(2, 4), recipe=(Unstored, {"width": 4}))
     model = resnet_like(num_classes=3)
     round_trip(
-        model, tmp_path / "factory", torch.randn(2, 3), recipe=(resnet_like, {"num_classes": 3})
+        model,
+        tmp_path / "factory",
+        torch.randn(2, 3),
+        allowed=(HERE,),
+        recipe=(resnet_like, {"num_classes": 3}),
     )
     assert model_section(tmp_path / "factory")["recipe"]["call"] == f"{HERE}:resnet_like"
 
@@ -726,8 +738,14 @@ _LOAD_WITH_ALLOWED_MODULES = """
         info["allowed_type"] = type(m).__module__ + ":" + type(m).__qualname__
         info["canary_after_allowed"] = os.path.exists(canary)
         out["net"] = m(x)
-        # Now imported: its classes and declared factories need no permission; others do.
-        out["factory"] = tk.load_model(root + "/factory")(x)
+        # Now imported: its classes need no permission; its functions still do, annotated
+        # to return a module or not.
+        try:
+            tk.load_model(root + "/factory")
+            info["factory_refused"] = None
+        except tk.UnsafeFileError as e:
+            info["factory_refused"] = str(e)
+        out["factory"] = tk.load_model(root + "/factory", allowed_modules=[name])(x)
         try:
             tk.load_model(root + "/unannotated")
             info["unannotated_refused"] = None
@@ -751,6 +769,7 @@ def test_unimported_module_is_refused_until_allowed(tmp_path, trust_models):
     assert not info["canary_after_refusal"], "the refused load imported the module"
     assert info["allowed_type"] == f"{_TRUST_MODULE}:Net"
     assert info["canary_after_allowed"]
+    assert info["factory_refused"] is not None and "allowed_modules" in info["factory_refused"]
     assert info["unannotated_refused"] is not None
     assert "make_unannotated" in info["unannotated_refused"]
     assert "allowed_modules" in info["unannotated_refused"]
@@ -807,9 +826,15 @@ def test_unannotated_factory_needs_allowed_modules(tmp_path):
         assert torch.equal(loaded(x), expected)
 
 
-def test_resolve_allows_module_classes_and_declared_factories_only():
+def test_resolve_allows_module_classes_and_allowed_factories_only():
     assert resolve(f"{HERE}:Stored", Trust(), where="x", call=True) is Stored
-    assert resolve(f"{HERE}:resnet_like", Trust(), where="x", call=True) is resnet_like
+    # A function is never trusted for its annotation: an imported library may hold functions
+    # declared to return a module that run code from their arguments.
+    with pytest.raises(tk.UnsafeFileError, match="allowed_modules"):
+        resolve(f"{HERE}:resnet_like", Trust(), where="x", call=True)
+    with pytest.raises(tk.UnsafeFileError, match="allowed_modules"):
+        resolve("torch.fx.graph_module:reduce_graph_module", Trust(), where="x", call=True)
+    assert resolve(f"{HERE}:resnet_like", Trust((HERE,)), where="x", call=True) is resnet_like
     with pytest.raises(tk.UnsafeFileError, match="allowed_modules"):
         resolve(f"{HERE}:unannotated_factory", Trust(), where="x", call=True)
     allowed = Trust((HERE,))
@@ -1124,7 +1149,30 @@ class ReadsATensorInInit(nn.Module):
         return out
 
 
-def test_a_constructor_that_cannot_run_on_meta_is_built_on_the_cpu(tmp_path):
+def test_a_constructor_that_cannot_run_on_meta_is_built_on_the_cpu_when_allowed(tmp_path):
     model = ReadsATensorInInit()
-    loaded = round_trip(model, tmp_path / "model", torch.randn(2, 3))
+    # Building on the CPU allocates what the constructor asks for: only for allowed code.
+    with pytest.raises(tk.UnsupportedObjectError, match="allowed_modules"):
+        round_trip(model, tmp_path / "model", torch.randn(2, 3))
+    loaded = round_trip(model, tmp_path / "model", torch.randn(2, 3), allowed=(HERE,))
     assert loaded.linear.weight.shape == (2, 3)
+
+
+class Tempered(nn.Module):
+    """Keeps a value derived from its argument under the argument's name."""
+
+    def __init__(self, temperature: float = 1.0) -> None:
+        super().__init__()
+        self.temperature = 1 / temperature
+        self.linear = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.linear(x) * self.temperature
+        return out
+
+
+def test_plain_attributes_come_back_as_saved(tmp_path):
+    model = Tempered(temperature=4.0)  # self.temperature == 0.25: inferred as the argument
+    model.linear.note = "set after construction"  # not the class's: never set from a file
+    loaded = round_trip(model, tmp_path / "model", torch.randn(2, 3))
+    assert loaded.temperature == 0.25 and not hasattr(loaded.linear, "note")

@@ -337,8 +337,10 @@ def test_recipe_that_returns_no_module_at_load(tmp_path):
             recipe={"call": f"{HERE}:returns_int", "args": [], "kwargs": {}}
         ),
     )
-    with pytest.raises(tk.UnsupportedObjectError, match="returned int, not a module") as e:
+    with pytest.raises(tk.UnsafeFileError, match="allowed_modules"):  # a function: not trusted
         tk.load_model(path)
+    with pytest.raises(tk.UnsupportedObjectError, match="returned int, not a module") as e:
+        tk.load_model(path, allowed_modules=[HERE])
     assert str(path) in str(e.value) and "returns_int()" in str(e.value)
 
 
@@ -618,14 +620,14 @@ def test_decode_recipe_bounds_the_nesting_of_module_arguments():
             raise AssertionError("RecursionError escaped decode_recipe") from None
 
 
-@pytest.mark.parametrize("device", ["nope", "cuda:-5"])
-def test_decode_recipe_invalid_device(device):
-    """BUG (recipe.py, _decode, ``if tag == "$device"``): torch.device() of a stored string
-    that names no device raises RuntimeError; decode_recipe lets it out instead of
-    CorruptCheckpointError (format.check_tree converts the same failure for state trees)."""
-    recipe = {"call": LINEAR, "args": [2, 2], "kwargs": {"device": {"$device": device}}}
-    with pytest.raises(tk.CorruptCheckpointError, match="saved: "):
-        decode_recipe(recipe, Trust(), where="saved")
+@pytest.mark.parametrize("device", ["nope", "cuda:-5", "cpu", "cuda:0"])
+def test_a_stored_device_argument_builds_on_the_meta_device(device):
+    """A device in a recipe (valid or not) must not make the constructor allocate memory: the
+    model is built on the meta device and takes the loaded tensors."""
+    recipe = {"call": LINEAR, "args": [20000, 20000], "kwargs": {"device": {"$device": device}}}
+    decoded = decode_recipe(recipe, Trust(), where="saved")
+    assert decoded.kwargs == {"device": torch.device("meta")}
+    assert decoded.build().weight.device.type == "meta"
 
 
 @pytest.mark.parametrize(
@@ -660,7 +662,7 @@ def test_resolve_a_name_the_module_does_not_define():
 
 
 def test_factory_whose_return_annotation_cannot_be_resolved_is_not_trusted():
-    with pytest.raises(tk.UnsafeFileError, match="nor a function declared to return a module") as e:
+    with pytest.raises(tk.UnsafeFileError, match="not a module class") as e:
         resolve(f"{HERE}:unresolvable_hint", Trust(), where="saved", call=True)
     assert f"allowed_modules=['{HERE}']" in str(e.value)
     assert resolve(f"{HERE}:unresolvable_hint", Trust((HERE,)), where="saved", call=True) is (
@@ -902,3 +904,40 @@ def test_model_section_not_an_object(tmp_path, model):
             load(path)
         assert str(path / MANIFEST_FILE) in str(e.value)
     assert not tk.verify(path).ok
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        {"frozen": [[1]]},
+        {"buffers": 5},
+        {"class": 3},
+        {"recipe": "Linear(2, 2)"},
+        {"recipe_problem": 7},
+        {"program": {"inputs": ["x"]}},
+        {"program": {"inputs": [{"shape": ["b"], "dtype": "float32"}]}},
+        {"architecture": {"type": "x", "parameters": "many", "children": {}}},
+        {"attributes": {"": 3}},
+        {"converted": "yes"},
+    ],
+    ids=lambda e: next(iter(e)),
+)
+def test_malformed_model_section_fields_are_corrupt(tmp_path, edit):
+    path = reseal(save_linear(tmp_path), lambda body: body["model"].update(edit))
+    for call in (tk.describe, tk.load_model, tk.load_state_dict):
+        with pytest.raises(tk.CorruptCheckpointError, match="model section"):
+            call(path)
+
+
+def test_saved_attributes_that_do_not_fit_are_corrupt(tmp_path):
+    path = reseal(
+        save_linear(tmp_path), lambda body: body["model"].update(attributes={"fc9": {"x": 1}})
+    )
+    with pytest.raises(tk.CorruptCheckpointError, match="rebuilt model lacks"):
+        tk.load_model(path)
+
+
+def test_output_difference_of_outputs_without_elements():
+    from torchkeep.model import _difference
+
+    assert "not measured" in _difference(torch.empty(0), torch.empty(0))

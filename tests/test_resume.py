@@ -537,10 +537,14 @@ def test_resumable_sampler(tmp_path):
     assert list(sampler) == []
     assert (sampler.epoch, sampler.index) == (4, 23)
 
-    # set_epoch: the loop's epoch. The same epoch keeps the position (a resumed run), another
-    # starts it; a finished epoch set again yields nothing (its end-of-epoch work comes next).
+    # set_epoch: the loop's epoch. Right after a restore into the same epoch it keeps the
+    # position (a finished epoch yields nothing: its end-of-epoch work comes next); otherwise
+    # the epoch starts from its first sample, as with DistributedSampler.
+    sampler.resume(4, 23)
     sampler.set_epoch(4)
     assert list(sampler) == []
+    sampler.set_epoch(4)
+    assert list(sampler) == _randperm(23, 15)
     sampler.set_epoch(6)
     assert list(sampler) == _randperm(23, 17)
     sampler.resume(6, 20)

@@ -16,7 +16,7 @@ from torchkeep.container import SaveInfo, check_replaceable, write_container
 from torchkeep.dcp import is_dcp_dir
 from torchkeep.errors import UnsupportedFormatError
 from torchkeep.format import MANIFEST_FILE, check_target_name, is_single_file
-from torchkeep.legacy import MappedLoad, PendingLoad, sniff
+from torchkeep.legacy import PendingLoad, sniff
 from torchkeep.model import convert_model, is_saved_model
 from torchkeep.storage import DEFAULT_STORAGE, Sink
 from torchkeep.tree import dedupe, flatten
@@ -141,8 +141,7 @@ def _stream_pickle(src: str, dst: str, *, dtype: torch.dtype | None) -> SaveInfo
     tensor is written as soon as its bytes are in, and the result commits only after every
     CRC-32 of the source matched."""
     check_target_name(dst)
-    # A zip file is mapped: its tensors are written from the page cache, with no copy in memory.
-    pending = MappedLoad(src) if sniff(src) == "zip" else PendingLoad(src)
+    pending = PendingLoad(src)
     try:
         return _write(
             pending.obj, dst, dtype=dtype, ready=pending.wait, before_commit=pending.finish

@@ -433,8 +433,10 @@ def manifest_from_json(text: str, *, where: str) -> Manifest:
         raise CorruptCheckpointError(f"{where}: the manifest's state tree is malformed: {e}") from e
     metadata = body.get("metadata")
     model = body.get("model")
-    if model is not None and not isinstance(model, dict):
-        raise CorruptCheckpointError(f"{where}: the manifest's model section is not an object")
+    if model is not None:
+        problem = _model_section_problem(model)
+        if problem:
+            raise CorruptCheckpointError(f"{where}: the manifest's model section {problem}")
     return Manifest(
         kind=str(body.get("kind", "")),
         tensors=tensors,
@@ -448,6 +450,57 @@ def manifest_from_json(text: str, *, where: str) -> Manifest:
         format_version=version,
         files=_parse_files(body.get("files", {}), where=where),
         model=model,
+    )
+
+
+def _model_section_problem(model: Any) -> str | None:
+    """What is wrong with a saved model's section of the manifest (types only: the recipe's
+    contents are checked when it is decoded), or None."""
+    if not isinstance(model, dict):
+        return "is not an object"
+    if not isinstance(model.get("class"), str):
+        return "names no class"
+    if model.get("recipe_problem") is not None and not isinstance(model["recipe_problem"], str):
+        return "has a malformed recipe_problem"
+    if model.get("recipe") is not None and not isinstance(model["recipe"], dict):
+        return "has a malformed recipe"
+    for key in ("buffers", "frozen"):
+        names = model.get(key, [])
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            return f"has a malformed {key} list"
+    program = model.get("program")
+    if program is not None:
+        inputs = program.get("inputs") if isinstance(program, dict) else None
+        if not isinstance(inputs, list) or not all(
+            isinstance(i, dict)
+            and isinstance(i.get("dtype"), str)
+            and isinstance(i.get("shape"), list)
+            and all(d is None or _is_int(d) for d in i["shape"])
+            for i in inputs
+        ):
+            return "has a malformed program description"
+    attributes = model.get("attributes", {})
+    if not isinstance(attributes, dict) or not all(
+        isinstance(v, dict) for v in attributes.values()
+    ):
+        return "has malformed attributes"
+    converted = model.get("converted")
+    if converted is not None and not isinstance(converted, dict):
+        return "has a malformed conversion record"
+    if "architecture" in model and not _plain_architecture(model["architecture"], 0):
+        return "has a malformed architecture"
+    return None
+
+
+def _plain_architecture(node: Any, depth: int) -> bool:
+    if depth > 64 or not isinstance(node, dict):
+        return False
+    children = node.get("children", {})
+    return (
+        isinstance(node.get("type"), str)
+        and _is_int(node.get("parameters"))
+        and isinstance(children, dict)
+        and all(_plain_architecture(c, depth + 1) for c in children.values())
     )
 
 
@@ -535,8 +588,21 @@ def check_against_header(
             )
 
 
+def check_local_path(path: str) -> None:
+    """Refuse URLs (``s3://…``): remote storage is not supported yet, and writing them as local
+    paths would leave the checkpoints on this machine while the user believes them remote."""
+    scheme, sep, _ = path.partition("://")
+    if sep and scheme.replace("+", "").isalnum():
+        raise UnsupportedFormatError(
+            f"{path}: remote storage ({scheme}://) is not supported yet; save to a local path "
+            "and copy it with your storage's tools"
+        )
+
+
 def check_target_name(path: str) -> None:
-    """Refuse targets named like pickle files: users migrating from torch.save type them."""
+    """Refuse targets named like pickle files (users migrating from torch.save type them), and
+    URLs."""
+    check_local_path(path)
     lowered = path.lower().rstrip("/")
     for suffix in PICKLE_SUFFIXES:
         if lowered.endswith(suffix):

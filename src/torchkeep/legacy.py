@@ -8,14 +8,11 @@ parallel engine straight into the storages. ``scan`` lists every global a file's
 
 from __future__ import annotations
 
-import ctypes
 import io
-import mmap
 import os
 import struct
 import threading
 import zipfile
-import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -164,9 +161,9 @@ class _Loaded:
     storages: list[tuple[_Storage, int, int, int | None]] = field(default_factory=list)
 
 
-def _load_zip(path: str, *, meta: bool, mapping: mmap.mmap | None = None) -> _Loaded:
+def _load_zip(path: str, *, meta: bool) -> _Loaded:
     """Unpickle a torch zip file; its storages are empty (filled later by the parallel read),
-    on the meta device with ``meta``, or views of ``mapping`` (the file mapped) when given."""
+    or on the meta device with ``meta``."""
     archive = _open_zip(path)
     loaded = _Loaded(None)
     storages: dict[str, _Storage] = {}
@@ -183,10 +180,7 @@ def _load_zip(path: str, *, meta: bool, mapping: mmap.mmap | None = None) -> _Lo
                 f"{path}: storage {key} claims {numel} × {dtype} but its entry holds "
                 f"{record.size} bytes"
             )
-        if mapping is not None and record.offset % dtype.itemsize == 0 and numel:
-            data = torch.frombuffer(mapping, dtype=dtype, count=numel, offset=record.offset)
-        else:
-            data = torch.empty(numel, dtype=dtype, device="meta" if meta else "cpu")
+        data = torch.empty(numel, dtype=dtype, device="meta" if meta else "cpu")
         storages[key] = _Storage(key, data)
         loaded.storages.append((storages[key], record.offset, record.size, record.crc))
         return storages[key]
@@ -384,73 +378,6 @@ class PendingLoad:
         """Wait for the background read to end without raising: for cleanup after a failure
         that is already being reported."""
         self._thread.join()
-
-
-class MappedLoad:
-    """A torch zip file mapped into memory: ``obj`` holds tensors that are views of the file
-    (pages are read when first touched), ``wait(tensor)`` checks the CRC-32 of the storage
-    behind a tensor before its bytes are used, and ``finish()`` checks every storage's CRC-32.
-    The same interface as ``PendingLoad``, without a copy of the file in memory."""
-
-    def __init__(self, path: str) -> None:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            self._mapping = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) if size else None
-        if self._mapping is None:
-            raise CorruptCheckpointError(f"{path}: the file is empty")
-        if hasattr(mmap, "MADV_SEQUENTIAL"):
-            self._mapping.madvise(mmap.MADV_SEQUENTIAL)
-            self._mapping.madvise(mmap.MADV_WILLNEED)
-        self.path = path
-        loaded = _load_zip(path, meta=False, mapping=self._mapping)
-        self.obj = loaded.obj
-        self._pending: dict[int, tuple[str, int, int, int | None, torch.Tensor]] = {}
-        self._unmapped: list[tuple[_Storage, int, int, int | None]] = []
-        base = ctypes.addressof(ctypes.c_char.from_buffer(self._mapping))
-        for storage, offset, nbytes, crc in loaded.storages:
-            data = storage.data
-            if data.numel() and base <= data.data_ptr() < base + size:
-                ptr = storage.data.untyped_storage().data_ptr()
-                self._pending[ptr] = (storage.key, offset, nbytes, crc, storage.data)
-            else:
-                self._unmapped.append((storage, offset, nbytes, crc))
-        self._lock = threading.Lock()
-        self._checking: dict[int, threading.Lock] = {p: threading.Lock() for p in self._pending}
-        if self._unmapped:  # empty or misaligned storages: read them
-            _read_storages(path, _Loaded(None, self._unmapped), verify=True, threads=1)
-
-    def wait(self, tensor: torch.Tensor) -> None:
-        ptr = tensor.untyped_storage().data_ptr()
-        lock = self._checking.get(ptr)
-        if lock is None:
-            return
-        with lock:
-            entry = self._pending.pop(ptr, None)
-            if entry is not None:
-                self._check(*entry)
-
-    def _check(self, key: str, offset: int, nbytes: int, crc: int | None, _: torch.Tensor) -> None:
-        if crc is None or self._mapping is None:
-            return
-        got = zlib.crc32(memoryview(self._mapping)[offset : offset + nbytes])
-        if got != crc:
-            raise CorruptCheckpointError(
-                f"{self.path}: storage {key} does not match its CRC-32 (a storage of this "
-                "torch.save file is damaged)"
-            )
-
-    def finish(self) -> None:
-        for ptr in list(self._pending):
-            self.wait_ptr(ptr)
-
-    def wait_ptr(self, ptr: int) -> None:
-        with self._checking[ptr]:
-            entry = self._pending.pop(ptr, None)
-            if entry is not None:
-                self._check(*entry)
-
-    def finish_quietly(self) -> None:
-        """Nothing runs in the background: nothing to wait for."""
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ from torchkeep.errors import (
     StorageError,
     TorchkeepError,
 )
-from torchkeep.format import MANIFEST_FILE
+from torchkeep.format import MANIFEST_FILE, check_local_path
 from torchkeep.retention import Policy, Record, best, retained
 from torchkeep.storage import DEFAULT_STORAGE, Storage, fsync_dir
 from torchkeep.tree import Flat, flatten
@@ -108,6 +108,7 @@ class CheckpointManager:
         preemption: bool | Iterable[int] = False,
         storage: Storage = DEFAULT_STORAGE,
     ) -> None:
+        check_local_path(os.fspath(root))
         self.root = os.path.abspath(os.fspath(root))
         self.policy = Policy(keep_last, keep_best, monitor, mode, keep_every)
         self.async_save = async_save
@@ -128,6 +129,7 @@ class CheckpointManager:
         self._closed = False
         self._stop_signal: int | None = None
         self._handlers: dict[int, Any] = {}
+        self._previous: dict[int, Any] = {}
         if os.path.exists(self.root) and not os.path.isdir(self.root):
             raise StorageError(
                 f"{self.root}: exists and is not a directory; pass a directory for checkpoints"
@@ -142,14 +144,15 @@ class CheckpointManager:
     # -- what is there
 
     def _scan(self) -> None:
+        # Temporary directories left by interrupted saves go first (one may put a step back),
+        # unless another manager is writing now (known only where the writer lock exists).
+        if self._lock_file is not None:
+            for name in sorted(os.listdir(self.root)):
+                path = os.path.join(self.root, name)
+                if _STALE_DIR.fullmatch(name) and os.path.isdir(path):
+                    self._clean_stale(name, path)
         for name in sorted(os.listdir(self.root)):
             path = os.path.join(self.root, name)
-            if _STALE_DIR.fullmatch(name) and os.path.isdir(path):
-                # Left by a save that was interrupted, unless another manager is writing now.
-                if self._writer:
-                    log.info("removing %s, left by an interrupted save", path)
-                    self._storage.remove_dir(path)
-                continue
             match = _STEP_DIR.fullmatch(name)
             if match is None or not os.path.isdir(path):
                 continue  # not ours: left alone
@@ -159,6 +162,24 @@ class CheckpointManager:
             record = self._read_record(path, int(match.group(1)))
             if record is not None:
                 self._records[record.step] = record
+
+    def _clean_stale(self, name: str, path: str) -> None:
+        """Remove a temporary directory left by a crash. One exception: the previous version
+        of a step, moved aside by a two-rename replacement (where the atomic exchange is not
+        available) that was interrupted before the new version took its place, goes back."""
+        step_name = name[1:].partition(".tmp-")[0]
+        target = os.path.join(self.root, step_name)
+        if name.endswith(".old") and not os.path.exists(target):
+            try:
+                read_manifest(path, self._storage)
+                os.rename(path, target)
+                fsync_dir(self.root)
+                log.info("restored %s from %s, left by an interrupted replacement", target, path)
+                return
+            except (TorchkeepError, OSError):
+                pass
+        log.info("removing %s, left by an interrupted save", path)
+        self._storage.remove_dir(path)
 
     def _read_record(self, path: str, step: int) -> Record | None:
         try:
@@ -263,20 +284,21 @@ class CheckpointManager:
         its tensor is found, so collecting the rest of the state overlaps the device copies."""
         previous = self._staging
         staged: dict[str, torch.Tensor] = {}
-        cuda = False
+
+        devices: set[torch.device] = set()
 
         def copy(name: str, t: torch.Tensor) -> None:
-            nonlocal cuda
             buffer = previous.get(name)
             if buffer is None or buffer.shape != t.shape or buffer.dtype != t.dtype:
                 buffer = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda)
             buffer.copy_(t, non_blocking=t.is_cuda)
-            cuda = cuda or t.is_cuda
+            if t.is_cuda:
+                devices.add(t.device)
             staged[name] = buffer
 
         flat = flatten(state, on_tensor=copy)
-        if cuda:
-            torch.cuda.synchronize()
+        for device in devices:  # every GPU the state is on, not only the current one
+            torch.cuda.synchronize(device)
         self._staging = staged
         return _Staged(flat, staged)
 
@@ -389,12 +411,28 @@ class CheckpointManager:
 
     def _install(self, signals: tuple[int, ...]) -> None:
         if threading.current_thread() is not threading.main_thread():
+            self.close()
             raise ValueError("preemption handlers can only be installed from the main thread")
         for signum in signals:
-            self._handlers[signum] = signal.signal(signum, self._on_signal)
+            try:
+                self._handlers[signum] = signal.signal(signum, self._on_signal)
+            except (OSError, ValueError, TypeError) as e:
+                self.close()  # puts back the handlers installed so far, releases the lock
+                raise ValueError(f"cannot handle signal {signum!r} for preemption: {e}") from e
+        self._previous = dict(self._handlers)
 
     def _on_signal(self, signum: int, frame: types.FrameType | None) -> None:
-        self._stop_signal = signum
+        if not self._closed:
+            self._stop_signal = signum
+            return
+        # Still installed after close() (a manager opened later put its own handler on top and
+        # then restored this one): behave as the handler that was there before.
+        previous = self._previous.get(signum, signal.SIG_DFL)
+        if callable(previous):
+            previous(signum, frame)
+        elif previous != signal.SIG_IGN:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
 
     @property
     def should_stop(self) -> bool:
@@ -423,7 +461,9 @@ class CheckpointManager:
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
             for signum, handler in self._handlers.items():
-                signal.signal(signum, handler)
+                # Only a handler that is still ours is replaced: one installed later stays.
+                if signal.getsignal(signum) == self._on_signal:
+                    signal.signal(signum, handler)
             self._handlers.clear()
             self._staging.clear()
             if self._lock_file is not None:
@@ -449,7 +489,7 @@ def _writer_lock(root: str) -> tuple[bool, IO[bytes] | None]:
     available the manager writes without one."""
     try:
         import fcntl
-    except ImportError:
+    except ImportError:  # the manager writes, but cannot tell whether another one does
         return True, None
     handle = open(os.path.join(root, LOCK_FILE), "ab")  # noqa: SIM115 - held until close()
     try:

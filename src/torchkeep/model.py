@@ -43,9 +43,11 @@ from torchkeep.recipe import (
     describe_recipe_json,
     encode_recipe,
     non_persistent_buffers,
+    plain_attributes,
     qualified_name,
     recipe_for,
     recipe_modules,
+    restore_attributes,
 )
 from torchkeep.tree import dedupe
 
@@ -138,6 +140,7 @@ def save_model(
         "program": program,
         "buffers": buffers,
         "frozen": [name for name, p in model.named_parameters() if not p.requires_grad],
+        "attributes": plain_attributes(model),
         "architecture": architecture(model),
     }
     return write_container(
@@ -226,7 +229,7 @@ def load_model(
                     raise
                 refused = e
             else:
-                return _rebuild(container, section, recipe, device=device, dtype=dtype)
+                return _rebuild(container, section, recipe, trust=trust, device=device, dtype=dtype)
         if program is None:
             raise UnsupportedObjectError(
                 f"{source}: the model has no recipe ({section.get('recipe_problem')}) and no "
@@ -243,17 +246,22 @@ def _rebuild(
     section: Mapping[str, Any],
     recipe: Recipe,
     *,
+    trust: Trust,
     device: Device,
     dtype: torch.dtype | None,
 ) -> nn.Module:
     where = container.path
+    # A constructor that cannot run on the meta device is built for real (memory for its
+    # weights) only when its module was allowed explicitly: a file must not make us allocate.
+    target = section["recipe"]["call"].partition(":")[0]
     try:
-        model = build_on_meta(recipe)
+        model = build_on_meta(recipe, cpu_fallback=trust.allows(target))
     except Exception as e:  # the constructor may raise anything
         raise UnsupportedObjectError(
             f"{where}: rebuilding the model with {describe_recipe_json(section['recipe'])} "
-            f"raised {type(e).__name__}: {e}. Its code changed since the save? Load the "
-            "weights into a model you build: tk.load_weights(model, path, strict=False)"
+            f"raised {type(e).__name__}: {e}. If it cannot be built on the meta device, pass "
+            f"allowed_modules=['{target}'] to let it build on the CPU; if its code changed since "
+            "the save, load the weights into a model you build: tk.load_weights(model, path)"
         ) from e
     if not isinstance(model, nn.Module):
         raise UnsupportedObjectError(
@@ -270,6 +278,7 @@ def _rebuild(
     assign(
         model, {key: converted[stored] for key, stored in names.items()}, where=where, frozen=frozen
     )
+    restore_attributes(model, section.get("attributes", {}), where=where)
     return model.eval()
 
 
@@ -459,11 +468,11 @@ def _random_inputs(program: Mapping[str, Any], *, where: str) -> tuple[torch.Ten
 
 
 def _difference(expected: Any, got: Any) -> str:
-    pairs = list(zip(_leaves(expected), _leaves(got), strict=False))
+    pairs = [(a, b) for a, b in zip(_leaves(expected), _leaves(got), strict=False) if a.numel()]
     if not pairs:
-        return "not measured: the model returns no tensors"
-    worst = max(float((a.double() - b.double()).abs().max()) for a, b in pairs if a.numel())
-    scale = max(float(a.double().abs().max()) for a, _ in pairs if a.numel())
+        return "not measured: the model returns no tensors with elements"
+    worst = max(float((a.double() - b.double()).abs().max()) for a, b in pairs)
+    scale = max(float(a.double().abs().max()) for a, _ in pairs)
     return f"max abs {worst:.3g} (outputs up to {scale:.3g}) on random inputs"
 
 
@@ -483,9 +492,13 @@ def model_summary(container: Container) -> dict[str, Any] | None:
     if not isinstance(section, dict):
         return None
     recipe = section.get("recipe")
+    try:
+        call = describe_recipe_json(recipe) if isinstance(recipe, dict) else None
+    except (TypeError, ValueError, AttributeError, RecursionError) as e:
+        raise CorruptCheckpointError(f"{container.path}: the model recipe is malformed") from e
     return {
         "class": section.get("class"),
-        "recipe": describe_recipe_json(recipe) if isinstance(recipe, dict) else None,
+        "recipe": call,
         "recipe_modules": sorted(set(recipe_modules(recipe))) if recipe else [],
         "recipe_problem": section.get("recipe_problem"),
         "program": section.get("program"),

@@ -23,7 +23,6 @@ import logging
 import math
 import sys
 import types
-import typing
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
@@ -267,13 +266,16 @@ def check_rebuilds(recipe: Recipe, module: nn.Module) -> str | None:
     return structure_difference(built, module)
 
 
-def build_on_meta(recipe: Recipe) -> Any:
+def build_on_meta(recipe: Recipe, *, cpu_fallback: bool = True) -> Any:
     """Call the recipe with tensors created on the meta device (no memory for weights); if the
-    constructor cannot run there (it reads a tensor's values, say), call it on the CPU."""
+    constructor cannot run there (it reads a tensor's values, say) and ``cpu_fallback``, call
+    it on the CPU."""
     try:
         with torch.device("meta"):
             return recipe.build()
     except Exception as e:  # the constructor may raise anything: try it for real
+        if not cpu_fallback:
+            raise
         log.info("building %s on the meta device failed (%s); building it on the CPU", recipe, e)
         return recipe.build()
 
@@ -305,6 +307,55 @@ def structure_difference(built: nn.Module, module: nn.Module) -> str | None:
 def _item(item: tuple[str, str, tuple[int, ...]]) -> str:
     name, kind, shape = item
     return f"{name or '(root)'}: {kind}" + ("" if kind.startswith("module") else f" {list(shape)}")
+
+
+def _plain(value: Any) -> bool:
+    if value is None or isinstance(value, (bool, int, str)):
+        return True
+    if isinstance(value, float):
+        return True
+    if isinstance(value, (tuple, list)) and len(value) <= 64:
+        return all(_plain(v) for v in value)
+    return False
+
+
+def plain_attributes(module: nn.Module) -> dict[str, dict[str, Any]]:
+    """Every module's plain attributes (numbers, strings, None and short tuples or lists of
+    them, as JSON), by module path: what a constructor may have derived from its arguments and
+    a recipe may not reproduce (``self.scale = 1 / temperature``)."""
+    found: dict[str, dict[str, Any]] = {}
+    for prefix, m in module.named_modules():
+        values = {
+            name: _encode(value, f"{prefix or '(root)'}.{name}", 0)
+            for name, value in vars(m).items()
+            if not name.startswith("_") and name != "training" and _plain(value)
+        }
+        if values:
+            found[prefix] = values
+    return found
+
+
+def restore_attributes(module: nn.Module, saved: Any, *, where: str) -> None:
+    """Set the plain attributes saved by ``plain_attributes`` on a rebuilt module; only
+    attributes the rebuilt module has as plain values are set."""
+    if not isinstance(saved, dict):
+        raise CorruptCheckpointError(f"{where}: the model's saved attributes are malformed")
+    modules = dict(module.named_modules())
+    for prefix, values in saved.items():
+        owner = modules.get(prefix)
+        if owner is None or not isinstance(values, dict):
+            raise CorruptCheckpointError(
+                f"{where}: saved attributes for '{prefix}', which the rebuilt model lacks"
+            )
+        for name, encoded in values.items():
+            if not _plain(vars(owner).get(name, object())):
+                continue  # not a plain attribute of this class: never set from a file
+            value = _decode(encoded, Trust(), where, 0)
+            if not _plain(value):
+                raise CorruptCheckpointError(
+                    f"{where}: saved attribute {prefix}.{name} is malformed"
+                )
+            setattr(owner, name, value)
 
 
 def non_persistent_buffers(module: nn.Module) -> list[str]:
@@ -471,12 +522,9 @@ def _decode(value: Any, trust: Trust, where: str, depth: int) -> Any:
         if isinstance(dtype, torch.dtype):
             return dtype
     if tag == "$device" and isinstance(inner, str):
-        try:
-            return torch.device(inner)
-        except (RuntimeError, ValueError) as e:
-            raise CorruptCheckpointError(
-                f"{where}: the model recipe names a device {inner!r}"
-            ) from e
+        # The model is built on the meta device and takes the loaded tensors: a device given
+        # to its constructor must not make it allocate real memory.
+        return torch.device("meta")
     if tag == "$tuple" and isinstance(inner, list):
         return tuple(_decode(v, trust, where, depth + 1) for v in inner)
     if tag in ("$dict", "$odict") and isinstance(inner, list):
@@ -540,26 +588,16 @@ def resolve(name: str, trust: Trust, *, where: str, call: bool) -> Any:
         )
     if isinstance(found, type) and issubclass(found, nn.Module):
         return found
-    if trust.allows(module_name) or (call and _returns_module(found)):
+    if trust.allows(module_name):
         return found
     if not call and module_name == "torch.nn.functional" and inspect.isfunction(found):
         return found
     raise UnsafeFileError(
-        f"{where}: the model recipe calls {shown}, which is not a module class"
-        + (" nor a function declared to return a module" if call else "")
-        + f"; calling it could run anything. If you trust the file, pass "
+        f"{where}: the model recipe {'calls' if call else 'names'} {shown}, which is not a "
+        "module class; a file could name any function there, and calling it could run "
+        f"anything. If you trust the file (a factory of yours, say), pass "
         f"allowed_modules=['{module_name}'] (or trust_code=True)"
     )
-
-
-def _returns_module(function: Any) -> bool:
-    if not inspect.isfunction(function):
-        return False
-    try:
-        hint = typing.get_type_hints(function).get("return")
-    except Exception:  # unresolvable annotations: not declared
-        return False
-    return isinstance(hint, type) and issubclass(hint, nn.Module)
 
 
 def recipe_modules(recipe: Any) -> Iterable[str]:

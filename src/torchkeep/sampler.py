@@ -15,8 +15,9 @@ class ResumableSampler(Sampler[int]):
     run sees exactly the batches the interrupted run had not seen yet.
 
     Call ``set_epoch(epoch)`` at the start of each epoch, as with ``DistributedSampler``: the
-    sampler then holds the loop's epoch, and after a restore ``sampler.epoch`` is where to
-    start. Its position counts the samples handed to the data loader; with ``num_workers=0``
+    sampler then holds the loop's epoch, after a restore ``sampler.epoch`` is where to start,
+    and the first ``set_epoch`` after the restore continues that epoch where it stopped. Its
+    position counts the samples handed to the data loader; with ``num_workers=0``
     that is exactly what the loop consumed. Worker processes fetch batches ahead of the loop:
     there, keep the loop's own position (batches done) in the checkpoint and call
     ``resume(epoch, batches_done * batch_size)`` after restoring.
@@ -47,6 +48,7 @@ class ResumableSampler(Sampler[int]):
         self.epoch = 0
         self.index = 0
         self._epoch_set = False
+        self._resumed = False
 
     def order(self, epoch: int) -> list[int]:
         """The indices of ``epoch``, in the order they are sampled."""
@@ -56,11 +58,13 @@ class ResumableSampler(Sampler[int]):
         return [int(i) for i in torch.randperm(self.length, generator=generator)]
 
     def set_epoch(self, epoch: int) -> None:
-        """Start ``epoch``, or keep the position if the sampler is already in it (resuming)."""
+        """Start ``epoch`` from its first sample; right after a restore (``load_state_dict``
+        or ``resume``) into that same epoch, continue from the restored position instead."""
         if epoch < 0:
             raise ValueError(f"epoch must be 0 or more, not {epoch}")
-        if epoch != self.epoch:
+        if epoch != self.epoch or not self._resumed:
             self.epoch, self.index = int(epoch), 0
+        self._resumed = False
         self._epoch_set = True
 
     def __iter__(self) -> Iterator[int]:
@@ -68,6 +72,7 @@ class ResumableSampler(Sampler[int]):
         if not self._epoch_set and self.length and self.index >= self.length:
             self.epoch, self.index = self.epoch + 1, 0
         self._epoch_set = False
+        self._resumed = False
         order = self.order(self.epoch)
         while self.index < self.length:
             index = order[self.index]
@@ -86,6 +91,7 @@ class ResumableSampler(Sampler[int]):
             )
         self.epoch, self.index = int(epoch), int(index)
         self._epoch_set = True
+        self._resumed = True
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import subprocess
+from pathlib import Path
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -55,3 +58,14 @@ def assert_same_state(a: nn.Module, b: nn.Module) -> None:
     assert list(sa) == list(sb)
     for key in sa:
         assert torch.equal(sa[key], sb[key]), key
+
+
+def small_filesystem(tmp_path: Path) -> Path | None:
+    """Mount a 1 MiB tmpfs under ``tmp_path`` (root only); None where that is not possible.
+    The caller unmounts it."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True
+    )
+    return mount if done.returncode == 0 else None

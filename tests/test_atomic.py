@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import torchkeep as tk
+from conftest import small_filesystem
 from torchkeep.container import write_container
 from torchkeep.storage import LocalStorage, Sink
 
@@ -155,17 +156,8 @@ def test_file_size_limit_is_a_storage_error_and_keeps_previous(tmp_path):
     assert tk.verify(path).ok
 
 
-def _small_filesystem(tmp_path):
-    mount = tmp_path / "small"
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True
-    )
-    return mount if done.returncode == 0 else None
-
-
 def test_full_disk_is_a_storage_error_and_keeps_previous(tmp_path):
-    mount = _small_filesystem(tmp_path) if os.geteuid() == 0 else None
+    mount = small_filesystem(tmp_path) if os.geteuid() == 0 else None
     if mount is None:
         pytest.skip("cannot mount a small tmpfs here; test_file_size_limit covers the path")
     try:

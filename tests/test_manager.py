@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import torchkeep as tk
-from conftest import SimpleNet, assert_same_state
+from conftest import SimpleNet, assert_same_state, small_filesystem
 from torchkeep.format import FORMAT_VERSION, _body_checksum
 from torchkeep.manager import LOCK_FILE
 from torchkeep.storage import LocalStorage, Sink
@@ -863,17 +863,8 @@ def test_the_old_step_stays_while_the_new_one_is_written(tmp_path):
     assert _listing(tmp_path) == ["step_000000002"]
 
 
-def _small_filesystem(tmp_path: Path) -> Path | None:
-    mount = tmp_path / "small"
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True
-    )
-    return mount if done.returncode == 0 else None
-
-
 def test_full_disk_is_a_storage_error_and_keeps_the_previous_step(tmp_path):
-    mount = _small_filesystem(tmp_path) if os.geteuid() == 0 else None
+    mount = small_filesystem(tmp_path) if os.geteuid() == 0 else None
     if mount is None:
         pytest.skip("cannot mount a small tmpfs here; the RLIMIT_FSIZE test covers the path")
     try:

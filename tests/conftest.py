@@ -69,3 +69,26 @@ def small_filesystem(tmp_path: Path) -> Path | None:
         ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True
     )
     return mount if done.returncode == 0 else None
+
+
+def run_script(
+    code: str, *args: object, cwd: Path, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh interpreter that sees torchkeep (even where it is not installed)
+    but not this directory of tests, so nothing the tests define is imported there."""
+    import os
+    import sys
+    import textwrap
+
+    import torchkeep
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(torchkeep.__file__)))
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

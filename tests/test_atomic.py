@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import torchkeep as tk
-from conftest import small_filesystem
+from conftest import run_script, small_filesystem
 from torchkeep.container import write_container
 from torchkeep.storage import LocalStorage, Sink
 
@@ -125,13 +125,7 @@ def test_exception_inside_the_data_is_not_a_partial_file(tmp_path):
 
 
 def _run_limited(script: str, tmp_path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(script)],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return run_script(script, cwd=tmp_path, timeout=120)
 
 
 def test_file_size_limit_is_a_storage_error_and_keeps_previous(tmp_path):

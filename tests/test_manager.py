@@ -12,7 +12,6 @@ import re
 import signal
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from concurrent.futures import Future
@@ -24,7 +23,7 @@ import pytest
 import torch
 
 import torchkeep as tk
-from conftest import SimpleNet, assert_same_state, small_filesystem
+from conftest import SimpleNet, assert_same_state, run_script, small_filesystem
 from torchkeep.format import FORMAT_VERSION, _body_checksum
 from torchkeep.manager import LOCK_FILE
 from torchkeep.storage import LocalStorage, Sink
@@ -883,16 +882,7 @@ def test_full_disk_is_a_storage_error_and_keeps_the_previous_step(tmp_path):
 
 
 def _run_script(script: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(tk.__file__)))
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(script)],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-    )
+    return run_script(script, cwd=tmp_path, timeout=120)
 
 
 def test_file_size_limit_mid_save_is_a_storage_error_and_keeps_the_previous_step(tmp_path):

@@ -10,11 +10,8 @@ from __future__ import annotations
 import importlib
 import itertools
 import json
-import os
 import re
-import subprocess
 import sys
-import textwrap
 from collections import OrderedDict
 from pathlib import Path
 
@@ -24,7 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import torchkeep as tk
-from conftest import SimpleNet, TheModelClass, TiedLM, assert_same_state
+from conftest import SimpleNet, TheModelClass, TiedLM, assert_same_state, run_script
 from torchkeep.recipe import Trust, decode_recipe, resolve
 
 # ---------------------------------------------------------------------------------------------
@@ -245,17 +242,7 @@ def flip_byte(path: Path, offset: int) -> None:
 def run_python(code: str, *args: object, cwd: Path) -> dict:
     """Run ``code`` in a fresh interpreter that has not imported this module; return the JSON
     it prints last."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    # torchkeep itself only (when it is not installed), not this directory of tests
-    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(tk.__file__)))
-    result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code), *map(str, args)],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_script(code, *args, cwd=cwd)
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 

@@ -320,6 +320,16 @@ def _write_directory(
     return total
 
 
+def _read_whole(storage: Storage, path: str, check: Callable[[int], None]) -> bytes:
+    """Read a whole (small) file after ``check(size)`` accepted its size."""
+    source = storage.open(path)
+    try:
+        check(source.size)
+        return source.read(0, source.size)
+    finally:
+        source.close()
+
+
 def read_manifest(directory: str, storage: Storage = DEFAULT_STORAGE) -> Manifest:
     """Read and validate the manifest of a directory save (its commit marker).
 
@@ -333,16 +343,14 @@ def read_manifest(directory: str, storage: Storage = DEFAULT_STORAGE) -> Manifes
             f"{directory}: no {MANIFEST_FILE}; this save never committed (it was interrupted) "
             "or the directory is not a torchkeep checkpoint. Load the previous checkpoint."
         )
-    source = storage.open(manifest_path)
-    try:
-        if source.size > MAX_MANIFEST_BYTES:
+    def check(size: int) -> None:
+        if size > MAX_MANIFEST_BYTES:
             raise CorruptCheckpointError(
-                f"{manifest_path}: {source.size} bytes, over the {MAX_MANIFEST_BYTES}-byte "
+                f"{manifest_path}: {size} bytes, over the {MAX_MANIFEST_BYTES}-byte "
                 "limit of a manifest; the file is corrupt"
             )
-        raw = source.read(0, source.size)
-    finally:
-        source.close()
+
+    raw = _read_whole(storage, manifest_path, check)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -522,16 +530,14 @@ class Container:
         where = f"{self.path}/{name}"
         if entry is None:
             raise CheckpointNotFoundError(f"{where}: the save holds no file '{name}'")
-        source = self._storage.open(where)
-        try:
-            if source.size != entry.nbytes:
+        def check(size: int) -> None:
+            if size != entry.nbytes:
                 raise CorruptCheckpointError(
-                    f"{where}: {source.size} bytes where the manifest says {entry.nbytes}; "
+                    f"{where}: {size} bytes where the manifest says {entry.nbytes}; "
                     "the file is truncated or was replaced"
                 )
-            data = source.read(0, entry.nbytes)
-        finally:
-            source.close()
+
+        data = _read_whole(self._storage, where, check)
         assert self.manifest is not None
         if verify and checksum_data(data, self.manifest.checksum_chunk) != entry.checksum:
             raise CorruptCheckpointError(f"{where}: does not match its checksum; it is corrupt")

@@ -310,9 +310,7 @@ def _item(item: tuple[str, str, tuple[int, ...]]) -> str:
 
 
 def _plain(value: Any) -> bool:
-    if value is None or isinstance(value, (bool, int, str)):
-        return True
-    if isinstance(value, float):
+    if value is None or isinstance(value, (bool, int, float, str)):
         return True
     if isinstance(value, (tuple, list)) and len(value) <= 64:
         return all(_plain(v) for v in value)

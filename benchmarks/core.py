@@ -1,7 +1,7 @@
-"""Core benchmark: durable save, cold load and load into a model; torchkeep vs torch and safetensors.
+"""Core benchmark: saves, loads and the engine's cases; torchkeep vs torch and safetensors.
 
     python benchmarks/core.py                       # 1 GiB, 5 repeats: the published table
-    python benchmarks/core.py --size-mib 64 --repeats 2 --out bench.md
+    python benchmarks/core.py --size-mib 64 --repeats 2 --out bench.md --plot bench.png
 
 Files go to a temporary directory under --dir (default: the current directory, not /tmp, which
 may be tmpfs); it is removed at the end. Progress goes to stderr, the Markdown table to stdout.
@@ -24,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", default=None, help="directory on the disk to measure (default: .)")
     parser.add_argument("--out", type=Path, default=None, help="also write the Markdown here")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
+    parser.add_argument("--no-engine", action="store_true", help="only the core cases")
+    parser.add_argument("--plot", type=Path, default=None, help="also draw the chart (PNG)")
     args = parser.parse_args(argv)
     if args.size_mib < 1 or args.repeats < 1:
         parser.error("--size-mib and --repeats must be at least 1")
@@ -39,12 +41,18 @@ def main(argv: list[str] | None = None) -> int:
         progress=progress,
         command=command,
         memory=not args.no_memory,
+        engine=not args.no_engine,
     )
     text = format_markdown(result)
     print(text)
     if args.out is not None:
         args.out.write_text(text, encoding="utf-8")
         progress(f"wrote {args.out}")
+    if args.plot is not None:
+        from torchkeep.bench.plot import plot
+
+        plot(result, args.plot)
+        progress(f"wrote {args.plot}")
     return 0
 
 

@@ -78,6 +78,18 @@ def test_bench_without_safetensors_names_the_extra():
     assert "pip install 'torchkeep[bench]'" in done.stderr
 
 
+def test_bench_plot_without_matplotlib_names_the_extra_before_running():
+    code = (
+        "import sys; sys.modules['matplotlib'] = None; "
+        "from torchkeep.cli import main; "
+        "sys.exit(main(['bench', '--size', '1MiB', '--plot', 'x.png']))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert "pip install 'torchkeep[plot]'" in done.stderr
+    assert "torchkeep bench" not in done.stdout  # refused before any run started
+
+
 def _evil_pth(tmp_path):
     import os as _os
 

@@ -145,3 +145,54 @@ def test_manager_saves_gpu_state_and_restores_it(tmp_path, async_save):
     for key, value in restored.state_dict().items():
         assert value.device.type == "cuda"
         assert torch.equal(value, expected[key])
+
+
+def _big_state():
+    # Large tensors cut in several 16 MiB pieces, small ones batched, several dtypes.
+    state = {f"layer{i}.weight": torch.randn(3000, 2048) for i in range(3)}
+    state.update({f"norm{i}.bias": torch.randn(512).half() for i in range(50)})
+    state["step"] = torch.tensor(7)
+    return state
+
+
+def test_loads_stream_to_the_gpu_through_staging_and_match(tmp_path):
+    state = _big_state()
+    path = tmp_path / "big.safetensors"
+    tk.save_weights(state, path)
+    loaded = tk.load_state_dict(path, device="cuda")
+    for name, value in state.items():
+        assert loaded[name].device.type == "cuda"
+        assert torch.equal(loaded[name].cpu(), value), name
+    cast = tk.load_state_dict(path, device="cuda", dtype=torch.bfloat16)
+    assert cast["layer0.weight"].dtype == torch.bfloat16 and cast["step"].dtype == torch.int64
+
+
+def test_load_weights_fills_gpu_parameters_in_place(tmp_path):
+    source = nn.Sequential(nn.Linear(2048, 4096), nn.ReLU(), nn.Linear(4096, 64))
+    tk.save_weights(source, tmp_path / "m.safetensors")
+    target = nn.Sequential(nn.Linear(2048, 4096), nn.ReLU(), nn.Linear(4096, 64)).cuda()
+    pointers = [p.data_ptr() for p in target.parameters()]
+    tk.load_weights(target, tmp_path / "m.safetensors")
+    assert [p.data_ptr() for p in target.parameters()] == pointers
+    assert_same_state(source, target.cpu())
+
+
+def test_a_corrupt_file_is_refused_on_the_gpu_path(tmp_path):
+    state = _big_state()
+    path = tmp_path / "big.safetensors"
+    tk.save_weights(state, path)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    path.write_bytes(bytes(data))
+    with pytest.raises(tk.CorruptCheckpointError):
+        tk.load_state_dict(path, device="cuda")
+
+
+def test_restoring_into_a_gpu_model_reads_into_its_memory(tmp_path):
+    model = SimpleNet().cuda()
+    tk.save({"model": model}, tmp_path / "c.safetensors")
+    restored = SimpleNet().cuda()
+    pointers = [p.data_ptr() for p in restored.parameters()]
+    tk.load(tmp_path / "c.safetensors", into={"model": restored})
+    assert [p.data_ptr() for p in restored.parameters()] == pointers
+    assert_same_state(model, restored)

@@ -104,7 +104,9 @@ def _print_model(
     program = model.get("program")
     if program:
         inputs = ", ".join(
-            "[" + ", ".join("batch" if d is None else str(d) for d in spec["shape"]) + "] "
+            "["
+            + ", ".join("batch" if d is None else str(d) for d in spec["shape"])
+            + "] "
             + str(spec["dtype"])
             for spec in program.get("inputs", [])
         )
@@ -283,17 +285,58 @@ def cmd_bench(args: argparse.Namespace, console: Console) -> int:
             "install it with: pip install 'torchkeep[bench]'"
         ) from e
     from torchkeep.bench import format_markdown, run_benchmark
+    from torchkeep.bench.runner import planned_runs
+    from torchkeep.convert import parse_size
 
-    result = run_benchmark(
-        size_bytes=int(args.size_mib) << 20,
-        repeats=args.repeats,
-        directory=args.dir,
-        progress=lambda line: console.print(line, markup=False),
+    if args.plot:
+        from torchkeep.bench.plot import plot, pyplot
+
+        pyplot()  # a missing extra is reported now, not after the run
+    try:
+        size = args.size_mib << 20 if args.size_mib else parse_size(args.size)
+    except ValueError as e:
+        raise ValueError(f"--size: {e}") from e
+    if args.repeats < 1:
+        raise ValueError("--repeats must be at least 1")
+    if args.small_tensors < 1:
+        raise ValueError("--small-tensors must be at least 1")
+    if args.dir is not None and not os.path.isdir(args.dir):
+        raise ValueError(f"--dir {args.dir}: no such directory")
+    console.print(
+        f"[bold]torchkeep bench[/bold]: {size / (1 << 20):.0f} MiB, {args.repeats} repeats, "
+        f"files under {args.dir or os.getcwd()}"
     )
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} runs"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as bar:
+        task = bar.add_task("starting", total=planned_runs(args.repeats))
+
+        def progress(line: str) -> None:
+            bar.update(task, description=line)
+            if args.verbose:
+                console.print(line, markup=False)
+
+        result = run_benchmark(
+            size_bytes=size,
+            repeats=args.repeats,
+            directory=args.dir,
+            progress=progress,
+            small_tensors=args.small_tensors,
+            step=lambda: bar.advance(task),
+        )
     text = format_markdown(result)
     console.print(text, markup=False)
     if args.out:
         Path(args.out).write_text(text)
+        console.print(f"wrote {args.out}")
+    if args.plot:
+        plot(result, args.plot)
+        console.print(f"wrote {args.plot}")
     return OK
 
 
@@ -368,12 +411,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo_worker)
 
     p = _command(sub, "bench", "compare with torch.save/torch.load and safetensors",
-                 "  torchkeep bench\n  torchkeep bench --size-mib 256 --repeats 5 --out t.md\n",
+                 "  torchkeep bench\n  torchkeep bench --size 256MiB --repeats 5 --out t.md\n"
+                 "  torchkeep bench --dir /mnt/nvme --plot bench.png\n",
                  cmd_bench)  # fmt: skip
-    p.add_argument("--size-mib", type=int, default=1024)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--dir", help="where to write (default: a temporary directory here)")
+    p.add_argument("--size", default="1GiB", help="state dict size (default 1GiB)")
+    p.add_argument("--size-mib", type=int, help=argparse.SUPPRESS)  # the older spelling
+    p.add_argument("--repeats", type=int, default=5, help="counted runs per case (default 5)")
+    p.add_argument("--dir", help="a directory on the disk to measure (default: the current one)")
     p.add_argument("--out", help="also write the Markdown table to this file")
+    p.add_argument("--plot", help="also draw a bar chart (PNG); needs torchkeep[plot]")
+    p.add_argument(
+        "--small-tensors", type=int, default=10_000, help="4-64 KiB tensors to save (default 10000)"
+    )
+    p.add_argument("--verbose", action="store_true", help="print a line for every run")
     return parser
 
 

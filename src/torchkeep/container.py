@@ -53,6 +53,7 @@ from torchkeep.format import (
 )
 from torchkeep.io import ReadItem, WriteItem, read_tensors, write_tensors
 from torchkeep.io.pool import run_jobs
+from torchkeep.io.reader import MAX_STAGING_BYTES
 from torchkeep.storage import DEFAULT_STORAGE, Sink, Source, Storage
 
 log = logging.getLogger(__name__)
@@ -129,8 +130,12 @@ def write_container(
     checksum_chunk: int = CHECKSUM_CHUNK,
     files: Mapping[str, bytes] | None = None,
     model: Any = None,
+    checksums: bool = True,
 ) -> SaveInfo:
     """Write ``tensors`` and their manifest to ``path`` (a ``.safetensors`` file or a directory).
+
+    ``checksums=False`` skips computing the tensors' checksums and leaves placeholders, so the
+    result fails verification and will not load: it exists only to measure what checksums cost.
 
     ``files`` are other members of a directory save (an exported program), written beside the
     shards with their checksums in the manifest; ``model`` is the manifest's model section.
@@ -174,7 +179,7 @@ def write_container(
         model=model,
     )
     data_bytes = sum(e.nbytes for e in entries.values())
-    hooks = _Hooks(ready, before_commit, checksum_chunk)
+    hooks = _Hooks(ready, before_commit, checksum_chunk, checksums)
     if single:
         file_bytes = _write_single(path, manifest, tensors, dtypes, storage, threads, hooks)
         written: tuple[str, ...] = (os.path.basename(path),)
@@ -195,6 +200,7 @@ class _Hooks:
     ready: Callable[[str], None] | None = None
     before_commit: Callable[[], None] | None = None
     checksum_chunk: int = CHECKSUM_CHUNK
+    checksums: bool = True
 
     def ready_for(self, name: str) -> Callable[[], None] | None:
         ready = self.ready
@@ -220,7 +226,13 @@ def _write_items(
         )
         for name, entry in entries.items()
     ]
-    return write_tensors(sink, items, threads=threads, chunk=hooks.checksum_chunk)
+    return write_tensors(
+        sink,
+        items,
+        threads=threads,
+        chunk=hooks.checksum_chunk,
+        digest=checksum_bytes if hooks.checksums else None,
+    )
 
 
 def _with_checksums(manifest: Manifest, checksums: Mapping[str, str]) -> Manifest:
@@ -343,6 +355,7 @@ def read_manifest(directory: str, storage: Storage = DEFAULT_STORAGE) -> Manifes
             f"{directory}: no {MANIFEST_FILE}; this save never committed (it was interrupted) "
             "or the directory is not a torchkeep checkpoint. Load the previous checkpoint."
         )
+
     def check(size: int) -> None:
         if size > MAX_MANIFEST_BYTES:
             raise CorruptCheckpointError(
@@ -498,17 +511,27 @@ class Container:
         into: Mapping[str, torch.Tensor] | None = None,
         verify: bool = True,
         threads: int = READ_THREADS,
+        device: torch.device | str | None = None,
     ) -> dict[str, torch.Tensor]:
         """Read tensors; a name found in ``into`` with the file's dtype and shape is read
-        straight into that tensor's memory, the others into new tensors."""
-        into = _disjoint(into or {})
+        straight into that tensor's memory, the others into new tensors on ``device`` (the
+        CPU by default). Tensors bound for a GPU stream there through pinned staging buffers,
+        disk reads overlapping the copies."""
+        chunk = self.manifest.checksum_chunk if self.manifest else CHECKSUM_CHUNK
+        # Staging buffers hold one checksum piece; files cut in larger pieces (possible only in
+        # hand-made manifests) are read to the CPU and moved afterwards.
+        stream = chunk <= MAX_STAGING_BYTES
+        target = torch.device(device) if device is not None else torch.device("cpu")
+        into = _disjoint(into or {}, stream)
         result: dict[str, torch.Tensor] = {}
         by_file: dict[str | None, list[ReadItem]] = {}
         for name in names:
             entry = self.entries[name]
             dest = into.get(name)
             if not _fits(dest, entry):
-                dest = torch.empty(entry.shape, dtype=DTYPES[entry.dtype])
+                dest = torch.empty(
+                    entry.shape, dtype=DTYPES[entry.dtype], device=target if stream else "cpu"
+                )
             assert dest is not None
             result[name] = dest
             opened = self._file_of(entry)
@@ -516,11 +539,12 @@ class Container:
             by_file.setdefault(entry.file, []).append(
                 ReadItem(name, opened.header.data_start + entry.begin, dest, checksum)
             )
-        chunk = self.manifest.checksum_chunk if self.manifest else CHECKSUM_CHUNK
         for file, items in by_file.items():
             read_tensors(
                 self._files[file].source, items, threads=threads, chunk=chunk, verify=verify
             )
+        if not stream and target.type != "cpu":
+            result = {name: t.to(target) for name, t in result.items()}
         return result
 
     def read_member(self, name: str, *, verify: bool = True) -> bytes:
@@ -530,6 +554,7 @@ class Container:
         where = f"{self.path}/{name}"
         if entry is None:
             raise CheckpointNotFoundError(f"{where}: the save holds no file '{name}'")
+
         def check(size: int) -> None:
             if size != entry.nbytes:
                 raise CorruptCheckpointError(
@@ -616,20 +641,21 @@ class Container:
         self.close()
 
 
-def _disjoint(into: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _disjoint(into: Mapping[str, torch.Tensor], stream: bool) -> dict[str, torch.Tensor]:
     """Keep the destinations whose memory no earlier one overlaps (tied weights share theirs):
-    two reads into one buffer would leave it holding only the second."""
+    two reads into one buffer would leave it holding only the second. Destinations off the
+    CPU are kept only when ``stream`` (their pieces fit the staging buffers)."""
     spans = []
     for name, t in into.items():
-        if t.device.type == "cpu" and t.numel():
+        if t.numel() and t.device.type != "meta" and (stream or t.device.type == "cpu"):
             start = t.data_ptr()
-            spans.append((start, start + t.numel() * t.element_size(), name))
+            spans.append((str(t.device), start, start + t.numel() * t.element_size(), name))
     kept: dict[str, torch.Tensor] = {}
-    end = -1
-    for start, stop, name in sorted(spans):
-        if start >= end:
+    device, end = "", -1
+    for where, start, stop, name in sorted(spans):
+        if where != device or start >= end:
             kept[name] = into[name]
-            end = stop
+            device, end = where, stop
         # else: overlapping; that tensor is read into new memory and copied in by the caller
     return kept
 
@@ -637,7 +663,6 @@ def _disjoint(into: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def _fits(dest: torch.Tensor | None, entry: TensorEntry) -> bool:
     return (
         dest is not None
-        and dest.device.type == "cpu"
         and dest.dtype == DTYPES[entry.dtype]
         and tuple(dest.shape) == entry.shape
         and dest.is_contiguous()

@@ -213,7 +213,39 @@ def parse_header(raw: bytes, *, file_size: int, where: str) -> Header:
     return Header(tensors=tensors, metadata=dict(metadata_obj), data_start=8 + len(raw))
 
 
+def _entry_if_valid(
+    dtype: Any, shape: Any, offsets: Any, checksum: str | None = None, file: str | None = None
+) -> TensorEntry | None:
+    """The entry, when every field is plainly valid; None for anything the full checks in
+    ``_parse_tensor_spec`` must look at (and explain). One pass, for headers of many tensors."""
+    if type(dtype) is not str or type(shape) is not list or type(offsets) is not list:
+        return None
+    itemsize = ITEMSIZES.get(dtype)
+    if itemsize is None or len(offsets) != 2 or len(shape) > MAX_RANK:
+        return None
+    begin, end = offsets
+    if type(begin) is not int or type(end) is not int or not 0 <= begin <= end:
+        return None
+    nonzero = itemsize
+    for d in shape:
+        if type(d) is not int or d < 0:
+            return None
+        if d:
+            nonzero *= d
+    if (
+        nonzero >= 2**63
+        or (0 in shape and begin != end)
+        or (0 not in shape and nonzero != end - begin)
+    ):
+        return None
+    return TensorEntry(dtype, tuple(shape), begin, end, checksum, file)
+
+
 def _parse_tensor_spec(name: str, spec: Any, *, where: str) -> TensorEntry:
+    if type(spec) is dict and len(spec) == 3:
+        entry = _entry_if_valid(spec.get("dtype"), spec.get("shape"), spec.get("data_offsets"))
+        if entry is not None:
+            return entry
     at = f"{where}: tensor '{name}'"
     if not isinstance(spec, dict) or set(spec) != {"dtype", "shape", "data_offsets"}:
         raise CorruptCheckpointError(f"{at}: expected exactly dtype, shape and data_offsets")
@@ -279,11 +311,13 @@ def load_json(text: str, *, where: str) -> Any:
     """Parse JSON, rejecting duplicate keys, non-finite literals and excessive nesting."""
 
     def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        result: dict[str, Any] = {}
-        for key, value in pairs:
-            if key in result:
-                raise CorruptCheckpointError(f"{where}: duplicate key {key!r}")
-            result[key] = value
+        result = dict(pairs)
+        if len(result) != len(pairs):
+            seen: set[str] = set()
+            for key, _ in pairs:
+                if key in seen:
+                    raise CorruptCheckpointError(f"{where}: duplicate key {key!r}")
+                seen.add(key)
         return result
 
     def no_constant(name: str) -> Any:
@@ -365,9 +399,7 @@ def _manifest_body(m: Manifest) -> dict[str, Any]:
         "metadata": m.metadata,
     }
     if m.files:
-        body["files"] = {
-            n: {"bytes": f.nbytes, "checksum": f.checksum} for n, f in m.files.items()
-        }
+        body["files"] = {n: {"bytes": f.nbytes, "checksum": f.checksum} for n, f in m.files.items()}
     if m.model is not None:
         body["model"] = m.model
     return body
@@ -525,21 +557,19 @@ def _parse_manifest_tensor(name: str, spec: Any, *, where: str) -> TensorEntry:
     at = f"{where}: manifest entry '{name}'"
     if not isinstance(spec, dict):
         raise CorruptCheckpointError(f"{at} is not an object")
-    entry = _parse_tensor_spec(
-        name,
-        {
-            "dtype": spec.get("dtype"),
-            "shape": spec.get("shape"),
-            "data_offsets": spec.get("offsets"),
-        },
-        where=where,
-    )
     checksum = spec.get("checksum")
     if not isinstance(checksum, str) or len(checksum) != 16:
         raise CorruptCheckpointError(f"{at} has no valid checksum")
     file = spec.get("file")
     if file is not None:
         file = check_member_name(file, where=where)
+    dtype, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("offsets")
+    entry = _entry_if_valid(dtype, shape, offsets, checksum, file)
+    if entry is not None:
+        return entry
+    entry = _parse_tensor_spec(
+        name, {"dtype": dtype, "shape": shape, "data_offsets": offsets}, where=where
+    )
     return TensorEntry(entry.dtype, entry.shape, entry.begin, entry.end, checksum, file)
 
 

@@ -530,4 +530,3 @@ def _check_metrics(metrics: Mapping[str, float] | None) -> dict[str, float]:
             raise ValueError(f"metric {name!r} is {value}; only finite numbers can be saved")
         clean[name] = value
     return clean
-

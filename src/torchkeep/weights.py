@@ -146,7 +146,13 @@ class _Part:
         return {k: tuple(t.shape) for k, t in self.loaded.items()}
 
     def read(
-        self, keys: list[str], into: Mapping[str, torch.Tensor], *, lazy: bool, verify: bool
+        self,
+        keys: list[str],
+        into: Mapping[str, torch.Tensor],
+        *,
+        lazy: bool,
+        verify: bool,
+        device: Device | None = None,
     ) -> dict[str, torch.Tensor]:
         if self.container is None:
             return {k: self.loaded[k] for k in keys}
@@ -155,7 +161,7 @@ class _Part:
             tensors = self.container.map(stored)
         else:
             dests = {self.names[k]: t for k, t in into.items() if k in self.names}
-            tensors = self.container.read(stored, into=dests, verify=verify)
+            tensors = self.container.read(stored, into=dests, verify=verify, device=device)
         return {k: tensors[self.names[k]] for k in keys}
 
 
@@ -243,13 +249,18 @@ class WeightsSource:
         *,
         into: Mapping[str, torch.Tensor] | None = None,
         lazy: bool = False,
+        device: Device | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Read ``keys``; CPU tensors in ``into`` of the stored dtype and shape are filled."""
+        """Read ``keys``; tensors in ``into`` of the stored dtype and shape are filled, the
+        others are read into new tensors, on ``device`` where the format allows it (the caller
+        moves what is still elsewhere)."""
         result: dict[str, torch.Tensor] = {}
         for part in self.parts:
             mine = [k for k in keys if self.part_of[k] is part]
             if mine:
-                result.update(part.read(mine, into or {}, lazy=lazy, verify=self.verify))
+                result.update(
+                    part.read(mine, into or {}, lazy=lazy, verify=self.verify, device=device)
+                )
         return result
 
     def close(self) -> None:
@@ -312,7 +323,7 @@ def load_state_dict(
         model.load_state_dict(tk.load_state_dict("model.safetensors"))
     """
     with WeightsSource(source, verify=verify) as weights:
-        tensors = weights.read(list(weights.shapes()), lazy=lazy)
+        tensors = weights.read(list(weights.shapes()), lazy=lazy, device=None if lazy else device)
     if device != "cpu" or dtype is not None:
         converted: dict[int, torch.Tensor] = {}  # tied tensors stay tied after conversion
         for key, t in tensors.items():
@@ -371,8 +382,12 @@ def load_weights(
                 _mismatch_message(weights.path, model, result, expected, shapes)
             )
         wanted = [k for k in expected if k in shapes and k not in mismatched]
-        dests = {} if device is not None else {rename[k]: expected[k] for k in wanted}
-        tensors = weights.read([rename[k] for k in wanted], into=dests)
+        # Read straight into the parameters (on any device) unless they must move.
+        target = None if device is None else torch.device(device)
+        dests = {
+            rename[k]: expected[k] for k in wanted if target is None or expected[k].device == target
+        }
+        tensors = weights.read([rename[k] for k in wanted], into=dests, device=device)
     state = {k: convert(tensors[rename[k]], map_location=device, dtype=None) for k in wanted}
     # load_state_dict runs the module's own hooks; copying a tensor onto itself is skipped.
     model.load_state_dict(state, strict=False)

@@ -19,6 +19,8 @@ import torchkeep as tk
 from torchkeep.bench.workload import MIB, drop_cache, fsync_file, remove_file, touch
 from torchkeep.io.memory import tensor_bytes
 
+SAVE_MEMORY = "save"
+LOAD_MEMORY = "load"
 RAW_CHUNK = 16 << 20
 RAW_WRITE_THREADS = 4
 RAW_READ_THREADS = 8
@@ -182,7 +184,7 @@ def time_raw_read(buffer: torch.Tensor, path: str, *, threads: int = RAW_READ_TH
 
 _MEMORY_SCRIPT = """
 import gc, json, resource, sys
-from torchkeep.bench import make_state_dict, save_with
+from torchkeep.bench import load_with, make_state_dict, save_with
 
 
 def peak_kib():
@@ -198,8 +200,8 @@ def peak_kib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
-size, library, path = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-state = make_state_dict(size)
+size, library, path, mode = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+state = make_state_dict(size) if mode == "save" else None
 gc.collect()
 # Reset the high-water mark to the current RSS (Linux >= 4.0), so that transient memory of
 # imports and of building the state dict is not counted as the save's.
@@ -209,7 +211,10 @@ try:
 except OSError:
     pass
 before = peak_kib()
-save_with(library, state, path)
+if state is not None:
+    save_with(library, state, path)
+else:
+    loaded = load_with(library, path)
 after = peak_kib()
 print(json.dumps({"before_kib": before, "after_kib": after}))
 """
@@ -217,23 +222,28 @@ print(json.dumps({"before_kib": before, "after_kib": after}))
 
 @dataclass(frozen=True)
 class MemoryResult:
-    """Peak resident memory a save added on top of the state dict (high-water mark growth)."""
+    """Peak resident memory a save added on top of the state dict, or a load added to the
+    process (high-water mark growth; for a load it includes the loaded tensors)."""
 
     library: str
     peak_extra_bytes: int
+    mode: str = SAVE_MEMORY
 
     @property
     def mib(self) -> float:
         return self.peak_extra_bytes / MIB
 
 
-def measure_save_memory(library: str, size_bytes: int, path: str) -> subprocess.Popen[str]:
-    """Start a process that builds the state dict, saves it with ``library``, prints JSON."""
+def measure_memory(
+    library: str, size_bytes: int, path: str, mode: str = SAVE_MEMORY
+) -> subprocess.Popen[str]:
+    """Start a process that builds the state dict and saves it to ``path`` with ``library``
+    (``mode`` "save"), or loads ``path`` with it ("load"), and prints its peak-memory JSON."""
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(tk.__file__)))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
     return subprocess.Popen(
-        [sys.executable, "-c", _MEMORY_SCRIPT, str(size_bytes), library, path],
+        [sys.executable, "-c", _MEMORY_SCRIPT, str(size_bytes), library, path, mode],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -241,9 +251,11 @@ def measure_save_memory(library: str, size_bytes: int, path: str) -> subprocess.
     )
 
 
-def collect_save_memory(library: str, process: subprocess.Popen[str]) -> MemoryResult:
+def collect_memory(
+    library: str, process: subprocess.Popen[str], mode: str = SAVE_MEMORY
+) -> MemoryResult:
     out, err = process.communicate()
     if process.returncode != 0:
-        raise RuntimeError(f"memory measurement for {library} failed:\n{err}")
+        raise RuntimeError(f"{mode} memory measurement for {library} failed:\n{err}")
     values = json.loads(out.strip().splitlines()[-1])
-    return MemoryResult(library, (values["after_kib"] - values["before_kib"]) * 1024)
+    return MemoryResult(library, (values["after_kib"] - values["before_kib"]) * 1024, mode)

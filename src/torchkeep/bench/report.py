@@ -6,6 +6,7 @@ import os
 import platform
 import statistics
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import safetensors
@@ -13,13 +14,28 @@ import torch
 
 import torchkeep as tk
 from torchkeep.bench.cases import (
+    LOAD,
+    LOAD_INTO,
+    LOAD_MEMORY,
     RAW,
     RAW_CHUNK,
     RAW_READ_THREADS,
     RAW_WRITE_THREADS,
+    SAFETENSORS,
     SAVE,
+    SAVE_MEMORY,
+    TORCH,
     TORCHKEEP,
     MemoryResult,
+)
+from torchkeep.bench.engine import (
+    CHECKSUM_COST,
+    CHECKSUMS_OFF,
+    LAZY_OPEN,
+    MEMCPY,
+    SMALL_LOAD,
+    SMALL_SAVE,
+    WARM_LOAD_INTO,
 )
 from torchkeep.bench.workload import MIB
 
@@ -84,12 +100,19 @@ class BenchResult:
     raw: tuple[CaseResult, ...]
     memory: tuple[MemoryResult, ...]
     seconds: float
+    small_tensors: int = 0  # how many the small-tensor cases held (0: not run)
 
     def case(self, group: str, library: str) -> CaseResult:
         for c in (*self.cases, *self.raw):
             if c.group == group and c.library == library:
                 return c
         raise KeyError((group, library))
+
+    def memory_of(self, mode: str, library: str) -> MemoryResult:
+        for r in self.memory:
+            if r.mode == mode and r.library == library:
+                return r
+        raise KeyError((mode, library))
 
     def raw_fraction(self, group: str) -> float:
         """torchkeep's throughput in ``group`` as a fraction of the raw disk's, measured in the
@@ -170,6 +193,7 @@ def format_markdown(result: BenchResult) -> str:
         f"- {result.repeats} counted runs per case after one warm-up run, interleaved across "
         "libraries; median and min in seconds; GB/s = 10⁹ bytes of tensor data / median",
         "- ratio = the library's median / torchkeep's median (above 1: torchkeep is faster)",
+        *_small_line(result),
         "- durable save: torchkeep's fsync + atomic rename; torch.save and save_file + fsync of "
         "the file; a fresh file each run. Cold loads: the file is dropped from the page cache "
         "(fsync + POSIX_FADV_DONTNEED) before each run; the plain load then reads every byte.",
@@ -214,12 +238,103 @@ def format_markdown(result: BenchResult) -> str:
             "Peak extra host memory during one save (growth of the peak RSS, VmHWM, in a fresh "
             "process, reset after building the state dict):",
             "",
-            "| library | MiB | × state size |",
-            "|---|---:|---:|",
+            "| during | library | MiB | × state size |",
+            "|---|---|---:|---:|",
         ]
         for r in result.memory:
             lines.append(
-                f"| {r.library} | {r.mib:.1f} | {r.peak_extra_bytes / result.size_bytes:.2f} |"
+                f"| {r.mode} | {r.library} | {r.mib:.1f} | "
+                f"{r.peak_extra_bytes / result.size_bytes:.2f} |"
             )
+    rows = targets(result)
+    if rows:
+        lines += ["", "| target | measured | met |", "|---|---|---|"]
+        lines += [f"| {t} | {m} | {'yes' if ok else 'no'} |" for t, m, ok in rows]
     lines.append("")
     return "\n".join(lines)
+
+
+def _small_line(result: BenchResult) -> list[str]:
+    sizes = [c.nbytes for c in result.cases if c.group == SMALL_SAVE]
+    if not sizes:
+        return []
+    return [
+        f"- small tensors: {result.small_tensors:,} float32 tensors of 4–64 KiB "
+        f"({sizes[0] / MIB:.0f} MiB in all)"
+    ]
+
+
+def _at_least(value: float | None, limit: float) -> tuple[str, bool]:
+    if value is None:
+        raise KeyError("no ratio")
+    return f"{value:.2f}×", value >= limit
+
+
+def targets(result: BenchResult) -> list[tuple[str, str, bool]]:
+    """The engine's speed and memory targets, each with its measured value and whether it was
+    met; a target whose cases were not run is left out."""
+
+    def ratio(group: str, library: str) -> float | None:
+        return result.case(group, library).ratio
+
+    def checksum_cost() -> tuple[str, bool]:
+        on = result.case(CHECKSUM_COST, TORCHKEEP).median
+        slower = on / result.case(CHECKSUM_COST, CHECKSUMS_OFF).median - 1
+        return f"{slower:+.1%}", slower <= 0.15
+
+    lazy_limit = 0.005 + 1e-6 * result.tensors
+
+    def lazy_open() -> tuple[str, bool]:
+        seconds = result.case(LAZY_OPEN, TORCHKEEP).median
+        return f"{seconds * 1e3:.2f} ms", seconds <= lazy_limit
+
+    def save_memory() -> tuple[str, bool]:
+        extra = result.memory_of(SAVE_MEMORY, TORCHKEEP).peak_extra_bytes
+        return f"{extra / MIB:.1f} MiB", extra <= 256 * MIB
+
+    def load_memory() -> tuple[str, bool]:
+        over = result.memory_of(LOAD_MEMORY, TORCHKEEP).peak_extra_bytes - result.size_bytes
+        return f"size {over / MIB:+.1f} MiB", over <= 64 * MIB
+
+    checks: list[tuple[str, Callable[[], tuple[str, bool]]]] = [
+        ("durable save ≥ 3× torch.save + fsync", lambda: _at_least(ratio(SAVE, TORCH), 3)),
+        (
+            "durable save ≥ 1.5× safetensors save_file + fsync",
+            lambda: _at_least(ratio(SAVE, SAFETENSORS), 1.5),
+        ),
+        (
+            "durable save ≥ 0.8× the raw durable write",
+            lambda: _at_least(result.raw_fraction(SAVE), 0.8),
+        ),
+        ("checksums on ≤ 15% slower than off", checksum_cost),
+        ("cold load ≥ 1.7× torch.load", lambda: _at_least(ratio(LOAD, TORCH), 1.7)),
+        (
+            "cold load ≥ 1.4× safetensors load_file",
+            lambda: _at_least(ratio(LOAD, SAFETENSORS), 1.4),
+        ),
+        (
+            "cold load ≥ 0.8× the raw parallel read",
+            lambda: _at_least(result.raw_fraction(LOAD), 0.8),
+        ),
+        (
+            "load into a model ≥ 2.5× torch.load + load_state_dict",
+            lambda: _at_least(ratio(LOAD_INTO, TORCH), 2.5),
+        ),
+        (
+            "warm load into existing tensors ≥ 0.5× one-thread memcpy",
+            lambda: _at_least(ratio(WARM_LOAD_INTO, MEMCPY), 0.5),
+        ),
+        (f"lazy open ≤ 5 ms + 1 µs per tensor ({lazy_limit * 1e3:.2f} ms here)", lazy_open),
+        ("small tensors: save ≥ 3× torch.save", lambda: _at_least(ratio(SMALL_SAVE, TORCH), 3)),
+        ("small tensors: load ≥ 3× torch.load", lambda: _at_least(ratio(SMALL_LOAD, TORCH), 3)),
+        ("extra host memory during a save ≤ 256 MiB", save_memory),
+        ("peak during a load ≤ size + 64 MiB", load_memory),
+    ]
+    rows = []
+    for target, check in checks:
+        try:
+            measured, met = check()
+        except KeyError:
+            continue
+        rows.append((target, measured, met))
+    return rows

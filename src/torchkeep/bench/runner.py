@@ -20,16 +20,18 @@ from torchkeep.bench.cases import (
     LIBRARIES,
     LOAD,
     LOAD_INTO,
+    LOAD_MEMORY,
     RAW,
     READ_PTH,
     SAFETENSORS,
     SAVE,
+    SAVE_MEMORY,
     TORCH,
     TORCH_THEN_SAFETENSORS,
     TORCHKEEP,
     MemoryResult,
-    collect_save_memory,
-    measure_save_memory,
+    collect_memory,
+    measure_memory,
     save_with,
     time_convert,
     time_load,
@@ -38,6 +40,21 @@ from torchkeep.bench.cases import (
     time_raw_write,
     time_read_pth,
     time_save,
+)
+from torchkeep.bench.engine import (
+    CHECKSUM_COST,
+    CHECKSUMS_OFF,
+    LAZY_OPEN,
+    MEMCPY,
+    SMALL_LOAD,
+    SMALL_SAVE,
+    SMALL_TENSORS,
+    WARM_LOAD_INTO,
+    make_small_state_dict,
+    time_lazy_open,
+    time_memcpy,
+    time_save_without_checksums,
+    time_warm_load_into,
 )
 from torchkeep.bench.report import BenchResult, CaseResult, machine_info
 from torchkeep.bench.workload import (
@@ -50,6 +67,20 @@ from torchkeep.bench.workload import (
 )
 
 Progress = Callable[[str], None]
+Step = Callable[[], None]
+
+# How many runs each part makes per round: libraries (and references) in each of its cases.
+CORE_RUNS = 4 + 4 + 4 + 2 + 2  # save, cold load, load into a model (each with the raw disk),
+# then reading and converting a torch.save file
+ENGINE_RUNS = 2 + 3 + 3 + 2 + 2  # checksum cost, small saves, small loads, lazy open, warm load
+MEMORY_RUNS = 2 * 3  # a save and a load per library, in fresh processes
+
+
+def planned_runs(repeats: int, *, memory: bool = True, engine: bool = True) -> int:
+    """How many times ``run_benchmark`` calls its ``step`` callback: once per run."""
+    return (repeats + 1) * (CORE_RUNS + (ENGINE_RUNS if engine else 0)) + (
+        MEMORY_RUNS if memory else 0
+    )
 
 
 def run_interleaved(
@@ -60,14 +91,18 @@ def run_interleaved(
     nbytes: int,
     progress: Progress | None = None,
     reference: str | None = TORCHKEEP,
+    step: Step | None = None,
 ) -> list[CaseResult]:
     """One warm-up run of each case, then ``repeats`` rounds running every case once.
 
     The order rotates from round to round, so that no library always follows the same one.
+    ``step`` is called after every run, warm-ups included.
     """
     say = progress or (lambda _: None)
+    done = step or (lambda: None)
     for library, run in runs.items():
         say(f"{group} / {library}: warm-up {run():.3f} s")
+        done()
     times: dict[str, list[float]] = {library: [] for library in runs}
     order = list(runs)
     for r in range(repeats):
@@ -76,6 +111,7 @@ def run_interleaved(
             seconds = runs[library]()
             times[library].append(seconds)
             say(f"{group} / {library}: run {r + 1}/{repeats} {seconds:.3f} s")
+            done()
     base = statistics.median(times[reference]) if reference in times else None
     return [
         CaseResult(
@@ -99,10 +135,33 @@ def _split(results: list[CaseResult]) -> tuple[list[CaseResult], list[CaseResult
     return cases, raw
 
 
+class _Rounds:
+    """``run_interleaved`` with this run's repeats and callbacks."""
+
+    def __init__(self, repeats: int, progress: Progress | None, step: Step | None) -> None:
+        self.repeats, self.progress, self.step = repeats, progress, step
+
+    def __call__(
+        self, group: str, runs: Mapping[str, Callable[[], float]], nbytes: int
+    ) -> list[CaseResult]:
+        return run_interleaved(
+            group,
+            runs,
+            repeats=self.repeats,
+            nbytes=nbytes,
+            progress=self.progress,
+            step=self.step,
+        )
+
+    def say(self, line: str) -> None:
+        if self.progress is not None:
+            self.progress(line)
+
+
 def _cases(
-    state: Mapping[str, torch.Tensor], work: str, repeats: int, progress: Progress | None
+    state: Mapping[str, torch.Tensor], work: str, rounds: _Rounds, engine: bool
 ) -> tuple[list[CaseResult], list[CaseResult]]:
-    """Run the three cases; the raw-disk reference runs in the same rounds as each of them,
+    """Run the cases; the raw-disk reference runs in the same rounds as each of them,
     since the throughput of a shared or virtual disk drifts over minutes."""
     nbytes = state_bytes(state)
     raw_path = os.path.join(work, "raw.bin")
@@ -116,31 +175,40 @@ def _cases(
             lib: partial(time_save, lib, state, saves[lib]) for lib in LIBRARIES
         }
         runs[RAW] = partial(time_raw_write, buffer, raw_path)
-        c, r = _split(
-            run_interleaved(SAVE, runs, repeats=repeats, nbytes=nbytes, progress=progress)
-        )
+        c, r = _split(rounds(SAVE, runs, nbytes))
         cases, raw = cases + c, raw + r
+        if engine:
+            runs = {
+                TORCHKEEP: partial(time_save, TORCHKEEP, state, saves[TORCHKEEP]),
+                CHECKSUMS_OFF: partial(time_save_without_checksums, state, saves[TORCHKEEP]),
+            }
+            cases += rounds(CHECKSUM_COST, runs, nbytes)
         for p in saves.values():
             remove_file(p)
 
-        if progress:
-            progress("writing the files to load")
+        rounds.say("writing the files to load")
         for lib in LIBRARIES:
             save_with(lib, state, loads[lib])
         runs = {lib: partial(time_load, lib, loads[lib]) for lib in LIBRARIES}
         runs[RAW] = partial(time_raw_read, buffer, raw_path)
-        c, r = _split(
-            run_interleaved(LOAD, runs, repeats=repeats, nbytes=nbytes, progress=progress)
-        )
+        c, r = _split(rounds(LOAD, runs, nbytes))
         cases, raw = cases + c, raw + r
 
         model = make_model(state)
         runs = {lib: partial(time_load_into, lib, model, loads[lib]) for lib in LIBRARIES}
         runs[RAW] = partial(time_raw_read, buffer, raw_path)
-        c, r = _split(
-            run_interleaved(LOAD_INTO, runs, repeats=repeats, nbytes=nbytes, progress=progress)
-        )
+        c, r = _split(rounds(LOAD_INTO, runs, nbytes))
         cases, raw = cases + c, raw + r
+        if engine:
+            copy = torch.empty_like(buffer).zero_()
+            runs = {
+                TORCHKEEP: partial(time_warm_load_into, model, loads[TORCHKEEP]),
+                MEMCPY: partial(time_memcpy, buffer, copy),
+            }
+            cases += rounds(WARM_LOAD_INTO, runs, nbytes)
+            del copy
+            runs = {lib: partial(time_lazy_open, lib, loads[lib]) for lib in (TORCHKEEP, TORCH)}
+            cases += rounds(LAZY_OPEN, runs, nbytes)
         loaded = model.state_dict()
         if set(loaded) != set(state) or not all(torch.equal(loaded[k], state[k]) for k in state):
             raise AssertionError("the model does not hold the saved weights after loading")
@@ -149,32 +217,60 @@ def _cases(
         # Files users already have: the torch.save file written above, read and converted.
         pth = loads[TORCH]
         runs = {lib: partial(time_read_pth, lib, pth) for lib in (TORCHKEEP, TORCH)}
-        cases += run_interleaved(READ_PTH, runs, repeats=repeats, nbytes=nbytes, progress=progress)
+        cases += rounds(READ_PTH, runs, nbytes)
         converted = os.path.join(work, "converted.safetensors")
         saves[TORCHKEEP] = converted
         runs = {
             lib: partial(time_convert, lib, pth, converted)
             for lib in (TORCHKEEP, TORCH_THEN_SAFETENSORS)
         }
-        cases += run_interleaved(CONVERT, runs, repeats=repeats, nbytes=nbytes, progress=progress)
+        cases += rounds(CONVERT, runs, nbytes)
         return cases, raw
     finally:
         for p in (*saves.values(), *loads.values(), raw_path):
             remove_file(p)
 
 
-def _memory_cases(size_bytes: int, work: str, progress: Progress | None) -> list[MemoryResult]:
+def _small_cases(work: str, rounds: _Rounds, count: int) -> list[CaseResult]:
+    """Durable saves and cold loads of many small tensors, against both other libraries."""
+    rounds.say(f"building {count:,} small tensors")
+    state = make_small_state_dict(count)
+    nbytes = state_bytes(state)
+    paths = {lib: os.path.join(work, f"small.{_EXT[lib]}") for lib in LIBRARIES}
+    try:
+        runs: dict[str, Callable[[], float]] = {
+            lib: partial(time_save, lib, state, paths[lib]) for lib in LIBRARIES
+        }
+        cases = rounds(SMALL_SAVE, runs, nbytes)
+        runs = {lib: partial(time_load, lib, paths[lib]) for lib in LIBRARIES}
+        return cases + rounds(SMALL_LOAD, runs, nbytes)
+    finally:
+        for p in paths.values():
+            remove_file(p)
+
+
+def _memory_cases(
+    size_bytes: int, work: str, progress: Progress | None, step: Step | None
+) -> list[MemoryResult]:
     if progress:
-        progress("measuring the peak memory of each save in fresh processes")
-    processes = {
-        lib: measure_save_memory(lib, size_bytes, os.path.join(work, f"memory.{_EXT[lib]}"))
-        for lib in LIBRARIES
-    }
+        progress("measuring the peak memory of each save and load in fresh processes")
     results = []
-    for lib, process in processes.items():
-        results.append(collect_save_memory(lib, process))
-        if progress:
-            progress(f"peak extra memory / {lib}: {results[-1].mib:.1f} MiB")
+    paths = {lib: os.path.join(work, f"memory.{_EXT[lib]}") for lib in LIBRARIES}
+    try:
+        for mode in (SAVE_MEMORY, LOAD_MEMORY):
+            # Saves run side by side; each load reads the file its library's save wrote.
+            processes = {
+                lib: measure_memory(lib, size_bytes, paths[lib], mode) for lib in LIBRARIES
+            }
+            for lib, process in processes.items():
+                results.append(collect_memory(lib, process, mode))
+                if progress:
+                    progress(f"peak extra memory / {mode} / {lib}: {results[-1].mib:.1f} MiB")
+                if step:
+                    step()
+    finally:
+        for p in paths.values():
+            remove_file(p)
     return results
 
 
@@ -186,6 +282,9 @@ def run_benchmark(
     progress: Progress | None = None,
     command: str | None = None,
     memory: bool = True,
+    engine: bool = True,
+    small_tensors: int = SMALL_TENSORS,
+    step: Step | None = None,
 ) -> BenchResult:
     """Run every case and return the results.
 
@@ -197,7 +296,11 @@ def run_benchmark(
             removed at the end.
         progress: called with one line per run.
         command: the command line recorded in the result (default: this process's).
-        memory: also measure each save's peak extra memory in a fresh process.
+        memory: also measure the peak memory of each save and load in fresh processes.
+        engine: also run the engine's cases (checksum cost, many small tensors, lazy open,
+            warm load against memcpy).
+        small_tensors: how many tensors of 4–64 KiB the small-tensor cases save and load.
+        step: called after every run; ``planned_runs`` says how many calls to expect.
     """
     if repeats < 1:
         raise ValueError("repeats must be at least 1")
@@ -210,9 +313,12 @@ def run_benchmark(
         state = make_state_dict(size_bytes)
         nbytes, tensors = state_bytes(state), len(state)
         machine = machine_info(work)
-        cases, raw = _cases(state, work, repeats, progress)
+        rounds = _Rounds(repeats, progress, step)
+        cases, raw = _cases(state, work, rounds, engine)
         del state
-        memory_results = _memory_cases(size_bytes, work, progress) if memory else []
+        if engine:
+            cases += _small_cases(work, rounds, small_tensors)
+        memory_results = _memory_cases(size_bytes, work, progress, step) if memory else []
         return BenchResult(
             machine=machine,
             command=command if command is not None else shlex.join(["python", *sys.argv]),
@@ -225,6 +331,7 @@ def run_benchmark(
             raw=tuple(raw),
             memory=tuple(memory_results),
             seconds=time.perf_counter() - started,
+            small_tensors=small_tensors if engine else 0,
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -200,9 +200,7 @@ def format_training(blocking: list[BlockingResult], steps: StepResult | None) ->
     for b in blocking:
         copy = "–" if b.copy_to_pinned is None else f"{b.copy_to_pinned:.3f}"
         over = (
-            "–"
-            if b.copy_to_pinned is None
-            else f"{b.torchkeep_blocking / b.copy_to_pinned:.2f}×"
+            "–" if b.copy_to_pinned is None else f"{b.torchkeep_blocking / b.copy_to_pinned:.2f}×"
         )
         lines.append(
             f"| {b.state_bytes / MIB:.0f} MiB | {b.device} | {b.torchkeep_blocking:.3f} | "

@@ -1,4 +1,9 @@
-"""Parallel reader: bytes go from the file straight into destination tensors with ``preadv``."""
+"""Parallel reader: bytes go from the file straight into destination tensors with ``preadv``.
+
+Destinations off the CPU (a GPU) are filled through staging: each thread reads a piece into one
+of its two reusable host buffers (pinned for CUDA), checks it, and starts an asynchronous copy to
+the device on its own stream while it reads the next piece into the other buffer, so that disk
+reads and host-to-device copies overlap."""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import torch
 
@@ -17,11 +23,14 @@ from torchkeep.storage import Source
 
 # preadv takes at most IOV_MAX (1024 on Linux) buffers per call.
 BATCH_BUFFERS = 512
+# Staging buffers hold one checksum piece: files with larger pieces are read to the CPU first.
+MAX_STAGING_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
 class ReadItem:
-    """One tensor to read: ``nbytes`` at ``offset`` into ``dest`` (contiguous, CPU, exact size)."""
+    """One tensor to read: ``nbytes`` at ``offset`` into ``dest`` (contiguous, exact size; on
+    the CPU it is read into directly, elsewhere through staging buffers)."""
 
     name: str
     offset: int
@@ -53,6 +62,71 @@ class _Digests:
             self._on_done(self._item)
 
 
+class _Slot:
+    """One staging buffer and the event of its last copy to a GPU (None when free)."""
+
+    def __init__(self, nbytes: int, pinned: bool) -> None:
+        self.buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
+        self.event: Any = None
+
+
+class Staging:
+    """Two reusable host buffers per reading thread, for destinations not on the CPU.
+
+    For a CUDA destination the buffers are pinned and each thread copies on its own stream,
+    recording an event per buffer: a buffer is refilled only once its last copy is done.
+    ``staged`` CPU destinations take the same path with plain buffers and synchronous copies
+    (how the path is tested without a GPU).
+    """
+
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes = nbytes
+        self._local = threading.local()
+        self._streams: list[Any] = []
+        self._lock = threading.Lock()
+
+    def buffer(self, device: torch.device) -> tuple[torch.Tensor, _Slot]:
+        """This thread's next buffer, once free, and its slot."""
+        slots: list[_Slot] | None = getattr(self._local, "slots", None)
+        if slots is None:
+            cuda = device.type == "cuda"
+            slots = [_Slot(self.nbytes, cuda), _Slot(self.nbytes, cuda)]
+            self._local.slots, self._local.turn = slots, 0
+            if cuda:
+                stream = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
+                stream.wait_stream(torch.cuda.current_stream(device))
+                self._local.stream = stream
+                with self._lock:
+                    self._streams.append(stream)
+        slot = slots[self._local.turn]
+        self._local.turn = 1 - self._local.turn
+        if slot.event is not None:
+            slot.event.synchronize()
+            slot.event = None
+        return slot.buffer, slot
+
+    def copy(self, dest: torch.Tensor, source: torch.Tensor, slot: _Slot) -> None:
+        """Copy ``source`` (part of ``slot``'s buffer) into ``dest``."""
+        if dest.device.type != "cuda":
+            dest.copy_(source)
+            return
+        stream = self._local.stream
+        with torch.cuda.stream(stream):
+            dest.copy_(source, non_blocking=True)
+            event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            event.record(stream)
+        slot.event = event
+
+    def finish(self) -> None:
+        """Wait for every copy started, so that the destinations hold their data."""
+        for stream in self._streams:
+            stream.synchronize()
+
+
+def _dest_bytes(dest: torch.Tensor) -> torch.Tensor:
+    return dest.detach().reshape(-1).view(torch.uint8)
+
+
 def _read_piece(
     source: Source,
     item: ReadItem,
@@ -61,23 +135,49 @@ def _read_piece(
     begin: int,
     end: int,
     checksum: Checksum | None,
+    staging: Staging | None,
 ) -> None:
-    view = tensor_bytes(item.dest)[begin:end]
-    source.readinto([view], item.offset + begin)
-    if checksum is not None:
-        digests.values[index] = checksum.digest(view)
+    if staging is None:
+        view = tensor_bytes(item.dest)[begin:end]
+        source.readinto([view], item.offset + begin)
+        if checksum is not None:
+            digests.values[index] = checksum.digest(view)
+    else:
+        buffer, slot = staging.buffer(item.dest.device)
+        part = buffer[: end - begin]
+        view = tensor_bytes(part)
+        source.readinto([view], item.offset + begin)
+        if checksum is not None:
+            digests.values[index] = checksum.digest(view)
+        staging.copy(_dest_bytes(item.dest)[begin:end], part, slot)
     digests.piece_read()
 
 
 def _read_batch(
-    source: Source, batch: list[tuple[ReadItem, _Digests]], checksum: Checksum | None
+    source: Source,
+    batch: list[tuple[ReadItem, _Digests]],
+    checksum: Checksum | None,
+    staging: Staging | None,
 ) -> None:
     # Consecutive small tensors are read with one preadv call into all their buffers.
-    views = [tensor_bytes(item.dest) for item, _ in batch]
-    source.readinto(views, batch[0][0].offset)
-    for view, (_, digests) in zip(views, batch, strict=True):
+    if staging is None:
+        views = [tensor_bytes(item.dest) for item, _ in batch]
+        source.readinto(views, batch[0][0].offset)
+    else:
+        buffer, slot = staging.buffer(batch[0][0].dest.device)
+        views, position = [], 0
+        for item, _ in batch:
+            views.append(tensor_bytes(buffer[position : position + item.nbytes]))
+            position += item.nbytes
+        source.readinto(views, batch[0][0].offset)
+    position = 0
+    for view, (item, digests) in zip(views, batch, strict=True):
         if checksum is not None:
             digests.values[0] = checksum.digest(view)
+        if staging is not None:
+            part = buffer[position : position + item.nbytes]
+            staging.copy(_dest_bytes(item.dest), part, slot)
+            position += item.nbytes
         digests.piece_read()
 
 
@@ -90,10 +190,16 @@ def read_tensors(
     verify: bool,
     checksum: Checksum = XXH3,
     on_done: Callable[[ReadItem], None] | None = None,
+    staged: bool = False,
 ) -> None:
     """Fill every item's destination in parallel; with ``verify``, check every checksum,
     computed by ``checksum`` piece by piece as the pieces arrive. ``on_done`` is called for
-    each item as soon as all its bytes are in (before checksums are compared).
+    each item as soon as all its bytes are in (before checksums are compared; for a staged
+    destination, as soon as they are in its staging buffer).
+
+    Destinations not on the CPU (and every destination with ``staged``) are filled through
+    reusable staging buffers of ``chunk`` bytes; ``chunk`` must then be at most
+    ``MAX_STAGING_BYTES``.
 
     Raises:
         CorruptCheckpointError: a tensor's bytes do not match its checksum (named in the message).
@@ -105,11 +211,17 @@ def read_tensors(
     end_of_batch = -1
 
     hashing = checksum if verify else None
+    staging: Staging | None = None
+    if staged or any(item.dest.device.type != "cpu" for item in items):
+        if chunk > MAX_STAGING_BYTES:
+            raise ValueError(f"staged reads take pieces of at most {MAX_STAGING_BYTES} bytes")
+        staging = Staging(max(chunk, BATCH_BYTES + SMALL_TENSOR_BYTES))
+    batch_limit = staging.nbytes if staging is not None else 1 << 62
 
     def flush() -> None:
         nonlocal batch, batch_bytes
         if batch:
-            jobs.append(partial(_read_batch, source, batch, hashing))
+            jobs.append(partial(_read_batch, source, batch, hashing, staging))
         batch, batch_bytes = [], 0
 
     for item in sorted(items, key=lambda i: i.offset):
@@ -122,6 +234,7 @@ def read_tensors(
                 item.offset != end_of_batch
                 or batch_bytes >= BATCH_BYTES
                 or len(batch) >= BATCH_BUFFERS
+                or batch_bytes + nbytes > batch_limit
             ):
                 flush()
             batch.append((item, digests))
@@ -129,9 +242,15 @@ def read_tensors(
             end_of_batch = item.offset + nbytes
             continue
         for index, (begin, end) in enumerate(spans):
-            jobs.append(partial(_read_piece, source, item, digests, index, begin, end, hashing))
+            jobs.append(
+                partial(_read_piece, source, item, digests, index, begin, end, hashing, staging)
+            )
     flush()
-    run_jobs(jobs, threads=threads)
+    try:
+        run_jobs(jobs, threads=threads)
+    finally:
+        if staging is not None:
+            staging.finish()
     if not verify:
         return
     for item, digests in all_digests:

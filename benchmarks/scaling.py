@@ -1,0 +1,109 @@
+"""Scaling: torchkeep's durable save and cold load at several sizes, beside the raw disk.
+
+    python benchmarks/scaling.py                              # 64 MiB, 1 GiB, 4 GiB; 3 repeats
+    python benchmarks/scaling.py --sizes-mib 16 64 --repeats 1
+
+For each size: a transformer-like state dict (as in benchmarks/core.py), saved durably with
+tk.save_weights and loaded cold with tk.load_state_dict (every byte read), interleaved with
+the raw-disk reference (parallel pwrite + fsync, parallel cold preadv) of the same bytes.
+Throughput should not fall as the size grows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+from functools import partial
+from pathlib import Path
+
+from torchkeep.bench.cases import (
+    RAW,
+    TORCHKEEP,
+    time_load,
+    time_raw_read,
+    time_raw_write,
+    time_save,
+)
+from torchkeep.bench.report import machine_info
+from torchkeep.bench.runner import run_interleaved
+from torchkeep.bench.workload import MIB, make_raw_buffer, make_state_dict, state_bytes
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes-mib", type=int, nargs="+", default=[64, 1024, 4096])
+    parser.add_argument("--repeats", type=int, default=3, help="counted runs per case (default 3)")
+    parser.add_argument("--dir", default=None, help="directory on the disk to measure (default: .)")
+    parser.add_argument("--out", type=Path, default=None, help="also write the Markdown here")
+    args = parser.parse_args(argv)
+
+    def progress(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    parent = args.dir or os.getcwd()
+    work = tempfile.mkdtemp(prefix="torchkeep-scaling-", dir=parent)
+    m = machine_info(work)
+    rows = []
+    try:
+        for size in args.sizes_mib:
+            state = make_state_dict(size << 20)
+            nbytes = state_bytes(state)
+            buffer = make_raw_buffer(nbytes)
+            path, raw = os.path.join(work, "s.safetensors"), os.path.join(work, "raw.bin")
+            save = run_interleaved(
+                f"save {size} MiB",
+                {
+                    TORCHKEEP: partial(time_save, TORCHKEEP, state, path),
+                    RAW: partial(time_raw_write, buffer, raw),
+                },
+                repeats=args.repeats,
+                nbytes=nbytes,
+                progress=progress,
+            )
+            load = run_interleaved(
+                f"load {size} MiB",
+                {
+                    TORCHKEEP: partial(time_load, TORCHKEEP, path),
+                    RAW: partial(time_raw_read, buffer, raw),
+                },
+                repeats=args.repeats,
+                nbytes=nbytes,
+                progress=progress,
+            )
+            rows.append((nbytes, save, load))
+            del state, buffer
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    command = " ".join(
+        ["python", "benchmarks/scaling.py", *(sys.argv[1:] if argv is None else argv)]
+    )
+    lines = [
+        "## torchkeep scaling",
+        "",
+        f"- command: `{command}`",
+        f"- machine: {m.cpu}; {m.cores} cores; {m.memory_bytes / (1 << 30):.1f} GiB RAM; {m.filesystem}",
+        f"- {args.repeats} counted runs per case after a warm-up, interleaved with the raw disk; GB/s of the median",
+        "",
+        "| state dict | durable save GB/s | raw durable write GB/s | save / raw | cold load GB/s | raw cold read GB/s | load / raw |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for nbytes, save, load in rows:
+        tk_save, raw_save = save[0].gbps, save[1].gbps
+        tk_load, raw_load = load[0].gbps, load[1].gbps
+        lines.append(
+            f"| {nbytes / MIB:.0f} MiB | {tk_save:.2f} | {raw_save:.2f} | {tk_save / raw_save:.0%} | "
+            f"{tk_load:.2f} | {raw_load:.2f} | {tk_load / raw_load:.0%} |"
+        )
+    text = "\n".join([*lines, ""])
+    print(text)
+    if args.out is not None:
+        args.out.write_text(text, encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

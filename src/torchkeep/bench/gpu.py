@@ -1,0 +1,168 @@
+"""GPU cases: loading a state dict onto a GPU and saving one from it, against ``torch`` and
+safetensors, interleaved like the core cases.
+
+* load to the device (cold cache, synchronised): ``tk.load_state_dict(device=...)`` against
+  ``torch.load(map_location=...)`` and ``safetensors.torch.load_file(device=...)``;
+* durable save from the device: ``tk.save_weights`` against ``torch.save`` and
+  ``safetensors.torch.save_file``, each followed by an fsync.
+
+The same functions run with ``device="cpu"`` (how the harness is tested without a GPU).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import partial
+
+import safetensors.torch
+import torch
+
+import torchkeep as tk
+from torchkeep.bench.cases import LIBRARIES, SAFETENSORS, TORCH, TORCHKEEP
+from torchkeep.bench.report import CaseResult
+from torchkeep.bench.runner import Progress, run_interleaved
+from torchkeep.bench.workload import (
+    MIB,
+    drop_cache,
+    fsync_file,
+    make_state_dict,
+    remove_file,
+    state_bytes,
+)
+
+LOAD_TO_DEVICE = "cold load to the device"
+SAVE_FROM_DEVICE = "durable save from the device"
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_load_to(library: str, path: str, device: torch.device) -> float:
+    """Drop ``path`` from the page cache, then time loading it onto ``device``."""
+    drop_cache(path)
+    _synchronize(device)
+    started = time.perf_counter()
+    if library == TORCHKEEP:
+        loaded = tk.load_state_dict(path, device=device)
+    elif library == TORCH:
+        loaded = torch.load(path, map_location=device)
+    elif library == SAFETENSORS:
+        loaded = safetensors.torch.load_file(path, device=str(device))
+    else:
+        raise ValueError(f"unknown library {library!r}")
+    _synchronize(device)
+    seconds = time.perf_counter() - started
+    del loaded
+    return seconds
+
+
+def time_save_from(library: str, state: Mapping[str, torch.Tensor], path: str) -> float:
+    """Delete ``path``, then time one durable save of ``state`` (on any device) to it."""
+    remove_file(path)
+    started = time.perf_counter()
+    if library == TORCHKEEP:
+        tk.save_weights(state, path)
+    elif library == TORCH:
+        torch.save(dict(state), path)
+        fsync_file(path)
+    elif library == SAFETENSORS:
+        safetensors.torch.save_file(dict(state), path)
+        fsync_file(path)
+    else:
+        raise ValueError(f"unknown library {library!r}")
+    return time.perf_counter() - started
+
+
+@dataclass(frozen=True)
+class GpuResult:
+    device: str
+    device_name: str
+    command: str
+    size_bytes: int
+    tensors: int
+    repeats: int
+    cases: tuple[CaseResult, ...]
+
+
+_EXT = {TORCHKEEP: "tk.safetensors", TORCH: "pt", SAFETENSORS: "st.safetensors"}
+
+
+def run_gpu_benchmark(
+    *,
+    size_bytes: int = 4 << 30,
+    repeats: int = 5,
+    device: str = "cuda",
+    directory: str | os.PathLike[str] | None = None,
+    progress: Progress | None = None,
+    command: str | None = None,
+) -> GpuResult:
+    """Run the load and save cases on ``device``; files go to a temporary directory under
+    ``directory`` (default: the current one), removed at the end."""
+    target = torch.device(device)
+    parent = os.fspath(directory) if directory is not None else os.getcwd()
+    work = tempfile.mkdtemp(prefix="torchkeep-gpu-bench-", dir=parent)
+    try:
+        state = make_state_dict(size_bytes)
+        nbytes = state_bytes(state)
+        paths = {lib: os.path.join(work, f"load.{_EXT[lib]}") for lib in LIBRARIES}
+        for lib in LIBRARIES:
+            time_save_from(lib, state, paths[lib])
+        runs: dict[str, Callable[[], float]] = {
+            lib: partial(time_load_to, lib, paths[lib], target) for lib in LIBRARIES
+        }
+        cases = run_interleaved(
+            LOAD_TO_DEVICE, runs, repeats=repeats, nbytes=nbytes, progress=progress
+        )
+        for p in paths.values():
+            remove_file(p)
+        on_device = {k: v.to(target) for k, v in state.items()}
+        del state
+        _synchronize(target)
+        saves = {lib: os.path.join(work, f"save.{_EXT[lib]}") for lib in LIBRARIES}
+        runs = {lib: partial(time_save_from, lib, on_device, saves[lib]) for lib in LIBRARIES}
+        cases += run_interleaved(
+            SAVE_FROM_DEVICE, runs, repeats=repeats, nbytes=nbytes, progress=progress
+        )
+        name = torch.cuda.get_device_name(target) if target.type == "cuda" else "CPU"
+        return GpuResult(
+            device=str(target),
+            device_name=name,
+            command=command if command is not None else shlex.join(["python", *sys.argv]),
+            size_bytes=nbytes,
+            tensors=len(on_device),
+            repeats=repeats,
+            cases=tuple(cases),
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def format_gpu(result: GpuResult) -> str:
+    lines = [
+        "## torchkeep GPU benchmark",
+        "",
+        f"- command: `{result.command}`",
+        f"- device: {result.device} ({result.device_name}); torch {torch.__version__}",
+        f"- state dict: {result.size_bytes / MIB:.0f} MiB in {result.tensors} tensors; "
+        f"{result.repeats} counted runs after a warm-up, interleaved; median seconds",
+        "",
+        "| case | library | median s | min s | GB/s | ratio (torchkeep faster by ×) |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for c in result.cases:
+        ratio = f"{c.ratio:.2f}×" if c.ratio is not None else "–"
+        lines.append(
+            f"| {c.group} | {c.library} | {c.median:.3f} | {c.minimum:.3f} | {c.gbps:.2f} | "
+            f"{ratio} |"
+        )
+    lines.append("")
+    return "\n".join(lines)

@@ -172,6 +172,10 @@ state = {
     "step": 11,
 }
 dcp.save(state, checkpoint_id=out)
+# Both ranks finish talking before either tears gloo down: a rank that destroys its group while
+# the other still sends can abort in gloo's teardown ("terminate called without an active
+# exception").
+dist.barrier()
 dist.destroy_process_group()
 """
 

@@ -49,7 +49,9 @@ from torchkeep.format import (
     manifest_from_json,
     manifest_to_json,
     parse_header,
+    paused_gc,
     read_header_length,
+    without_gc,
 )
 from torchkeep.io import ReadItem, WriteItem, read_tensors, write_tensors
 from torchkeep.io.pool import run_jobs
@@ -113,6 +115,7 @@ def _layout(
     return shards
 
 
+@without_gc  # a save of many tensors makes many small objects, none cyclic
 def write_container(
     path: str,
     tensors: Mapping[str, torch.Tensor],
@@ -404,10 +407,11 @@ class Container:
         self.manifest: Manifest | None = None
         self.directory = storage.is_dir(path)
         try:
-            if self.directory:
-                self._open_directory()
-            else:
-                self._open_single()
+            with paused_gc():
+                if self.directory:
+                    self._open_directory()
+                else:
+                    self._open_single()
         except BaseException:
             self.close()
             raise
@@ -525,13 +529,30 @@ class Container:
         into = _disjoint(into or {}, stream)
         result: dict[str, torch.Tensor] = {}
         by_file: dict[str | None, list[ReadItem]] = {}
+        with paused_gc():
+            self._plan(names, into, result, by_file, target if stream else torch.device("cpu"))
+            for file, items in by_file.items():
+                read_tensors(
+                    self._files[file].source, items, threads=threads, chunk=chunk, verify=verify
+                )
+        if not stream and target.type != "cpu":
+            result = {name: t.to(target) for name, t in result.items()}
+        return result
+
+    def _plan(
+        self,
+        names: Iterable[str],
+        into: Mapping[str, torch.Tensor],
+        result: dict[str, torch.Tensor],
+        by_file: dict[str | None, list[ReadItem]],
+        device: torch.device,
+    ) -> None:
+        """Pick each tensor's destination (``into``'s, or a new one on ``device``)."""
         for name in names:
             entry = self.entries[name]
             dest = into.get(name)
             if not _fits(dest, entry):
-                dest = torch.empty(
-                    entry.shape, dtype=DTYPES[entry.dtype], device=target if stream else "cpu"
-                )
+                dest = torch.empty(entry.shape, dtype=DTYPES[entry.dtype], device=device)
             assert dest is not None
             result[name] = dest
             opened = self._file_of(entry)
@@ -539,13 +560,6 @@ class Container:
             by_file.setdefault(entry.file, []).append(
                 ReadItem(name, opened.header.data_start + entry.begin, dest, checksum)
             )
-        for file, items in by_file.items():
-            read_tensors(
-                self._files[file].source, items, threads=threads, chunk=chunk, verify=verify
-            )
-        if not stream and target.type != "cpu":
-            result = {name: t.to(target) for name, t in result.items()}
-        return result
 
     def read_member(self, name: str, *, verify: bool = True) -> bytes:
         """Return a file of the save other than its shards (an exported program), checked

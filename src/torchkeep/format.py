@@ -12,18 +12,24 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
+import functools
+import gc
 import json
 import math
 import struct
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import torch
 import xxhash
 
 from torchkeep.errors import CorruptCheckpointError, UnsupportedFormatError
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 FORMAT_NAME = "torchkeep"
 FORMAT_VERSION = 1
@@ -182,6 +188,31 @@ def read_header_length(prefix: bytes, *, file_size: int, where: str) -> int:
             "after the length prefix; the file was truncated"
         )
     return int(length)
+
+
+@contextlib.contextmanager
+def paused_gc() -> Iterator[None]:
+    """Pause the cyclic garbage collector while many small objects are made (a header of
+    thousands of tensors): they hold no cycles, and collections triggered by their number
+    would walk the whole heap, doubling the time to open such a file."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def without_gc(func: Callable[P, R]) -> Callable[P, R]:
+    """``func`` run with the garbage collector paused (see ``paused_gc``)."""
+
+    @functools.wraps(func)
+    def paused(*args: P.args, **kwargs: P.kwargs) -> R:
+        with paused_gc():
+            return func(*args, **kwargs)
+
+    return paused
 
 
 def parse_header(raw: bytes, *, file_size: int, where: str) -> Header:

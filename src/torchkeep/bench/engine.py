@@ -17,7 +17,6 @@ import torchkeep as tk
 from torchkeep.bench.cases import TORCH, TORCHKEEP
 from torchkeep.bench.workload import drop_cache, remove_file
 from torchkeep.container import write_container
-from torchkeep.io.memory import tensor_bytes
 
 CHECKSUMS_OFF = "torchkeep, checksums off"
 MEMCPY = "memcpy, one thread"
@@ -84,11 +83,11 @@ def time_warm_load_into(model: nn.Module, path: str) -> float:
 
 def time_memcpy(source: torch.Tensor, dest: torch.Tensor) -> float:
     """Time one ``memmove`` of ``source`` into ``dest`` (both faulted in) on one thread."""
-    src, dst = tensor_bytes(source), tensor_bytes(dest)
-    if len(src) != len(dst):
-        raise ValueError("memcpy needs buffers of one size")
-    dst_address = ctypes.addressof(ctypes.c_char.from_buffer(dst))
-    src_address = ctypes.addressof(ctypes.c_char.from_buffer(src))
+    nbytes = source.numel() * source.element_size()
+    if not (source.is_contiguous() and dest.is_contiguous()) or nbytes != dest.numel() * (
+        dest.element_size()
+    ):
+        raise ValueError("memcpy needs two contiguous buffers of one size")
     started = time.perf_counter()
-    ctypes.memmove(dst_address, src_address, len(src))
+    ctypes.memmove(dest.data_ptr(), source.data_ptr(), nbytes)
     return time.perf_counter() - started

@@ -278,9 +278,13 @@ def targets(result: BenchResult) -> list[tuple[str, str, bool]]:
         return result.case(group, library).ratio
 
     def checksum_cost() -> tuple[str, bool]:
-        on = result.case(CHECKSUM_COST, TORCHKEEP).median
-        slower = on / result.case(CHECKSUM_COST, CHECKSUMS_OFF).median - 1
-        return f"{slower:+.1%}", slower <= 0.15
+        # Medians and best runs both: one slow flush of the disk can move a median of five
+        # by more than the checksums cost.
+        on, off = result.case(CHECKSUM_COST, TORCHKEEP), result.case(CHECKSUM_COST, CHECKSUMS_OFF)
+        by_median = on.median / off.median - 1
+        by_best = on.minimum / off.minimum - 1
+        measured = f"{by_median:+.1%} (medians), {by_best:+.1%} (best runs)"
+        return measured, by_median <= 0.15 and by_best <= 0.15
 
     lazy_limit = 0.005 + 1e-6 * result.tensors
 

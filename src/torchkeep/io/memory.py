@@ -6,6 +6,13 @@ import ctypes
 
 import torch
 
+# A memoryview over raw memory, made by CPython itself: one call, whatever the size (a ctypes
+# array type per size would create a new class for every distinct tensor size).
+_from_memory = ctypes.pythonapi.PyMemoryView_FromMemory
+_from_memory.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_int)
+_from_memory.restype = ctypes.py_object
+_PYBUF_WRITE = 0x200
+
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """Return a writable byte view of a contiguous CPU tensor's memory, without copying.
@@ -17,5 +24,5 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     nbytes = tensor.numel() * tensor.element_size()
     if nbytes == 0:
         return memoryview(bytearray(0))
-    array = (ctypes.c_char * nbytes).from_address(tensor.data_ptr())
-    return memoryview(array).cast("B")
+    view: memoryview = _from_memory(tensor.data_ptr(), nbytes, _PYBUF_WRITE)
+    return view

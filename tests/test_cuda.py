@@ -196,3 +196,35 @@ def test_restoring_into_a_gpu_model_reads_into_its_memory(tmp_path):
     tk.load(tmp_path / "c.safetensors", into={"model": restored})
     assert [p.data_ptr() for p in restored.parameters()] == pointers
     assert_same_state(model, restored)
+
+
+def test_one_read_into_cpu_and_gpu_destinations(tmp_path):
+    # Small tensors side by side in one batch, one bound for the CPU and one for the GPU.
+    tk.save({"cpu": torch.arange(4.0), "gpu": torch.arange(4.0) + 10}, tmp_path / "m.safetensors")
+    into = {"cpu": torch.empty(4), "gpu": torch.empty(4, device="cuda")}
+    loaded = tk.load(tmp_path / "m.safetensors", into=into)
+    assert torch.equal(loaded["cpu"], torch.arange(4.0))
+    assert torch.equal(loaded["gpu"].cpu(), torch.arange(4.0) + 10)
+    assert loaded["gpu"].data_ptr() == into["gpu"].data_ptr()
+
+
+def test_a_read_is_ordered_after_the_callers_stream(tmp_path):
+    state = {"big": torch.randn(1 << 22), "small": torch.randn(16)}  # two jobs, two threads
+    tk.save_weights(state, tmp_path / "w.safetensors")
+    side = torch.cuda.Stream()
+    dest = torch.empty(1 << 22, device="cuda")
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(1 << 28)  # work queued before the read, on the caller's stream
+        dest.zero_()
+        tk.load(tmp_path / "w.safetensors", into={"big": dest, "small": None})
+    torch.cuda.synchronize()
+    assert torch.equal(dest.cpu(), state["big"])
+
+
+def test_load_with_map_location_streams_to_the_gpu(tmp_path):
+    state = _big_state()
+    tk.save(state, tmp_path / "s.safetensors")
+    loaded = tk.load(tmp_path / "s.safetensors", map_location="cuda")
+    for name, value in state.items():
+        assert loaded[name].device.type == "cuda"
+        assert torch.equal(loaded[name].cpu(), value)

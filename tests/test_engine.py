@@ -186,3 +186,25 @@ def test_tied_destinations_are_read_once_and_copied(tmp_path: Path) -> None:
     assert set(kept) == {"a", "d"} or set(kept) == {"b", "d"}
     meta = {"m": torch.empty(10, device="meta")}
     assert _disjoint(meta, stream=True) == {}
+
+
+def test_only_destinations_that_need_staging_go_through_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from torchkeep.container import open_container
+    from torchkeep.io import reader
+
+    state = _staged_state()
+    path = _file_with(tmp_path, state)
+    made: list[reader.Staging] = []
+    original = reader.Staging.__init__
+
+    def record(self: reader.Staging, *args: object, **kwargs: object) -> None:
+        made.append(self)
+        original(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(reader.Staging, "__init__", record)
+    with open_container(path) as container:
+        loaded = container.read(list(container.entries))  # every destination on the CPU
+    assert made == []  # read straight into them, no staging buffers
+    assert all(torch.equal(loaded[n], state[n]) for n in state)

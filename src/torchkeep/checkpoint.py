@@ -82,9 +82,11 @@ def load(
     Args:
         path: the file or directory.
         into: a tree of the saved shape holding Stateful objects and preallocated tensors;
-            they are restored in place (tensors of matching dtype and shape on the CPU are read
-            straight into their memory) and returned at their places in the result.
-        map_location: the device every loaded tensor is moved to.
+            they are restored in place (tensors of matching dtype and shape, on the CPU or a
+            GPU, are read straight into their memory) and returned at their places in the
+            result.
+        map_location: the device every loaded tensor is moved to (read straight there: a GPU
+            through pinned staging buffers).
         dtype: the dtype floating-point tensors are cast to (integer tensors are never cast).
         verify: check every tensor's checksum (on by default).
 
@@ -116,7 +118,9 @@ def load(
         dests: dict[str, torch.Tensor] = {}
         if direct:
             _plan_destinations(tree, into, dests)
-        loaded = container.read(list(container.entries), into=dests, verify=verify)
+        loaded = container.read(
+            list(container.entries), into=dests, verify=verify, device=map_location
+        )
     loaded = {n: convert(t, map_location=map_location, dtype=dtype) for n, t in loaded.items()}
     aliases = container.aliases
 

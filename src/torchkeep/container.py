@@ -51,7 +51,6 @@ from torchkeep.format import (
     parse_header,
     paused_gc,
     read_header_length,
-    without_gc,
 )
 from torchkeep.io import ReadItem, WriteItem, read_tensors, write_tensors
 from torchkeep.io.pool import run_jobs
@@ -115,7 +114,6 @@ def _layout(
     return shards
 
 
-@without_gc  # a save of many tensors makes many small objects, none cyclic
 def write_container(
     path: str,
     tensors: Mapping[str, torch.Tensor],
@@ -162,14 +160,15 @@ def write_container(
             raise ValueError(f"{path}: {name!r} is not a plain file name for a save") from e
     if model is not None and not isinstance(model, dict):
         raise ValueError(f"{path}: the model section must be a dict, not {type(model).__name__}")
-    shards = _layout(tensors, dtypes, shard_bytes if not single else 1 << 62)
-    shard_files = ["" if single else f"shard-{i:05d}.safetensors" for i in range(len(shards))]
+    with paused_gc():  # many small objects for a save of many tensors, none cyclic
+        shards = _layout(tensors, dtypes, shard_bytes if not single else 1 << 62)
+        shard_files = ["" if single else f"shard-{i:05d}.safetensors" for i in range(len(shards))]
+        entries: dict[str, TensorEntry] = {}
+        for file, shard in zip(shard_files, shards, strict=True):
+            for name, entry in shard:
+                entries[name] = replace(entry, file=file or None)
     if set(files) & {*shard_files, MANIFEST_FILE}:
         raise ValueError(f"{path}: the names {sorted(files)} clash with the save's own files")
-    entries: dict[str, TensorEntry] = {}
-    for file, shard in zip(shard_files, shards, strict=True):
-        for name, entry in shard:
-            entries[name] = replace(entry, file=file or None)
     manifest = Manifest(
         kind=kind,
         tensors=entries,
@@ -247,8 +246,9 @@ def _with_checksums(manifest: Manifest, checksums: Mapping[str, str]) -> Manifes
 
 def _single_header(manifest: Manifest) -> bytes:
     # "format": "pt" is what Hugging Face loaders look for in a safetensors file.
-    metadata = {"format": "pt", MANIFEST_KEY: manifest_to_json(manifest)}
-    return encode_header(manifest.tensors, metadata)
+    with paused_gc():
+        metadata = {"format": "pt", MANIFEST_KEY: manifest_to_json(manifest)}
+        return encode_header(manifest.tensors, metadata)
 
 
 def _write_single(
@@ -529,12 +529,12 @@ class Container:
         into = _disjoint(into or {}, stream)
         result: dict[str, torch.Tensor] = {}
         by_file: dict[str | None, list[ReadItem]] = {}
-        with paused_gc():
+        with paused_gc():  # many small objects for a file of many tensors, none cyclic
             self._plan(names, into, result, by_file, target if stream else torch.device("cpu"))
-            for file, items in by_file.items():
-                read_tensors(
-                    self._files[file].source, items, threads=threads, chunk=chunk, verify=verify
-                )
+        for file, items in by_file.items():
+            read_tensors(
+                self._files[file].source, items, threads=threads, chunk=chunk, verify=verify
+            )
         if not stream and target.type != "cpu":
             result = {name: t.to(target) for name, t in result.items()}
         return result
@@ -657,11 +657,12 @@ class Container:
 
 def _disjoint(into: Mapping[str, torch.Tensor], stream: bool) -> dict[str, torch.Tensor]:
     """Keep the destinations whose memory no earlier one overlaps (tied weights share theirs):
-    two reads into one buffer would leave it holding only the second. Destinations off the
-    CPU are kept only when ``stream`` (their pieces fit the staging buffers)."""
+    two reads into one buffer would leave it holding only the second. GPU destinations are
+    kept only when ``stream`` (their pieces fit the staging buffers); others (meta, or devices
+    whose memory has no address) are read into new memory and copied in by the caller."""
     spans = []
     for name, t in into.items():
-        if t.numel() and t.device.type != "meta" and (stream or t.device.type == "cpu"):
+        if t.numel() and (t.device.type == "cpu" or (stream and t.device.type == "cuda")):
             start = t.data_ptr()
             spans.append((str(t.device), start, start + t.numel() * t.element_size(), name))
     kept: dict[str, torch.Tensor] = {}

@@ -13,23 +13,19 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
-import functools
 import gc
 import json
 import math
 import struct
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ParamSpec, TypeVar
+from typing import Any
 
 import torch
 import xxhash
 
 from torchkeep.errors import CorruptCheckpointError, UnsupportedFormatError
-
-P = ParamSpec("P")
-R = TypeVar("R")
 
 FORMAT_NAME = "torchkeep"
 FORMAT_VERSION = 1
@@ -202,17 +198,6 @@ def paused_gc() -> Iterator[None]:
     finally:
         if enabled:
             gc.enable()
-
-
-def without_gc(func: Callable[P, R]) -> Callable[P, R]:
-    """``func`` run with the garbage collector paused (see ``paused_gc``)."""
-
-    @functools.wraps(func)
-    def paused(*args: P.args, **kwargs: P.kwargs) -> R:
-        with paused_gc():
-            return func(*args, **kwargs)
-
-    return paused
 
 
 def parse_header(raw: bytes, *, file_size: int, where: str) -> Header:

@@ -344,8 +344,9 @@ def load_weights(
 ) -> LoadResult:
     """Load weights into ``model`` in place, reading straight into its parameters' memory.
 
-    Parameters on the CPU with the file's dtype are filled directly (no second copy); the
-    others are read, then copied in (cast and moved to where each parameter lives).
+    Parameters with the file's dtype, on the CPU or a GPU, are filled directly (no second copy;
+    on a GPU through pinned staging buffers, disk reads overlapping the copies); the others are
+    read, then copied in (cast and moved to where each parameter lives).
 
     Args:
         strict: raise if any key is missing, unexpected or of another shape (the default);

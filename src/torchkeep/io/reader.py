@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from torchkeep.errors import CorruptCheckpointError
+from torchkeep.format import paused_gc
 from torchkeep.io.checksum import XXH3, Checksum
 from torchkeep.io.memory import tensor_bytes
 from torchkeep.io.pool import BATCH_BYTES, SMALL_TENSOR_BYTES, run_jobs
@@ -63,59 +64,70 @@ class _Digests:
 
 
 class _Slot:
-    """One staging buffer and the event of its last copy to a GPU (None when free)."""
+    """One staging buffer and the events of its copies still in flight to a GPU."""
 
     def __init__(self, nbytes: int, pinned: bool) -> None:
         self.buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
-        self.event: Any = None
+        self.events: list[Any] = []
+
+    def wait(self) -> None:
+        for event in self.events:
+            event.synchronize()
+        self.events.clear()
 
 
 class Staging:
     """Two reusable host buffers per reading thread, for destinations not on the CPU.
 
-    For a CUDA destination the buffers are pinned and each thread copies on its own stream,
-    recording an event per buffer: a buffer is refilled only once its last copy is done.
-    ``staged`` CPU destinations take the same path with plain buffers and synchronous copies
-    (how the path is tested without a GPU).
+    When any destination is on a GPU the buffers are pinned, and each thread copies to each
+    GPU on a stream of its own, ordered after the caller's current stream on that GPU (taken
+    on the caller's thread: streams are per thread); a buffer is refilled only once its copies
+    are done. Other destinations (and ``staged`` CPU ones, how the path is tested without a
+    GPU) are copied synchronously.
     """
 
-    def __init__(self, nbytes: int) -> None:
+    def __init__(self, nbytes: int, devices: set[torch.device]) -> None:
         self.nbytes = nbytes
+        cuda = [d for d in devices if d.type == "cuda"]
+        self._pinned = bool(cuda)
+        self._callers = {d: torch.cuda.current_stream(d) for d in cuda}
         self._local = threading.local()
         self._streams: list[Any] = []
         self._lock = threading.Lock()
 
-    def buffer(self, device: torch.device) -> tuple[torch.Tensor, _Slot]:
-        """This thread's next buffer, once free, and its slot."""
+    def buffer(self) -> tuple[torch.Tensor, _Slot]:
+        """This thread's next buffer, once its earlier copies are done, and its slot."""
         slots: list[_Slot] | None = getattr(self._local, "slots", None)
         if slots is None:
-            cuda = device.type == "cuda"
-            slots = [_Slot(self.nbytes, cuda), _Slot(self.nbytes, cuda)]
-            self._local.slots, self._local.turn = slots, 0
-            if cuda:
-                stream = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
-                stream.wait_stream(torch.cuda.current_stream(device))
-                self._local.stream = stream
-                with self._lock:
-                    self._streams.append(stream)
+            slots = [_Slot(self.nbytes, self._pinned), _Slot(self.nbytes, self._pinned)]
+            self._local.slots, self._local.turn, self._local.streams = slots, 0, {}
         slot = slots[self._local.turn]
         self._local.turn = 1 - self._local.turn
-        if slot.event is not None:
-            slot.event.synchronize()
-            slot.event = None
+        slot.wait()
         return slot.buffer, slot
+
+    def _stream(self, device: torch.device) -> Any:
+        streams: dict[torch.device, Any] = self._local.streams
+        stream = streams.get(device)
+        if stream is None:
+            stream = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
+            stream.wait_stream(self._callers[device])
+            streams[device] = stream
+            with self._lock:
+                self._streams.append(stream)
+        return stream
 
     def copy(self, dest: torch.Tensor, source: torch.Tensor, slot: _Slot) -> None:
         """Copy ``source`` (part of ``slot``'s buffer) into ``dest``."""
-        if dest.device.type != "cuda":
+        if dest.device.type != "cuda" or dest.device not in self._callers:
             dest.copy_(source)
             return
-        stream = self._local.stream
+        stream = self._stream(dest.device)
         with torch.cuda.stream(stream):
             dest.copy_(source, non_blocking=True)
             event = torch.cuda.Event()  # type: ignore[no-untyped-call]
             event.record(stream)
-        slot.event = event
+        slot.events.append(event)
 
     def finish(self) -> None:
         """Wait for every copy started, so that the destinations hold their data."""
@@ -143,7 +155,7 @@ def _read_piece(
         if checksum is not None:
             digests.values[index] = checksum.digest(view)
     else:
-        buffer, slot = staging.buffer(item.dest.device)
+        buffer, slot = staging.buffer()
         part = buffer[: end - begin]
         view = tensor_bytes(part)
         source.readinto([view], item.offset + begin)
@@ -164,7 +176,7 @@ def _read_batch(
         views = [tensor_bytes(item.dest) for item, _ in batch]
         source.readinto(views, batch[0][0].offset)
     else:
-        buffer, slot = staging.buffer(batch[0][0].dest.device)
+        buffer, slot = staging.buffer()
         views, position = [], 0
         for item, _ in batch:
             views.append(tensor_bytes(buffer[position : position + item.nbytes]))
@@ -215,37 +227,49 @@ def read_tensors(
     if staged or any(item.dest.device.type != "cpu" for item in items):
         if chunk > MAX_STAGING_BYTES:
             raise ValueError(f"staged reads take pieces of at most {MAX_STAGING_BYTES} bytes")
-        staging = Staging(max(chunk, BATCH_BYTES + SMALL_TENSOR_BYTES))
+        devices = {item.dest.device for item in items}
+        staging = Staging(max(chunk, BATCH_BYTES + SMALL_TENSOR_BYTES), devices)
     batch_limit = staging.nbytes if staging is not None else 1 << 62
+
+    batch_staged = False
+
+    def needs_staging(item: ReadItem) -> bool:
+        return staged or item.dest.device.type != "cpu"
 
     def flush() -> None:
         nonlocal batch, batch_bytes
         if batch:
-            jobs.append(partial(_read_batch, source, batch, hashing, staging))
+            jobs.append(
+                partial(_read_batch, source, batch, hashing, staging if batch_staged else None)
+            )
         batch, batch_bytes = [], 0
 
-    for item in sorted(items, key=lambda i: i.offset):
-        nbytes = item.nbytes
-        spans = checksum.spans(nbytes, chunk)
-        digests = _Digests(item, len(spans), on_done)
-        all_digests.append((item, digests))
-        if nbytes <= SMALL_TENSOR_BYTES and len(spans) == 1:
-            if batch and (
-                item.offset != end_of_batch
-                or batch_bytes >= BATCH_BYTES
-                or len(batch) >= BATCH_BUFFERS
-                or batch_bytes + nbytes > batch_limit
-            ):
-                flush()
-            batch.append((item, digests))
-            batch_bytes += nbytes
-            end_of_batch = item.offset + nbytes
-            continue
-        for index, (begin, end) in enumerate(spans):
-            jobs.append(
-                partial(_read_piece, source, item, digests, index, begin, end, hashing, staging)
-            )
-    flush()
+    with paused_gc():  # many small objects for a file of many tensors, none cyclic
+        for item in sorted(items, key=lambda i: i.offset):
+            nbytes = item.nbytes
+            spans = checksum.spans(nbytes, chunk)
+            digests = _Digests(item, len(spans), on_done)
+            all_digests.append((item, digests))
+            if nbytes <= SMALL_TENSOR_BYTES and len(spans) == 1:
+                if batch and (
+                    item.offset != end_of_batch
+                    or batch_bytes >= BATCH_BYTES
+                    or len(batch) >= BATCH_BUFFERS
+                    or batch_bytes + nbytes > batch_limit
+                    or needs_staging(item) != batch_staged
+                ):
+                    flush()
+                batch.append((item, digests))
+                batch_staged = needs_staging(item)
+                batch_bytes += nbytes
+                end_of_batch = item.offset + nbytes
+                continue
+            through = staging if needs_staging(item) else None
+            for index, (begin, end) in enumerate(spans):
+                jobs.append(
+                    partial(_read_piece, source, item, digests, index, begin, end, hashing, through)
+                )
+        flush()
     try:
         run_jobs(jobs, threads=threads)
     finally:

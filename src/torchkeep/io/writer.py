@@ -10,7 +10,7 @@ from functools import partial
 
 import torch
 
-from torchkeep.format import checksum_bytes, chunk_spans, combine_digests
+from torchkeep.format import checksum_bytes, chunk_spans, combine_digests, paused_gc
 from torchkeep.io.memory import tensor_bytes
 from torchkeep.io.pool import BATCH_BYTES, SMALL_TENSOR_BYTES, run_jobs
 from torchkeep.storage import Sink
@@ -174,21 +174,22 @@ def write_tensors(
             jobs.append(partial(_write_batch, sink, staging, digest, batch))
         batch, batch_bytes = [], 0
 
-    for item in sorted(items, key=lambda i: i.offset):
-        nbytes = item.nbytes
-        spans = chunk_spans(nbytes, chunk)
-        pieces = _Pieces(item, len(spans))
-        results[item.name] = pieces
-        if nbytes <= SMALL_TENSOR_BYTES and len(spans) == 1:
-            if batch and (item.offset != end_of_batch or batch_bytes >= BATCH_BYTES):
-                flush()
-            batch.append(pieces)
-            batch_bytes += nbytes
-            end_of_batch = item.offset + nbytes
-            continue
-        for index, (begin, end) in enumerate(spans):
-            jobs.append(partial(_write_piece, sink, staging, digest, pieces, index, begin, end))
-    flush()
+    with paused_gc():  # many small objects for a save of many tensors, none cyclic
+        for item in sorted(items, key=lambda i: i.offset):
+            nbytes = item.nbytes
+            spans = chunk_spans(nbytes, chunk)
+            pieces = _Pieces(item, len(spans))
+            results[item.name] = pieces
+            if nbytes <= SMALL_TENSOR_BYTES and len(spans) == 1:
+                if batch and (item.offset != end_of_batch or batch_bytes >= BATCH_BYTES):
+                    flush()
+                batch.append(pieces)
+                batch_bytes += nbytes
+                end_of_batch = item.offset + nbytes
+                continue
+            for index, (begin, end) in enumerate(spans):
+                jobs.append(partial(_write_piece, sink, staging, digest, pieces, index, begin, end))
+        flush()
     run_jobs(jobs, threads=threads)
     if digest is None:
         return {}

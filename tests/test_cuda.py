@@ -221,10 +221,36 @@ def test_a_read_is_ordered_after_the_callers_stream(tmp_path):
     assert torch.equal(dest.cpu(), state["big"])
 
 
-def test_load_with_map_location_streams_to_the_gpu(tmp_path):
+def test_load_with_map_location_streams_to_the_gpu(tmp_path, monkeypatch):
+    from torchkeep.io import reader
+
+    made = []
+    init = reader.Staging.__init__
+
+    def record(self, *args, **kwargs):
+        made.append(self)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(reader.Staging, "__init__", record)
     state = _big_state()
     tk.save(state, tmp_path / "s.safetensors")
     loaded = tk.load(tmp_path / "s.safetensors", map_location="cuda")
+    assert made  # read through the pinned staging buffers, not to the CPU first
     for name, value in state.items():
         assert loaded[name].device.type == "cuda"
         assert torch.equal(loaded[name].cpu(), value)
+    made.clear()
+    cast = tk.load(tmp_path / "s.safetensors", map_location="cuda", dtype=torch.bfloat16)
+    assert not made  # cast on the CPU first: the device never holds both copies
+    assert cast["layer0.weight"].dtype == torch.bfloat16 and cast["step"].dtype == torch.int64
+    assert cast["layer0.weight"].device.type == "cuda"
+
+
+def test_load_weights_to_cuda_reads_into_parameters_already_there(tmp_path):
+    source = SimpleNet()
+    tk.save_weights(source, tmp_path / "m.safetensors")
+    target = SimpleNet().cuda()
+    pointers = [p.data_ptr() for p in target.parameters()]
+    tk.load_weights(target, tmp_path / "m.safetensors", device="cuda")  # "cuda", not "cuda:0"
+    assert [p.data_ptr() for p in target.parameters()] == pointers
+    assert_same_state(source, target.cpu())

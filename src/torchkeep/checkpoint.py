@@ -85,8 +85,8 @@ def load(
             they are restored in place (tensors of matching dtype and shape, on the CPU or a
             GPU, are read straight into their memory) and returned at their places in the
             result.
-        map_location: the device every loaded tensor is moved to (read straight there: a GPU
-            through pinned staging buffers).
+        map_location: the device every loaded tensor is moved to (read straight there, a GPU
+            through pinned staging buffers, unless ``dtype`` casts them first).
         dtype: the dtype floating-point tensors are cast to (integer tensors are never cast).
         verify: check every tensor's checksum (on by default).
 
@@ -118,8 +118,13 @@ def load(
         dests: dict[str, torch.Tensor] = {}
         if direct:
             _plan_destinations(tree, into, dests)
+        # Straight to the device unless a cast follows: reading in the file's dtype there and
+        # casting would hold both copies on the device at once.
         loaded = container.read(
-            list(container.entries), into=dests, verify=verify, device=map_location
+            list(container.entries),
+            into=dests,
+            verify=verify,
+            device=map_location if dtype is None else None,
         )
     loaded = {n: convert(t, map_location=map_location, dtype=dtype) for n, t in loaded.items()}
     aliases = container.aliases

@@ -323,7 +323,9 @@ def load_state_dict(
         model.load_state_dict(tk.load_state_dict("model.safetensors"))
     """
     with WeightsSource(source, verify=verify) as weights:
-        tensors = weights.read(list(weights.shapes()), lazy=lazy, device=None if lazy else device)
+        # Straight to the device unless a cast follows (both copies would be held there).
+        direct = not lazy and dtype is None
+        tensors = weights.read(list(weights.shapes()), lazy=lazy, device=device if direct else None)
     if device != "cpu" or dtype is not None:
         converted: dict[int, torch.Tensor] = {}  # tied tensors stay tied after conversion
         for key, t in tensors.items():
@@ -384,7 +386,7 @@ def load_weights(
             )
         wanted = [k for k in expected if k in shapes and k not in mismatched]
         # Read straight into the parameters (on any device) unless they must move.
-        target = None if device is None else torch.device(device)
+        target = None if device is None else _concrete(torch.device(device))
         dests = {
             rename[k]: expected[k] for k in wanted if target is None or expected[k].device == target
         }
@@ -393,6 +395,13 @@ def load_weights(
     # load_state_dict runs the module's own hooks; copying a tensor onto itself is skipped.
     model.load_state_dict(state, strict=False)
     return result
+
+
+def _concrete(device: torch.device) -> torch.device:
+    """``device`` with its index, as tensors report theirs (``cuda`` is ``cuda:N`` there)."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def _strip(key: str, prefix: str | None) -> str:

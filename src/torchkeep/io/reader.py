@@ -119,7 +119,7 @@ class Staging:
 
     def copy(self, dest: torch.Tensor, source: torch.Tensor, slot: _Slot) -> None:
         """Copy ``source`` (part of ``slot``'s buffer) into ``dest``."""
-        if dest.device.type != "cuda" or dest.device not in self._callers:
+        if dest.device.type != "cuda":
             dest.copy_(source)
             return
         stream = self._stream(dest.device)
@@ -223,18 +223,17 @@ def read_tensors(
     end_of_batch = -1
 
     hashing = checksum if verify else None
-    staging: Staging | None = None
-    if staged or any(item.dest.device.type != "cpu" for item in items):
-        if chunk > MAX_STAGING_BYTES:
-            raise ValueError(f"staged reads take pieces of at most {MAX_STAGING_BYTES} bytes")
-        devices = {item.dest.device for item in items}
-        staging = Staging(max(chunk, BATCH_BYTES + SMALL_TENSOR_BYTES), devices)
-    batch_limit = staging.nbytes if staging is not None else 1 << 62
-
-    batch_staged = False
-
     def needs_staging(item: ReadItem) -> bool:
         return staged or item.dest.device.type != "cpu"
+
+    staging: Staging | None = None
+    if any(needs_staging(item) for item in items):
+        if chunk > MAX_STAGING_BYTES:
+            raise ValueError(f"staged reads take pieces of at most {MAX_STAGING_BYTES} bytes")
+        # A buffer holds one piece, or one batch (below BATCH_BYTES + one small tensor).
+        devices = {item.dest.device for item in items}
+        staging = Staging(max(chunk, BATCH_BYTES + SMALL_TENSOR_BYTES), devices)
+    batch_staged = False
 
     def flush() -> None:
         nonlocal batch, batch_bytes
@@ -255,7 +254,6 @@ def read_tensors(
                     item.offset != end_of_batch
                     or batch_bytes >= BATCH_BYTES
                     or len(batch) >= BATCH_BUFFERS
-                    or batch_bytes + nbytes > batch_limit
                     or needs_staging(item) != batch_staged
                 ):
                     flush()

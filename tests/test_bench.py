@@ -4,6 +4,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from torchkeep.bench import LIBRARIES, format_markdown, run_benchmark
 from torchkeep.bench.report import targets
@@ -66,10 +67,12 @@ def test_bench_command_writes_the_table_and_the_chart(tmp_path: Path) -> None:
     work.mkdir()
     status = main(
         ["bench", "--size", "2MiB", "--repeats", "1", "--dir", str(work), "--out", str(out),
-         "--plot", str(chart), "--small-tensors", "100"]
+         "--plot", str(chart), "--small-tensors", "100", "--device", "cpu"]
     )  # fmt: skip
     assert status == 0
-    assert "| durable save | torchkeep |" in out.read_text()
+    text = out.read_text()
+    assert "| durable save | torchkeep |" in text
+    assert "| cold load to the device | torchkeep |" in text  # the --device cases
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list(work.iterdir()) == []
 
@@ -81,6 +84,7 @@ def test_bench_command_writes_the_table_and_the_chart(tmp_path: Path) -> None:
         (["--size", "0"], "--size: invalid size"),
         (["--repeats", "0"], "--repeats must be at least 1"),
         (["--small-tensors", "0"], "--small-tensors must be at least 1"),
+        (["--device", "warp-drive"], "--device warp-drive: not a device"),
         (["--dir", "/nonexistent/dir"], "no such directory"),
     ],
 )
@@ -102,3 +106,9 @@ def test_gpu_benchmark_harness_runs_on_the_cpu(tmp_path: Path) -> None:
     }
     assert "| cold load to the device | torchkeep |" in format_gpu(result)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_bench_on_cuda_without_a_gpu_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--device", "cuda"]) == 2
+    assert "no usable CUDA device" in capsys.readouterr().err

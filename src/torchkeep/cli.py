@@ -285,6 +285,7 @@ def cmd_bench(args: argparse.Namespace, console: Console) -> int:
             "install it with: pip install 'torchkeep[bench]'"
         ) from e
     from torchkeep.bench import format_markdown, run_benchmark
+    from torchkeep.bench.gpu import GPU_RUNS, format_gpu, run_gpu_benchmark
     from torchkeep.bench.runner import planned_runs
     from torchkeep.convert import parse_size
 
@@ -302,6 +303,16 @@ def cmd_bench(args: argparse.Namespace, console: Console) -> int:
         raise ValueError("--small-tensors must be at least 1")
     if args.dir is not None and not os.path.isdir(args.dir):
         raise ValueError(f"--dir {args.dir}: no such directory")
+    if args.device is not None:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError as e:
+            raise ValueError(f"--device {args.device}: not a device ({e})") from e
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device}: this machine has no usable CUDA device")
+    total = planned_runs(args.repeats) + (
+        (args.repeats + 1) * GPU_RUNS if args.device is not None else 0
+    )
     console.print(
         f"[bold]torchkeep bench[/bold]: {size / (1 << 20):.0f} MiB, {args.repeats} repeats, "
         f"files under {args.dir or os.getcwd()}"
@@ -314,7 +325,7 @@ def cmd_bench(args: argparse.Namespace, console: Console) -> int:
         console=console,
         transient=True,
     ) as bar:
-        task = bar.add_task("starting", total=planned_runs(args.repeats))
+        task = bar.add_task("starting", total=total)
 
         def progress(line: str) -> None:
             bar.update(task, description=line)
@@ -329,7 +340,19 @@ def cmd_bench(args: argparse.Namespace, console: Console) -> int:
             small_tensors=args.small_tensors,
             step=lambda: bar.advance(task),
         )
-    text = format_markdown(result)
+        gpu = (
+            run_gpu_benchmark(
+                size_bytes=size,
+                repeats=args.repeats,
+                device=args.device,
+                directory=args.dir,
+                progress=progress,
+                step=lambda: bar.advance(task),
+            )
+            if args.device is not None
+            else None
+        )
+    text = format_markdown(result) + ("\n" + format_gpu(gpu) if gpu is not None else "")
     console.print(text, markup=False)
     if args.out:
         Path(args.out).write_text(text)
@@ -412,7 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _command(sub, "bench", "compare with torch.save/torch.load and safetensors",
                  "  torchkeep bench\n  torchkeep bench --size 256MiB --repeats 5 --out t.md\n"
-                 "  torchkeep bench --dir /mnt/nvme --plot bench.png\n",
+                 "  torchkeep bench --dir /mnt/nvme --plot bench.png\n"
+                 "  torchkeep bench --device cuda\n",
                  cmd_bench)  # fmt: skip
     p.add_argument("--size", default="1GiB", help="state dict size (default 1GiB)")
     p.add_argument("--size-mib", type=int, help=argparse.SUPPRESS)  # the older spelling
@@ -423,6 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--small-tensors", type=int, default=10_000, help="4-64 KiB tensors to save (default 10000)"
     )
+    p.add_argument("--device", help="also load to and save from this device (e.g. cuda)")
     p.add_argument("--verbose", action="store_true", help="print a line for every run")
     return parser
 

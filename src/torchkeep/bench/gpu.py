@@ -27,7 +27,7 @@ import torch
 import torchkeep as tk
 from torchkeep.bench.cases import LIBRARIES, SAFETENSORS, TORCH, TORCHKEEP
 from torchkeep.bench.report import CaseResult
-from torchkeep.bench.runner import Progress, run_interleaved
+from torchkeep.bench.runner import Progress, Step, run_interleaved
 from torchkeep.bench.workload import (
     MIB,
     drop_cache,
@@ -39,6 +39,7 @@ from torchkeep.bench.workload import (
 
 LOAD_TO_DEVICE = "cold load to the device"
 SAVE_FROM_DEVICE = "durable save from the device"
+GPU_RUNS = 2 * len(LIBRARIES)  # runs per round: both cases, every library
 
 
 def _synchronize(device: torch.device) -> None:
@@ -104,9 +105,11 @@ def run_gpu_benchmark(
     directory: str | os.PathLike[str] | None = None,
     progress: Progress | None = None,
     command: str | None = None,
+    step: Step | None = None,
 ) -> GpuResult:
     """Run the load and save cases on ``device``; files go to a temporary directory under
-    ``directory`` (default: the current one), removed at the end."""
+    ``directory`` (default: the current one), removed at the end. ``step`` is called after
+    each run: ``(repeats + 1) * GPU_RUNS`` times."""
     target = torch.device(device)
     parent = os.fspath(directory) if directory is not None else os.getcwd()
     work = tempfile.mkdtemp(prefix="torchkeep-gpu-bench-", dir=parent)
@@ -120,7 +123,7 @@ def run_gpu_benchmark(
             lib: partial(time_load_to, lib, paths[lib], target) for lib in LIBRARIES
         }
         cases = run_interleaved(
-            LOAD_TO_DEVICE, runs, repeats=repeats, nbytes=nbytes, progress=progress
+            LOAD_TO_DEVICE, runs, repeats=repeats, nbytes=nbytes, progress=progress, step=step
         )
         for p in paths.values():
             remove_file(p)
@@ -130,7 +133,7 @@ def run_gpu_benchmark(
         saves = {lib: os.path.join(work, f"save.{_EXT[lib]}") for lib in LIBRARIES}
         runs = {lib: partial(time_save_from, lib, on_device, saves[lib]) for lib in LIBRARIES}
         cases += run_interleaved(
-            SAVE_FROM_DEVICE, runs, repeats=repeats, nbytes=nbytes, progress=progress
+            SAVE_FROM_DEVICE, runs, repeats=repeats, nbytes=nbytes, progress=progress, step=step
         )
         name = torch.cuda.get_device_name(target) if target.type == "cuda" else "CPU"
         return GpuResult(

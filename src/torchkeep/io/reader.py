@@ -223,6 +223,7 @@ def read_tensors(
     end_of_batch = -1
 
     hashing = checksum if verify else None
+
     def needs_staging(item: ReadItem) -> bool:
         return staged or item.dest.device.type != "cpu"
 

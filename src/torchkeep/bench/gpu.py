@@ -4,7 +4,7 @@ safetensors, interleaved like the core cases.
 * load to the device (cold cache, synchronised): ``tk.load_state_dict(device=...)`` against
   ``torch.load(map_location=...)`` and ``safetensors.torch.load_file(device=...)``;
 * durable save from the device: ``tk.save_weights`` against ``torch.save`` and
-  ``safetensors.torch.save_file``, each followed by an fsync.
+  ``safetensors.torch.save_file``, each followed by an fsync (``cases.time_save``).
 
 The same functions run with ``device="cpu"`` (how the harness is tested without a GPU).
 """
@@ -17,7 +17,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -25,13 +25,12 @@ import safetensors.torch
 import torch
 
 import torchkeep as tk
-from torchkeep.bench.cases import LIBRARIES, SAFETENSORS, TORCH, TORCHKEEP
-from torchkeep.bench.report import CaseResult
-from torchkeep.bench.runner import Progress, Step, run_interleaved
+from torchkeep.bench.cases import LIBRARIES, SAFETENSORS, TORCH, TORCHKEEP, time_save
+from torchkeep.bench.report import CaseResult, case_table
+from torchkeep.bench.runner import EXTENSIONS, Progress, Step, run_interleaved
 from torchkeep.bench.workload import (
     MIB,
     drop_cache,
-    fsync_file,
     make_state_dict,
     remove_file,
     state_bytes,
@@ -66,23 +65,6 @@ def time_load_to(library: str, path: str, device: torch.device) -> float:
     return seconds
 
 
-def time_save_from(library: str, state: Mapping[str, torch.Tensor], path: str) -> float:
-    """Delete ``path``, then time one durable save of ``state`` (on any device) to it."""
-    remove_file(path)
-    started = time.perf_counter()
-    if library == TORCHKEEP:
-        tk.save_weights(state, path)
-    elif library == TORCH:
-        torch.save(dict(state), path)
-        fsync_file(path)
-    elif library == SAFETENSORS:
-        safetensors.torch.save_file(dict(state), path)
-        fsync_file(path)
-    else:
-        raise ValueError(f"unknown library {library!r}")
-    return time.perf_counter() - started
-
-
 @dataclass(frozen=True)
 class GpuResult:
     device: str
@@ -92,9 +74,6 @@ class GpuResult:
     tensors: int
     repeats: int
     cases: tuple[CaseResult, ...]
-
-
-_EXT = {TORCHKEEP: "tk.safetensors", TORCH: "pt", SAFETENSORS: "st.safetensors"}
 
 
 def run_gpu_benchmark(
@@ -116,9 +95,9 @@ def run_gpu_benchmark(
     try:
         state = make_state_dict(size_bytes)
         nbytes = state_bytes(state)
-        paths = {lib: os.path.join(work, f"load.{_EXT[lib]}") for lib in LIBRARIES}
+        paths = {lib: os.path.join(work, f"load.{EXTENSIONS[lib]}") for lib in LIBRARIES}
         for lib in LIBRARIES:
-            time_save_from(lib, state, paths[lib])
+            time_save(lib, state, paths[lib])
         runs: dict[str, Callable[[], float]] = {
             lib: partial(time_load_to, lib, paths[lib], target) for lib in LIBRARIES
         }
@@ -130,8 +109,8 @@ def run_gpu_benchmark(
         on_device = {k: v.to(target) for k, v in state.items()}
         del state
         _synchronize(target)
-        saves = {lib: os.path.join(work, f"save.{_EXT[lib]}") for lib in LIBRARIES}
-        runs = {lib: partial(time_save_from, lib, on_device, saves[lib]) for lib in LIBRARIES}
+        saves = {lib: os.path.join(work, f"save.{EXTENSIONS[lib]}") for lib in LIBRARIES}
+        runs = {lib: partial(time_save, lib, on_device, saves[lib]) for lib in LIBRARIES}
         cases += run_interleaved(
             SAVE_FROM_DEVICE, runs, repeats=repeats, nbytes=nbytes, progress=progress, step=step
         )
@@ -158,14 +137,7 @@ def format_gpu(result: GpuResult) -> str:
         f"- state dict: {result.size_bytes / MIB:.0f} MiB in {result.tensors} tensors; "
         f"{result.repeats} counted runs after a warm-up, interleaved; median seconds",
         "",
-        "| case | library | median s | min s | GB/s | ratio (torchkeep faster by ×) |",
-        "|---|---|---:|---:|---:|---:|",
+        *case_table(result.cases),
+        "",
     ]
-    for c in result.cases:
-        ratio = f"{c.ratio:.2f}×" if c.ratio is not None else "–"
-        lines.append(
-            f"| {c.group} | {c.library} | {c.median:.3f} | {c.minimum:.3f} | {c.gbps:.2f} | "
-            f"{ratio} |"
-        )
-    lines.append("")
     return "\n".join(lines)

@@ -6,7 +6,7 @@ import os
 import platform
 import statistics
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import safetensors
@@ -175,6 +175,21 @@ def machine_info(directory: str) -> MachineInfo:
     )
 
 
+def case_table(cases: Iterable[CaseResult]) -> list[str]:
+    """The Markdown table of cases: times, throughput and ratio, one row each."""
+    lines = [
+        "| case | library | median s | min s | GB/s | ratio (torchkeep faster by ×) |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for c in cases:
+        ratio = f"{c.ratio:.2f}×" if c.ratio is not None else "–"
+        lines.append(
+            f"| {c.group} | {c.library} | {c.median:.3f} | {c.minimum:.3f} | "
+            f"{c.gbps:.2f} | {ratio} |"
+        )
+    return lines
+
+
 def format_markdown(result: BenchResult) -> str:
     """Return the results as Markdown: a header describing the run, then the tables."""
     m = result.machine
@@ -203,17 +218,7 @@ def format_markdown(result: BenchResult) -> str:
             f"- **{result.repeats} repeats: a smoke run, not for publication "
             f"(publish with {MIN_PUBLISHED_REPEATS} or more)**"
         )
-    lines += [
-        "",
-        "| case | library | median s | min s | GB/s | ratio (torchkeep faster by ×) |",
-        "|---|---|---:|---:|---:|---:|",
-    ]
-    for c in result.cases:
-        ratio = f"{c.ratio:.2f}×" if c.ratio is not None else "–"
-        lines.append(
-            f"| {c.group} | {c.library} | {c.median:.3f} | {c.minimum:.3f} | "
-            f"{c.gbps:.2f} | {ratio} |"
-        )
+    lines += ["", *case_table(result.cases)]
     lines += [
         "",
         "Raw disk, measured on the same directory in the same interleaved rounds as each case "

@@ -125,7 +125,7 @@ def run_interleaved(
     ]
 
 
-_EXT = {TORCHKEEP: "tk.safetensors", TORCH: "pt", SAFETENSORS: "st.safetensors"}
+EXTENSIONS = {TORCHKEEP: "tk.safetensors", TORCH: "pt", SAFETENSORS: "st.safetensors"}
 
 
 def _split(results: list[CaseResult]) -> tuple[list[CaseResult], list[CaseResult]]:
@@ -168,8 +168,8 @@ def _cases(
     buffer = make_raw_buffer(nbytes)
     cases: list[CaseResult] = []
     raw: list[CaseResult] = []
-    saves = {lib: os.path.join(work, f"save.{_EXT[lib]}") for lib in LIBRARIES}
-    loads = {lib: os.path.join(work, f"load.{_EXT[lib]}") for lib in LIBRARIES}
+    saves = {lib: os.path.join(work, f"save.{EXTENSIONS[lib]}") for lib in LIBRARIES}
+    loads = {lib: os.path.join(work, f"load.{EXTENSIONS[lib]}") for lib in LIBRARIES}
     try:
         runs: dict[str, Callable[[], float]] = {
             lib: partial(time_save, lib, state, saves[lib]) for lib in LIBRARIES
@@ -236,7 +236,7 @@ def _small_cases(work: str, rounds: _Rounds, count: int) -> list[CaseResult]:
     rounds.say(f"building {count:,} small tensors")
     state = make_small_state_dict(count)
     nbytes = state_bytes(state)
-    paths = {lib: os.path.join(work, f"small.{_EXT[lib]}") for lib in LIBRARIES}
+    paths = {lib: os.path.join(work, f"small.{EXTENSIONS[lib]}") for lib in LIBRARIES}
     try:
         runs: dict[str, Callable[[], float]] = {
             lib: partial(time_save, lib, state, paths[lib]) for lib in LIBRARIES
@@ -255,7 +255,7 @@ def _memory_cases(
     if progress:
         progress("measuring the peak memory of each save and load in fresh processes")
     results = []
-    paths = {lib: os.path.join(work, f"memory.{_EXT[lib]}") for lib in LIBRARIES}
+    paths = {lib: os.path.join(work, f"memory.{EXTENSIONS[lib]}") for lib in LIBRARIES}
     try:
         for mode in (SAVE_MEMORY, LOAD_MEMORY):
             # Saves run side by side; each load reads the file its library's save wrote.

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from torchkeep.bench.report import progress_to_stderr, publish
 from torchkeep.bench.training import format_training, measure_blocking, measure_steps
 
 
@@ -33,9 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     if "cuda" in devices and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here")
 
-    def progress(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
-
+    progress = progress_to_stderr
     with tempfile.TemporaryDirectory(prefix="torchkeep-async-bench-", dir=args.dir) as work:
         blocking = [
             measure_blocking(
@@ -45,9 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
         steps = None if args.no_steps else measure_steps(work, progress=progress)
     text = format_training(blocking, steps)
-    print(text)
-    if args.out is not None:
-        args.out.write_text(text, encoding="utf-8")
+    publish(text, args.out)
     return 0
 
 

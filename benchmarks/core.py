@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from torchkeep.bench import format_markdown, run_benchmark
+from torchkeep.bench.report import progress_to_stderr, publish
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,9 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.size_mib < 1 or args.repeats < 1:
         parser.error("--size-mib and --repeats must be at least 1")
 
-    def progress(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
-
+    progress = progress_to_stderr
     command = shlex.join(["python", *(sys.argv if argv is None else ["benchmarks/core.py", *argv])])
     result = run_benchmark(
         size_bytes=args.size_mib << 20,
@@ -44,10 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         engine=not args.no_engine,
     )
     text = format_markdown(result)
-    print(text)
-    if args.out is not None:
-        args.out.write_text(text, encoding="utf-8")
-        progress(f"wrote {args.out}")
+    publish(text, args.out)
     if args.plot is not None:
         from torchkeep.bench.plot import plot
 

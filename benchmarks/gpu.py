@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from torchkeep.bench.gpu import format_gpu, run_gpu_benchmark
+from torchkeep.bench.report import progress_to_stderr, publish
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,9 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.size_mib < 1 or args.repeats < 1:
         parser.error("--size-mib and --repeats must be at least 1")
 
-    def progress(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
-
+    progress = progress_to_stderr
     command = shlex.join(["python", *(sys.argv if argv is None else ["benchmarks/gpu.py", *argv])])
     result = run_gpu_benchmark(
         size_bytes=args.size_mib << 20,
@@ -41,9 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         command=command,
     )
     text = format_gpu(result)
-    print(text)
-    if args.out is not None:
-        args.out.write_text(text, encoding="utf-8")
+    publish(text, args.out)
     return 0
 
 

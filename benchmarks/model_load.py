@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 from torchkeep.bench.model import format_model_load, run_model_load
+from torchkeep.bench.report import progress_to_stderr, publish
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,15 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.size_mib < 1 or args.repeats < 1:
         parser.error("--size-mib and --repeats must be at least 1")
 
-    def progress(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
-
+    progress = progress_to_stderr
     with tempfile.TemporaryDirectory(prefix="torchkeep-model-bench-", dir=args.dir) as work:
         results = run_model_load(args.size_mib << 20, work, repeats=args.repeats, progress=progress)
     text = format_model_load(results)
-    print(text)
-    if args.out is not None:
-        args.out.write_text(text, encoding="utf-8")
+    publish(text, args.out)
     return 0
 
 

@@ -27,7 +27,7 @@ from torchkeep.bench.cases import (
     time_raw_write,
     time_save,
 )
-from torchkeep.bench.report import machine_info
+from torchkeep.bench.report import machine_info, progress_to_stderr, publish
 from torchkeep.bench.runner import run_interleaved
 from torchkeep.bench.workload import MIB, make_raw_buffer, make_state_dict, state_bytes
 
@@ -40,9 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="also write the Markdown here")
     args = parser.parse_args(argv)
 
-    def progress(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
-
+    progress = progress_to_stderr
     parent = args.dir or os.getcwd()
     work = tempfile.mkdtemp(prefix="torchkeep-scaling-", dir=parent)
     m = machine_info(work)
@@ -99,9 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{tk_load:.2f} | {raw_load:.2f} | {tk_load / raw_load:.0%} |"
         )
     text = "\n".join([*lines, ""])
-    print(text)
-    if args.out is not None:
-        args.out.write_text(text, encoding="utf-8")
+    publish(text, args.out)
     return 0
 
 

@@ -6,6 +6,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -347,3 +348,17 @@ def targets(result: BenchResult) -> list[tuple[str, str, bool]]:
             continue
         rows.append((target, measured, met))
     return rows
+
+
+def progress_to_stderr(line: str) -> None:
+    """The benchmark scripts' progress: one line per run on standard error."""
+    print(line, file=sys.stderr, flush=True)
+
+
+def publish(text: str, out: str | os.PathLike[str] | None) -> None:
+    """Print a benchmark's Markdown to standard output and, when asked, write it to ``out``."""
+    print(text)
+    if out is not None:
+        with open(out, "w", encoding="utf-8") as f:
+            f.write(text)
+        progress_to_stderr(f"wrote {os.fspath(out)}")

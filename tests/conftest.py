@@ -3,6 +3,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -92,3 +93,21 @@ def run_script(
         text=True,
         timeout=timeout,
     )
+
+
+@pytest.fixture(scope="session")
+def moto_server():
+    """moto's S3 server on loopback, started once for the session."""
+    from s3server import MotoServer
+
+    server = MotoServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3(moto_server):
+    """A fresh bucket on the loopback S3 server: (its URL, the storage_options to reach it)."""
+    from s3server import options
+
+    return f"s3://{moto_server.new_bucket()}", options(moto_server.endpoint)

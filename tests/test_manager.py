@@ -1066,14 +1066,6 @@ def test_a_step_moved_aside_by_an_interrupted_replacement_comes_back(tmp_path):
     assert _listing(tmp_path) == ["step_000000007"]
 
 
-def test_urls_are_refused_until_remote_storage_exists(tmp_path):
-    with pytest.raises(tk.UnsupportedFormatError, match="remote storage"):
-        tk.CheckpointManager("s3://bucket/run1")
-    with pytest.raises(tk.UnsupportedFormatError, match="remote storage"):
-        tk.save({"w": torch.ones(2)}, "s3://bucket/w.safetensors")
-    assert not (tmp_path / "s3:").exists() and not os.path.exists("s3:")
-
-
 _SIGNALS_SCRIPT = """
 import os, signal, sys, torch, torchkeep as tk
 root = sys.argv[1]

@@ -14,6 +14,8 @@ from torchkeep.container import SaveInfo, open_container, write_container
 from torchkeep.dcp import is_dcp_dir, load_dcp
 from torchkeep.errors import StateMismatchError, UnsupportedObjectError
 from torchkeep.legacy import load_pickle_file, sniff
+from torchkeep.remote import is_url, readable, storage_for
+from torchkeep.storage import Storage
 from torchkeep.tree import STATEFUL, TENSOR, RNGState, Stateful, decode, flatten, path_name
 
 Device = str | torch.device
@@ -34,15 +36,22 @@ def check_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 def save(
-    obj: Any, path: str | os.PathLike[str], *, metadata: Mapping[str, Any] | None = None
+    obj: Any,
+    path: str | os.PathLike[str],
+    *,
+    metadata: Mapping[str, Any] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> SaveInfo:
     """Save any training state without pickle: the drop-in for ``torch.save(obj, path)``.
 
     Args:
         obj: nested dicts, lists and tuples of tensors, Python scalars, str, bytes, None and
             Stateful objects (modules, optimizers, schedulers, GradScaler, ``RNGState``).
-        path: a ``.safetensors`` file, or a directory for any other name.
+        path: a ``.safetensors`` file, or a directory for any other name; local, or an
+            fsspec URL such as ``s3://bucket/run/ckpt`` (the ``remote`` extra).
         metadata: JSON-serialisable values stored with the state.
+        storage_options: for a URL, the options of its fsspec file system (credentials,
+            ``endpoint_url``, …).
 
     Returns:
         What was written.
@@ -56,14 +65,16 @@ def save(
 
         tk.save({"model": model, "optimizer": optimizer, "epoch": 5}, "ckpt.safetensors")
     """
+    storage, target = storage_for(path, storage_options)
     flat = flatten(obj)
     return write_container(
-        os.fspath(path),
+        target,
         flat.tensors,
         kind="state",
         tree=flat.tree,
         aliases=flat.aliases,
         metadata=check_metadata(metadata),
+        storage=storage,
     )
 
 
@@ -74,6 +85,7 @@ def load(
     map_location: Device | None = None,
     dtype: torch.dtype | None = None,
     verify: bool = True,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Any:
     """Load state saved by ``save``, any safetensors file (as a flat dict of tensors), a
     ``torch.save`` file (through a restricted unpickler that never runs code from the file), or
@@ -89,6 +101,7 @@ def load(
             through pinned staging buffers, unless ``dtype`` casts them first).
         dtype: the dtype floating-point tensors are cast to (integer tensors are never cast).
         verify: check every tensor's checksum (on by default).
+        storage_options: for a URL (``s3://…``), the options of its fsspec file system.
 
     Returns:
         The saved object; Stateful objects come back as their state dicts unless given in ``into``.
@@ -101,15 +114,33 @@ def load(
 
         state = tk.load("ckpt.safetensors", into={"model": model, "optimizer": optimizer})
     """
+    storage, target = storage_for(path, storage_options)
+    with readable(storage, target) as (storage, target):
+        return load_from(
+            storage, target, into=into, map_location=map_location, dtype=dtype, verify=verify
+        )
+
+
+def load_from(
+    storage: Storage,
+    path: str,
+    *,
+    into: Any = None,
+    map_location: Device | None = None,
+    dtype: torch.dtype | None = None,
+    verify: bool = True,
+) -> Any:
+    """``load`` from ``path`` in ``storage``."""
     foreign = None
-    if is_dcp_dir(path):
-        foreign = load_dcp(path, verify=verify)
-    elif not os.path.isdir(path) and sniff(os.fspath(path)) != "safetensors":
-        foreign = load_pickle_file(os.fspath(path), verify=verify)
+    if not is_url(path):
+        if is_dcp_dir(path):
+            foreign = load_dcp(path, verify=verify)
+        elif not os.path.isdir(path) and sniff(path) != "safetensors":
+            foreign = load_pickle_file(path, verify=verify)
     if foreign is not None:
         obj = _convert_tree(foreign, map_location, dtype)
         return obj if into is None else _restore(None, obj, into, ())
-    with open_container(path) as container:
+    with open_container(path, storage=storage) as container:
         tree = _tree_of(container.entries, container.aliases, container.manifest)
         if into is not None:
             # Everything that can be checked is checked before a byte is read into `into`.
@@ -361,6 +392,7 @@ def save_checkpoint(
     extra: Any = None,
     rng: bool = True,
     metadata: Mapping[str, Any] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> SaveInfo:
     """Save everything needed to resume training exactly: the tutorials' general checkpoint.
 
@@ -380,7 +412,7 @@ def save_checkpoint(
     state.update(epoch=epoch, step=step, loss=loss, metrics=dict(metrics or {}), extra=extra)
     if rng:
         state["rng_state"] = RNGState()
-    return save(state, path, metadata=metadata)
+    return save(state, path, metadata=metadata, storage_options=storage_options)
 
 
 def load_checkpoint(
@@ -392,6 +424,7 @@ def load_checkpoint(
     scaler: Stateful | None = None,
     map_location: Device | None = None,
     rng: bool = True,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Checkpoint:
     """Restore a checkpoint written by ``save_checkpoint`` into the objects given, in place.
 
@@ -408,7 +441,7 @@ def load_checkpoint(
     """
     given = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
     into: dict[str, Any] = {_SLOTS[k]: v for k, v in given.items() if v is not None}
-    state = load(path, into=into, map_location=map_location)
+    state = load(path, into=into, map_location=map_location, storage_options=storage_options)
     if not isinstance(state, dict):
         raise StateMismatchError(f"{path}: holds no checkpoint dict")
     if rng and isinstance(state.get("rng_state"), Mapping):

@@ -12,6 +12,7 @@ import errno
 import logging
 import mmap
 import os
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
@@ -162,7 +163,13 @@ def write_container(
         raise ValueError(f"{path}: the model section must be a dict, not {type(model).__name__}")
     with paused_gc():  # many small objects for a save of many tensors, none cyclic
         shards = _layout(tensors, dtypes, shard_bytes if not single else 1 << 62)
-        shard_files = ["" if single else f"shard-{i:05d}.safetensors" for i in range(len(shards))]
+        save_id = uuid.uuid4().hex
+        # Built in place (object stores): names no earlier save used, so the previous save's
+        # objects stay whole until the new manifest replaces its own.
+        tag = "" if storage.atomic_dirs else f"-{save_id[:12]}"
+        shard_files = [
+            "" if single else f"shard-{i:05d}{tag}.safetensors" for i in range(len(shards))
+        ]
         entries: dict[str, TensorEntry] = {}
         for file, shard in zip(shard_files, shards, strict=True):
             for name, entry in shard:
@@ -187,7 +194,7 @@ def write_container(
         written: tuple[str, ...] = (os.path.basename(path),)
     else:
         file_bytes = _write_directory(
-            path, manifest, shard_files, files, tensors, dtypes, storage, threads, hooks
+            path, save_id, manifest, shard_files, files, tensors, dtypes, storage, threads, hooks
         )
         written = (*shard_files, *files, MANIFEST_FILE)
     seconds = time.perf_counter() - started
@@ -280,6 +287,7 @@ def _write_single(
 
 def _write_directory(
     path: str,
+    save_id: str,
     manifest: Manifest,
     files: list[str],
     members: Mapping[str, bytes],
@@ -289,11 +297,14 @@ def _write_directory(
     threads: int,
     hooks: _Hooks,
 ) -> int:
-    save_id = uuid.uuid4().hex
     check_replaceable(path, storage, (MANIFEST_FILE,))
+    in_place = not storage.atomic_dirs
+    if in_place:
+        _check_members_free(path, members, storage)
     staging = storage.staging_dir(path)
     total = 0
     checksums: dict[str, str] = {}
+    written: list[str] = []
     try:
         for file in files:
             shard = {n: e for n, e in manifest.tensors.items() if e.file == file}
@@ -308,6 +319,7 @@ def _write_directory(
                     _write_items(sink, shard, tensors, dtypes, len(header), threads, hooks)
                 )
 
+            written.append(file)
             storage.write_file(f"{staging}/{file}", size, fill)
             total += size
         for name, data in members.items():
@@ -315,6 +327,7 @@ def _write_directory(
             def put(sink: Sink, data: bytes = data) -> None:
                 sink.pwrite(memoryview(data), 0)
 
+            written.append(name)
             storage.write_file(f"{staging}/{name}", len(data), put)
             total += len(data)
         hooks.commit()
@@ -330,9 +343,43 @@ def _write_directory(
         total += len(text)
         storage.commit_dir(staging, path)
     except BaseException:
-        storage.remove_dir(staging)
+        if not in_place:
+            storage.remove_dir(staging)
+        else:  # only what this save wrote: the previous save's objects are still committed
+            for name in written:
+                storage.remove_file(f"{path}/{name}")
         raise
+    if in_place:
+        _remove_replaced(path, {*files, *members, MANIFEST_FILE}, storage)
     return total
+
+
+_SHARD_NAME = re.compile(r"shard-\d{5}(-[0-9a-f]{12})?\.safetensors")
+
+
+def _check_members_free(path: str, members: Mapping[str, bytes], storage: Storage) -> None:
+    """In place, a member file (an exported program) would overwrite the committed save's copy
+    before the new manifest commits: refuse before writing anything."""
+    if not members or not storage.exists(f"{path}/{MANIFEST_FILE}"):
+        return
+    taken = sorted(set(members) & set(storage.list_dir(path)))
+    if taken:
+        raise StorageError(
+            errno.EEXIST,
+            f"{path}: holds a committed save with {taken[0]}; in object storage a new save "
+            "cannot replace that file without a moment where neither save is whole. Save to a "
+            "new path (a CheckpointManager does), or delete this one first",
+        )
+
+
+def _remove_replaced(path: str, kept: set[str], storage: Storage) -> None:
+    """After an in-place commit: delete the shards of earlier saves (and of interrupted ones)."""
+    for name in storage.list_dir(path):
+        if name not in kept and _SHARD_NAME.fullmatch(name):
+            try:
+                storage.remove_file(f"{path}/{name}")
+            except StorageError as e:  # the new save is committed: only space is lost
+                log.warning("could not delete the replaced %s/%s: %s", path, name, e)
 
 
 def _read_whole(storage: Storage, path: str, check: Callable[[int], None]) -> bytes:
@@ -378,8 +425,8 @@ def check_replaceable(path: str, storage: Storage, markers: tuple[str, ...]) -> 
     """Refuse to replace a directory that is neither empty nor a save (one holding a marker)."""
     if not storage.is_dir(path) or any(storage.exists(f"{path}/{m}") for m in markers):
         return
-    if os.path.isdir(path) and not os.listdir(path):
-        return
+    if all(_SHARD_NAME.fullmatch(name) for name in storage.list_dir(path)):
+        return  # empty, or holding only the shards of a save that never committed
     raise StorageError(
         errno.EEXIST,
         f"{path}: exists and is not a checkpoint; saving there would delete what it holds. "

@@ -634,21 +634,8 @@ def check_against_header(
             )
 
 
-def check_local_path(path: str) -> None:
-    """Refuse URLs (``s3://…``): remote storage is not supported yet, and writing them as local
-    paths would leave the checkpoints on this machine while the user believes them remote."""
-    scheme, sep, _ = path.partition("://")
-    if sep and scheme.replace("+", "").isalnum():
-        raise UnsupportedFormatError(
-            f"{path}: remote storage ({scheme}://) is not supported yet; save to a local path "
-            "and copy it with your storage's tools"
-        )
-
-
 def check_target_name(path: str) -> None:
-    """Refuse targets named like pickle files (users migrating from torch.save type them), and
-    URLs."""
-    check_local_path(path)
+    """Refuse targets named like pickle files (users migrating from torch.save type them)."""
     lowered = path.lower().rstrip("/")
     for suffix in PICKLE_SUFFIXES:
         if lowered.endswith(suffix):

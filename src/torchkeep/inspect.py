@@ -22,6 +22,8 @@ from torchkeep.errors import (
 from torchkeep.format import DTYPE_NAMES, MANIFEST_FILE
 from torchkeep.legacy import load_pickle_file, sniff
 from torchkeep.model import model_summary
+from torchkeep.remote import is_url, readable, storage_for
+from torchkeep.storage import Storage
 from torchkeep.tree import decode
 from torchkeep.weights import MODEL_KEYS, WeightsSource
 
@@ -85,22 +87,37 @@ class VerifyReport:
     checksummed: bool = False
 
 
-def describe(source: str | os.PathLike[str]) -> Description:
+def describe(
+    source: str | os.PathLike[str], *, storage_options: Mapping[str, Any] | None = None
+) -> Description:
     """Describe a save: format, tensors, dtypes, shapes, bytes and metadata. Reads headers only.
+
+    ``source`` may be an fsspec URL (``s3://…``), with its file system's ``storage_options``.
 
     Example::
 
         info = tk.describe("model.safetensors")
         print(info.tensor_bytes, [t.name for t in info.tensors])
     """
-    path = os.fspath(source)
+    storage, path = storage_for(source, storage_options)
+    with readable(storage, path) as (storage, path):
+        return _describe(storage, path)
+
+
+def _describe(storage: Storage, path: str) -> Description:
+    if is_url(path):
+        return _describe_container(storage, path)
     if not os.path.isdir(path) and sniff(path) != "safetensors":
         return _describe_pickle(path)
     if is_dcp_dir(path):
         return _describe_object(path, load_dcp(path), "torch.distributed.checkpoint directory")
     if os.path.isdir(path) and not os.path.exists(os.path.join(path, MANIFEST_FILE)):
         return _describe_weights_directory(path)
-    with open_container(source) as c:
+    return _describe_container(storage, path)
+
+
+def _describe_container(storage: Storage, path: str) -> Description:
+    with open_container(path, storage=storage) as c:
         m = c.manifest
         entries = sorted(c.entries.items(), key=lambda kv: (kv[1].file or "", kv[1].begin))
         tensors = tuple(TensorInfo(n, e.dtype, e.shape, e.nbytes, e.file) for n, e in entries)
@@ -236,11 +253,14 @@ def _optimizer_summary(obj: Any) -> str:
     return ""
 
 
-def verify(source: str | os.PathLike[str]) -> VerifyReport:
+def verify(
+    source: str | os.PathLike[str], *, storage_options: Mapping[str, Any] | None = None
+) -> VerifyReport:
     """Check every header, size and checksum of a save against its manifest.
 
     Returns a report rather than raising for damage found; a missing path still raises
-    ``CheckpointNotFoundError``.
+    ``CheckpointNotFoundError``. ``source`` may be an fsspec URL (``s3://…``), with its file
+    system's ``storage_options``.
 
     Example::
 
@@ -248,9 +268,16 @@ def verify(source: str | os.PathLike[str]) -> VerifyReport:
         if not report.ok:
             print(*report.problems, sep="\\n")
     """
-    path = os.fspath(source)
+    storage, where = storage_for(source, storage_options)
+    with readable(storage, where) as (storage, path):
+        return _verify(storage, path)
+
+
+def _verify(storage: Storage, path: str) -> VerifyReport:
     try:
-        if is_dcp_dir(path) or (not os.path.isdir(path) and sniff(path) != "safetensors"):
+        if is_url(path):
+            pass  # a torchkeep save or safetensors file, checked in place
+        elif is_dcp_dir(path) or (not os.path.isdir(path) and sniff(path) != "safetensors"):
             # Read whole, every CRC-32 checked (a DCP directory's describe reads it so).
             if is_dcp_dir(path):
                 described = describe(path)
@@ -260,9 +287,9 @@ def verify(source: str | os.PathLike[str]) -> VerifyReport:
             return VerifyReport(
                 path, True, (), len(described.tensors), described.tensor_bytes, checksummed=True
             )
-        if os.path.isdir(path) and not os.path.exists(os.path.join(path, MANIFEST_FILE)):
+        elif os.path.isdir(path) and not os.path.exists(os.path.join(path, MANIFEST_FILE)):
             return _verify_weights_directory(path)
-        with open_container(path) as c:
+        with open_container(path, storage=storage) as c:
             problems = c.verify()
             entries = c.entries
             checksummed = c.manifest is not None

@@ -28,7 +28,7 @@ from typing import IO, Any
 
 import torch
 
-from torchkeep.checkpoint import load
+from torchkeep.checkpoint import load_from
 from torchkeep.container import SaveInfo, read_manifest, write_container
 from torchkeep.errors import (
     CheckpointNotFoundError,
@@ -37,9 +37,10 @@ from torchkeep.errors import (
     StorageError,
     TorchkeepError,
 )
-from torchkeep.format import MANIFEST_FILE, check_local_path
+from torchkeep.format import MANIFEST_FILE
+from torchkeep.remote import is_url, join, storage_for
 from torchkeep.retention import Policy, Record, best, retained
-from torchkeep.storage import DEFAULT_STORAGE, Storage, fsync_dir
+from torchkeep.storage import Storage, fsync_dir
 from torchkeep.tree import Flat, flatten
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ class CheckpointManager:
     """Checkpoints of a training run, one directory per step, with retention.
 
     Args:
-        root: the directory holding the steps (created if missing).
+        root: the directory holding the steps (created if missing): local, or an fsspec URL.
         keep_last: keep the newest N steps (None keeps every step). The newest committed step
             is never deleted.
         keep_best: also keep the N best steps by ``monitor``.
@@ -81,6 +82,10 @@ class CheckpointManager:
         preemption: handle SIGTERM (True), or the given signals, the way cluster schedulers
             preempt jobs: the signal sets ``should_stop``, so that the loop saves at the next
             step boundary and exits. The previous handlers come back on ``close()``.
+        storage_options: for a URL root (``s3://bucket/run1``), the options of its fsspec
+            file system. On object storage each step commits when its manifest is written
+            (last); retention deletes a step's manifest first, then its data. Object stores
+            have no locks: run one saving manager per root.
 
     Example::
 
@@ -106,10 +111,14 @@ class CheckpointManager:
         keep_every: int | None = None,
         async_save: bool = False,
         preemption: bool | Iterable[int] = False,
-        storage: Storage = DEFAULT_STORAGE,
+        storage_options: Mapping[str, Any] | None = None,
+        storage: Storage | None = None,
     ) -> None:
-        check_local_path(os.fspath(root))
-        self.root = os.path.abspath(os.fspath(root))
+        if storage is None:
+            storage, where = storage_for(root, storage_options)
+        else:
+            where = os.fspath(root)
+        self.root = where.rstrip("/") if is_url(where) else os.path.abspath(where)
         self.policy = Policy(keep_last, keep_best, monitor, mode, keep_every)
         self.async_save = async_save
         self._storage = storage
@@ -130,12 +139,15 @@ class CheckpointManager:
         self._stop_signal: int | None = None
         self._handlers: dict[int, Any] = {}
         self._previous: dict[int, Any] = {}
-        if os.path.exists(self.root) and not os.path.isdir(self.root):
+        if storage.exists(self.root) and not storage.is_dir(self.root):
             raise StorageError(
                 f"{self.root}: exists and is not a directory; pass a directory for checkpoints"
             )
-        os.makedirs(self.root, exist_ok=True)
-        self._writer, self._lock_file = _writer_lock(self.root)
+        storage.make_dirs(self.root)
+        # Object stores have no locks: there, one writer per root is the caller's to ensure.
+        self._writer, self._lock_file = (
+            (True, None) if is_url(self.root) else _writer_lock(self.root)
+        )
         self._scan()
         if preemption:
             signals = (signal.SIGTERM,) if preemption is True else tuple(preemption)
@@ -147,14 +159,14 @@ class CheckpointManager:
         # Temporary directories left by interrupted saves go first (one may put a step back),
         # unless another manager is writing now (known only where the writer lock exists).
         if self._lock_file is not None:
-            for name in sorted(os.listdir(self.root)):
+            for name in self._storage.list_dir(self.root):
                 path = os.path.join(self.root, name)
                 if _STALE_DIR.fullmatch(name) and os.path.isdir(path):
                     self._clean_stale(name, path)
-        for name in sorted(os.listdir(self.root)):
-            path = os.path.join(self.root, name)
+        for name in self._storage.list_dir(self.root):
+            path = join(self.root, name)
             match = _STEP_DIR.fullmatch(name)
-            if match is None or not os.path.isdir(path):
+            if match is None or not self._storage.is_dir(path):
                 continue  # not ours: left alone
             if name != os.path.basename(self.path(int(match.group(1)))):
                 self.problems.append(f"{path}: not a step directory name torchkeep writes")
@@ -232,7 +244,7 @@ class CheckpointManager:
 
     def path(self, step: int) -> str:
         """The directory of ``step`` (whether or not it exists)."""
-        return os.path.join(self.root, f"step_{step:0{STEP_DIGITS}d}")
+        return join(self.root, f"step_{step:0{STEP_DIGITS}d}")
 
     # -- saving
 
@@ -342,12 +354,22 @@ class CheckpointManager:
     def _delete(self, step: int) -> None:
         # Renamed first (atomic): a crash while deleting leaves a temporary directory, removed
         # when the root is next opened, never a step that looks committed but is not whole.
+        # Object stores cannot rename: there the manifest goes first, so the step stops being
+        # committed before any of its data is deleted.
         path = self.path(step)
+        with self._lock:
+            self._records.pop(step, None)
+        if not self._storage.atomic_dirs:
+            try:
+                self._storage.remove_file(join(path, MANIFEST_FILE))
+            except TorchkeepError as e:
+                log.warning("could not delete old checkpoint %s: %s", path, e)
+                return
+            self._storage.remove_dir(path)
+            return
         doomed = os.path.join(
             self.root, f".step_{step:0{STEP_DIGITS}d}.tmp-{uuid.uuid4().hex[:12]}"
         )
-        with self._lock:
-            self._records.pop(step, None)
         try:
             os.rename(path, doomed)
             fsync_dir(self.root)
@@ -395,7 +417,7 @@ class CheckpointManager:
         if chosen is None:
             return None
         try:
-            load(self.path(chosen), into=state)
+            load_from(self._storage, self.path(chosen), into=state)
         except CorruptCheckpointError as e:
             older = [s for s in self.steps() if s < chosen]
             hint = f" Restore an older step: restore(state, step={older[-1]})." if older else ""

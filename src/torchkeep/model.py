@@ -49,6 +49,8 @@ from torchkeep.recipe import (
     recipe_modules,
     restore_attributes,
 )
+from torchkeep.remote import is_url, readable, storage_for
+from torchkeep.storage import Storage
 from torchkeep.tree import dedupe
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,7 @@ def save_model(
     dynamic_batch: bool = True,
     recipe: tuple[Any, Mapping[str, Any]] | None = None,
     metadata: Mapping[str, Any] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> SaveInfo:
     """Save a whole model, architecture and weights, so that it loads with no pickle.
 
@@ -83,6 +86,7 @@ def save_model(
             for classes that keep their constructor arguments (``torch.nn`` layers,
             ``nn.Sequential``, classes with no arguments or that store them as attributes).
         metadata: JSON values stored with the model.
+        storage_options: for a URL path (``s3://…``), the options of its fsspec file system.
 
     Raises:
         UnsupportedObjectError: neither a recipe nor a program can be stored; the message says
@@ -98,7 +102,7 @@ def save_model(
             f"save_model takes a torch.nn.Module, not {type(model).__name__}; "
             "save weights or state with tk.save_weights or tk.save"
         )
-    target = os.fspath(path)
+    storage, target = storage_for(path, storage_options)
     if is_single_file(target):
         raise UnsupportedObjectError(
             f"{target}: a whole model is saved as a directory; pass a name without "
@@ -151,6 +155,7 @@ def save_model(
         metadata=check_metadata(metadata),
         files=files,
         model=section,
+        storage=storage,
     )
 
 
@@ -175,6 +180,7 @@ def load_model(
     dtype: torch.dtype | None = None,
     trust_code: bool = False,
     allowed_modules: Iterable[str] = (),
+    storage_options: Mapping[str, Any] | None = None,
 ) -> nn.Module:
     """Load a model saved by ``save_model``, in ``eval()`` mode, with no pickle.
 
@@ -191,6 +197,7 @@ def load_model(
         dtype: cast floating-point parameters and buffers (``torch.bfloat16`` to deploy).
         trust_code: allow importing and calling anything the file names, and pickles.
         allowed_modules: modules (and their sub-modules) the recipe may import and call from.
+        storage_options: for a URL (``s3://…``), the options of its fsspec file system.
 
     Raises:
         UnsafeFileError: rebuilding needs code that is not allowed, and no program was saved;
@@ -200,15 +207,28 @@ def load_model(
 
         model = tk.load_model("model", device="cuda", dtype=torch.bfloat16)
     """
-    source = os.fspath(path)
     if dtype is not None and not dtype.is_floating_point:
         raise ValueError(
             f"dtype must be a floating-point dtype such as torch.bfloat16, not {dtype}"
         )
-    if os.path.isfile(source) and sniff(source) != "safetensors":
+    storage, source = storage_for(path, storage_options)
+    with readable(storage, source) as (storage, source):
+        return _load_model(
+            storage,
+            source,
+            device=device,
+            dtype=dtype,
+            trust=Trust(tuple(allowed_modules), trust_code),
+        )
+
+
+def _load_model(
+    storage: Storage, source: str, *, device: Device, dtype: torch.dtype | None, trust: Trust
+) -> nn.Module:
+    trust_code = trust.trust_code
+    if not is_url(source) and os.path.isfile(source) and sniff(source) != "safetensors":
         return _load_pickled(source, device=device, dtype=dtype, trust_code=trust_code)
-    trust = Trust(tuple(allowed_modules), trust_code)
-    with open_container(source) as container:
+    with open_container(source, storage=storage) as container:
         section = container.manifest.model if container.manifest is not None else None
         kind = container.manifest.kind if container.manifest else "safetensors"
         if kind == MODEL_KIND and not isinstance(section, dict):

@@ -60,7 +60,14 @@ class Source(Protocol):
 
 
 class Storage(Protocol):
-    """The operations torchkeep needs from a file system or object store."""
+    """The operations torchkeep needs from a file system or object store.
+
+    ``atomic_dirs`` says whether ``commit_dir`` swaps a whole directory in at once (a local
+    rename); where it does not (object stores), a directory save is built in place under
+    object names no earlier save used, and its manifest, written last, commits it.
+    """
+
+    atomic_dirs: bool
 
     def write_file(self, path: str, size: int, fill: Callable[[Sink], None]) -> None:
         """Create ``path`` holding ``size`` bytes written by ``fill``, atomically and durably."""
@@ -82,6 +89,15 @@ class Storage(Protocol):
 
     def remove_dir(self, path: str) -> None:
         """Remove a directory and everything in it."""
+
+    def remove_file(self, path: str) -> None:
+        """Remove one file, if it exists."""
+
+    def make_dirs(self, path: str) -> None:
+        """Create directory ``path`` and its parents, if missing."""
+
+    def list_dir(self, path: str) -> list[str]:
+        """The names in directory ``path``, sorted (none if it does not exist)."""
 
 
 def _libc() -> ctypes.CDLL | None:
@@ -185,6 +201,8 @@ class LocalSource:
 class LocalStorage:
     """Local files: each file written beside its target, fsynced, renamed, directory fsynced."""
 
+    atomic_dirs = True
+
     def write_file(self, path: str, size: int, fill: Callable[[Sink], None]) -> None:
         directory = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(directory):
@@ -275,6 +293,22 @@ class LocalStorage:
 
     def remove_dir(self, path: str) -> None:
         shutil.rmtree(path, ignore_errors=True)
+
+    def remove_file(self, path: str) -> None:
+        with _storage_errors(path), contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+    def make_dirs(self, path: str) -> None:
+        with _storage_errors(path):
+            os.makedirs(path, exist_ok=True)
+
+    def list_dir(self, path: str) -> list[str]:
+        try:
+            return sorted(os.listdir(path))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        except OSError as e:
+            raise _storage_error(path, e) from e
 
 
 def _exchange(a: str, b: str) -> bool:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from torchkeep.errors import (
 )
 from torchkeep.format import MANIFEST_FILE, Manifest, check_member_name, load_json
 from torchkeep.legacy import load_pickle_file, sniff
+from torchkeep.remote import is_url, readable, storage_for
 from torchkeep.tree import STATEFUL, TENSOR, dedupe
 
 # Where a checkpoint keeps its model, in the order they are looked for.
@@ -55,6 +57,7 @@ def save_weights(
     *,
     dtype: torch.dtype | None = None,
     metadata: Mapping[str, Any] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> SaveInfo:
     """Save a model's weights as a standard ``.safetensors`` file any tool can read.
 
@@ -65,6 +68,8 @@ def save_weights(
         path: the ``.safetensors`` file (or a directory, for sharded weights).
         dtype: cast floating-point tensors to this dtype as they are written (e.g. bfloat16).
         metadata: JSON-serialisable values stored with the weights.
+        storage_options: for a URL path (``s3://bucket/model.safetensors``), the options of
+            its fsspec file system.
 
     Example::
 
@@ -80,18 +85,20 @@ def save_weights(
             "save_weights takes a module or a dict of tensors, not "
             f"{type(model_or_state_dict).__name__}"
         )
+    storage, target = storage_for(path, storage_options)
     flat = dedupe(state)
 
     def cast(name: str, t: torch.Tensor) -> torch.dtype:
         return dtype if dtype is not None and t.is_floating_point() else t.dtype
 
     return write_container(
-        os.fspath(path),
+        target,
         flat.tensors,
         kind="weights",
         aliases=flat.aliases,
         metadata=check_metadata(metadata),
         dtype=cast,
+        storage=storage,
     )
 
 
@@ -168,11 +175,20 @@ class _Part:
 class WeightsSource:
     """Model weights from any file or directory torchkeep reads, by state-dict key."""
 
-    def __init__(self, source: str | os.PathLike[str], *, verify: bool = True) -> None:
-        self.path = os.fspath(source).rstrip("/") or "/"
+    def __init__(
+        self,
+        source: str | os.PathLike[str],
+        *,
+        verify: bool = True,
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        storage, path = storage_for(source, storage_options)
+        self.path = path.rstrip("/") or "/"
         self.parts: list[_Part] = []
         self.verify = verify
+        self._local = contextlib.ExitStack()
         try:
+            self.storage, self._where = self._local.enter_context(readable(storage, self.path))
             self._open()
         except BaseException:
             self.close()
@@ -180,7 +196,10 @@ class WeightsSource:
         self.part_of = {k: part for part in self.parts for k in part.shapes()}
 
     def _open(self) -> None:
-        path = self.path
+        path = self._where
+        if is_url(path):  # a torchkeep save or safetensors file, read in place
+            self._open_file(path)
+            return
         if not os.path.isdir(path):
             self._open_file(path)
             return
@@ -198,11 +217,12 @@ class WeightsSource:
             if os.path.isfile(os.path.join(path, single)):
                 self._open_file(os.path.join(path, single))
                 return
-        open_container(path).close()  # raises the error that explains what is missing
+        # raises the error that explains what is missing
+        open_container(path, storage=self.storage).close()
 
     def _open_file(self, path: str, keys: set[str] | None = None) -> None:
-        if os.path.isdir(path) or sniff(path) == "safetensors":
-            container = open_container(path)
+        if is_url(path) or os.path.isdir(path) or sniff(path) == "safetensors":
+            container = open_container(path, storage=self.storage)
             self.parts.append(_Part(container=container, names=weight_names(container)))
         else:
             obj = load_pickle_file(path, verify=self.verify)
@@ -229,7 +249,7 @@ class WeightsSource:
         for key, file in weight_map.items():
             by_file.setdefault(check_member_name(file, where=index), set()).add(key)
         for file, keys in sorted(by_file.items()):
-            member = os.path.join(self.path, file)
+            member = os.path.join(self._where, file)
             if not os.path.isfile(member):
                 raise CorruptCheckpointError(f"{member}: named by {index} but missing")
             self._open_file(member, keys)
@@ -267,6 +287,7 @@ class WeightsSource:
         for part in self.parts:
             if part.container is not None:
                 part.container.close()
+        self._local.close()  # a downloaded copy is removed
 
     def __enter__(self) -> WeightsSource:
         return self
@@ -301,6 +322,7 @@ def load_state_dict(
     dtype: torch.dtype | None = None,
     lazy: bool = False,
     verify: bool = True,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Return the weights stored at ``source`` as a state dict.
 
@@ -317,12 +339,13 @@ def load_state_dict(
             first use, and checksums are not verified (run ``tk.verify`` for that). Later
             overwrites of the file do not change mapped tensors. Pickle files are always read.
         verify: on eager loads, check every checksum (on by default).
+        storage_options: for a URL (``s3://…``), the options of its fsspec file system.
 
     Example::
 
         model.load_state_dict(tk.load_state_dict("model.safetensors"))
     """
-    with WeightsSource(source, verify=verify) as weights:
+    with WeightsSource(source, verify=verify, storage_options=storage_options) as weights:
         # Straight to the device unless a cast follows (both copies would be held there).
         direct = not lazy and dtype is None
         tensors = weights.read(list(weights.shapes()), lazy=lazy, device=device if direct else None)
@@ -343,6 +366,7 @@ def load_weights(
     strip_prefix: str | None = None,
     device: Device | None = None,
     verify: bool = True,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> LoadResult:
     """Load weights into ``model`` in place, reading straight into its parameters' memory.
 
@@ -358,6 +382,7 @@ def load_weights(
         device: load the tensors to this device before assigning them (default: the CPU).
         verify: check every checksum. On a corrupt file the error names the tensor; the
             model may then hold part of the new weights.
+        storage_options: for a URL (``s3://…``), the options of its fsspec file system.
 
     Raises:
         StateMismatchError: with ``strict``, keys or shapes that do not fit (all named), before
@@ -369,7 +394,7 @@ def load_weights(
         tk.load_weights(model, "model.safetensors")
         model.eval()
     """
-    with WeightsSource(source, verify=verify) as weights:
+    with WeightsSource(source, verify=verify, storage_options=storage_options) as weights:
         stored = weights.shapes()
         rename = {_strip(k, strip_prefix): k for k in stored}
         shapes = {k: stored[original] for k, original in rename.items()}

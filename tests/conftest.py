@@ -98,7 +98,7 @@ def run_script(
 @pytest.fixture(scope="session")
 def moto_server():
     """moto's S3 server on loopback, started once for the session."""
-    from s3server import MotoServer
+    from torchkeep.bench.s3 import MotoServer
 
     server = MotoServer()
     yield server
@@ -108,6 +108,6 @@ def moto_server():
 @pytest.fixture
 def s3(moto_server):
     """A fresh bucket on the loopback S3 server: (its URL, the storage_options to reach it)."""
-    from s3server import options
+    from torchkeep.bench.s3 import options
 
     return f"s3://{moto_server.new_bucket()}", options(moto_server.endpoint)

@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 import torch
@@ -411,7 +412,7 @@ def test_error_writing_a_manifest_leaves_the_step_uncommitted(s3, moto_server):
 
 _KILLED_SAVE = """
 import sys, torch, torchkeep as tk
-from s3server import options
+from torchkeep.bench.s3 import options
 run, endpoint = sys.argv[1], sys.argv[2]
 with tk.CheckpointManager(run, storage_options=options(endpoint)) as mgr:
     mgr.save(1, {"w": torch.ones(4)})
@@ -451,3 +452,128 @@ def test_sigkill_mid_upload_leaves_nothing_committed(s3, moto_server, tmp_path):
         assert mgr.steps() == [1]
         state = {"w": torch.zeros(4)}
         assert mgr.restore(state) == 1 and torch.equal(state["w"], torch.ones(4))
+
+
+# ---------------------------------------------------------------------------------------------
+# unclear outcomes, cancelled requests, paths that are not what they look like
+
+
+class _ManifestLandsThenFails(remote.FsspecStorage):
+    """The manifest's upload reaches the store, then the answer is lost (a timeout)."""
+
+    def write_file(self, path, size, fill):
+        super().write_file(path, size, fill)
+        if path.endswith(MANIFEST_FILE):
+            raise tk.StorageError(110, f"{path}: uploading got no answer from the store")
+
+
+def test_a_manifest_stored_before_its_error_keeps_its_shards():
+    root = f"memory://tk-{uuid.uuid4().hex[:12]}"
+    storage, path = remote.storage_for(f"{root}/ckpt")
+    tk.save({"w": torch.ones(3)}, path)
+    flaky = _ManifestLandsThenFails(storage.fs, storage.protocol)
+    with pytest.raises(tk.StorageError, match="either this save or the previous one, whole"):
+        write_container(path, {"w": torch.full((3,), 2.0)}, kind="state", storage=flaky)
+    # The manifest did land: the new save must be whole, its shard not deleted.
+    assert torch.equal(tk.load(path)["w"], torch.full((3,), 2.0))
+
+
+def test_a_failed_ranged_read_stops_writing_into_the_destination(s3, moto_server, monkeypatch):
+    root, opts = s3
+    monkeypatch.setattr(remote, "READ_PIECE", 1 * MiB)
+    path = f"{root}/w.safetensors"
+    tk.save_weights({"w": torch.randn(4 * MiB)}, path, storage_options=opts)  # 16 MiB
+    gets = []
+
+    def fail(method, p):
+        if method == "GET" and p.split("?")[0].endswith("/w.safetensors"):
+            gets.append(p)
+            return len(gets) >= 4  # pieces of the data fail (retries too), others are in flight
+        return False
+
+    proxy = FailingProxy(moto_server.endpoint, fail)
+    try:
+        dest = {"w": torch.zeros(4 * MiB)}
+        with pytest.raises(tk.StorageError, match=rf"{path}: reading failed"):
+            tk.load(path, into=dest, storage_options=options(proxy.endpoint, fast_fail=True))
+        snapshot = dest["w"].clone()
+        time.sleep(1.0)
+        assert torch.equal(dest["w"], snapshot), "bytes arrived after the read had failed"
+    finally:
+        proxy.stop()
+
+
+def test_a_cancelled_request_is_abandoned(s3):
+    import asyncio
+
+    root, opts = s3
+    storage, _ = remote.storage_for(root, opts)
+    finished = threading.Event()
+
+    async def slow():
+        await asyncio.sleep(0.5)
+        finished.set()
+
+    future = storage.submit(slow())
+    time.sleep(0.1)
+    future.cancel()
+    time.sleep(1.0)
+    assert not finished.is_set()
+
+
+def test_uncommitted_remote_directory_is_named_by_its_url(url):
+    root, opts = url
+    storage, path = remote.storage_for(f"{root}/ckpt", opts)
+    _write(storage, f"{path}/shard-00000-0123456789ab.safetensors", b"\0" * 64)
+    for load in (tk.load, tk.load_state_dict, tk.describe):
+        with pytest.raises(tk.IncompleteCheckpointError, match=rf"^{path}: no manifest"):
+            load(path, storage_options=opts)
+
+
+def test_convert_scan_and_diff_with_urls(url, tmp_path):
+    root, opts = url
+    model = SimpleNet()
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    storage, _ = remote.storage_for(root, opts)
+    _write(storage, f"{root}/model.pt", (tmp_path / "model.pt").read_bytes())
+    report = tk.scan(f"{root}/model.pt", storage_options=opts)
+    assert report.safe and report.path == f"{root}/model.pt"
+    tk.convert(f"{root}/model.pt", f"{root}/model.safetensors", storage_options=opts)
+    tk.convert(tmp_path / "model.pt", f"{root}/hf", max_shard_size="1KB", storage_options=opts)
+    tk.convert(f"{root}/model.safetensors", tmp_path / "copy.safetensors", dtype=torch.bfloat16, storage_options=opts)
+    other = SimpleNet()
+    tk.load_weights(other, f"{root}/model.safetensors", storage_options=opts)
+    assert_same_state(model, other)
+    hf = tk.load_state_dict(f"{root}/hf", storage_options=opts)
+    assert torch.equal(hf["fc2.bias"], model.fc2.bias)
+    assert storage.list_dir(f"{root}/hf")[-1] == "model.safetensors.index.json"
+    d = tk.diff(f"{root}/model.safetensors", tmp_path / "copy.safetensors", storage_options=opts)
+    assert d.changed and not d.added and not d.removed
+    with pytest.raises(tk.StorageError, match="Convert to a new path"):
+        tk.convert(tmp_path / "model.pt", f"{root}/hf", max_shard_size="1KB", storage_options=opts)
+
+
+def test_urls_that_are_not_object_stores_or_are_mangled(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(tk.UnsupportedFormatError, match=r"sftp:// is not one. Mount it"):
+        tk.save({"w": torch.ones(2)}, "sftp://host/ckpt")
+    with pytest.raises(tk.UnsupportedFormatError, match=r"pathlib\.Path"):
+        tk.save({"w": torch.ones(2)}, Path("s3://bucket/ckpt"))
+    with pytest.raises(tk.UnsupportedFormatError, match="wildcards"):
+        tk.load("memory://bucket/run[1]/ckpt")
+    with pytest.raises(tk.UnsupportedFormatError, match="URL given with local storage"):
+        write_container("s3://bucket/x.safetensors", {"w": torch.ones(1)}, kind="state")
+    with pytest.raises(tk.UnsupportedFormatError, match="URL given with local storage"):
+        open_container("s3://bucket/x.safetensors")
+    assert os.listdir(tmp_path) == []  # nothing written locally under a URL's name
+
+
+def test_manager_does_not_create_a_missing_bucket(moto_server):
+    opts = options(moto_server.endpoint, fast_fail=True)
+    bucket = f"tk-missing-{uuid.uuid4().hex[:8]}"
+    with tk.CheckpointManager(f"s3://{bucket}/run", storage_options=opts) as mgr:
+        assert mgr.steps() == []
+        with pytest.raises(tk.StorageError, match=f"s3://{bucket}/run/step_000000001"):
+            mgr.save(1, {"w": torch.ones(2)})
+    names = [b["Name"] for b in moto_server.client().list_buckets()["Buckets"]]
+    assert bucket not in names

@@ -12,7 +12,6 @@ import errno
 import logging
 import mmap
 import os
-import re
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
@@ -26,6 +25,8 @@ from torchkeep.errors import (
     CorruptCheckpointError,
     IncompleteCheckpointError,
     StorageError,
+    TorchkeepError,
+    UnsupportedFormatError,
 )
 from torchkeep.format import (
     CHECKSUM_CHUNK,
@@ -33,6 +34,7 @@ from torchkeep.format import (
     MANIFEST_FILE,
     MANIFEST_KEY,
     MAX_MANIFEST_BYTES,
+    SHARD_NAME,
     FileEntry,
     Header,
     Manifest,
@@ -56,6 +58,7 @@ from torchkeep.format import (
 from torchkeep.io import ReadItem, WriteItem, read_tensors, write_tensors
 from torchkeep.io.pool import run_jobs
 from torchkeep.io.reader import MAX_STAGING_BYTES
+from torchkeep.remote import is_url
 from torchkeep.storage import DEFAULT_STORAGE, Sink, Source, Storage
 
 log = logging.getLogger(__name__)
@@ -148,6 +151,7 @@ def write_container(
     """
     path = os.fspath(path)
     check_target_name(path)
+    _check_storage(path, storage)
     started = time.perf_counter()
     dtypes = {n: (dtype(n, t) if dtype else t.dtype) for n, t in tensors.items()}
     single = is_single_file(path)
@@ -305,6 +309,7 @@ def _write_directory(
     total = 0
     checksums: dict[str, str] = {}
     written: list[str] = []
+    committing = False
     try:
         for file in files:
             shard = {n: e for n, e in manifest.tensors.items() if e.file == file}
@@ -335,6 +340,7 @@ def _write_directory(
             replace(_with_checksums(manifest, checksums), metadata={**manifest.metadata})
         ).encode()
         # The manifest is written last: it is the commit marker.
+        committing = True
         storage.write_file(
             f"{staging}/{MANIFEST_FILE}",
             len(text),
@@ -342,19 +348,27 @@ def _write_directory(
         )
         total += len(text)
         storage.commit_dir(staging, path)
-    except BaseException:
+    except BaseException as e:
         if not in_place:
             storage.remove_dir(staging)
-        else:  # only what this save wrote: the previous save's objects are still committed
+        elif not committing:  # only what this save wrote: the previous save is still committed
             for name in written:
-                storage.remove_file(f"{path}/{name}")
+                try:
+                    storage.remove_file(f"{path}/{name}")
+                except TorchkeepError as cleanup:  # the save's own error matters more
+                    log.warning("could not delete %s/%s: %s", path, name, cleanup)
+        elif isinstance(e, OSError):
+            # The manifest may have been stored before the error (a timeout, an interrupted
+            # answer): its shards stay, and the path holds this save or the previous one.
+            raise StorageError(
+                e.errno or errno.EIO,
+                f"{path}: writing the manifest that commits this save failed ({e}); the path "
+                "holds either this save or the previous one, whole",
+            ) from e
         raise
     if in_place:
         _remove_replaced(path, {*files, *members, MANIFEST_FILE}, storage)
     return total
-
-
-_SHARD_NAME = re.compile(r"shard-\d{5}(-[0-9a-f]{12})?\.safetensors")
 
 
 def _check_members_free(path: str, members: Mapping[str, bytes], storage: Storage) -> None:
@@ -375,7 +389,7 @@ def _check_members_free(path: str, members: Mapping[str, bytes], storage: Storag
 def _remove_replaced(path: str, kept: set[str], storage: Storage) -> None:
     """After an in-place commit: delete the shards of earlier saves (and of interrupted ones)."""
     for name in storage.list_dir(path):
-        if name not in kept and _SHARD_NAME.fullmatch(name):
+        if name not in kept and SHARD_NAME.fullmatch(name):
             try:
                 storage.remove_file(f"{path}/{name}")
             except StorageError as e:  # the new save is committed: only space is lost
@@ -425,7 +439,7 @@ def check_replaceable(path: str, storage: Storage, markers: tuple[str, ...]) -> 
     """Refuse to replace a directory that is neither empty nor a save (one holding a marker)."""
     if not storage.is_dir(path) or any(storage.exists(f"{path}/{m}") for m in markers):
         return
-    if all(_SHARD_NAME.fullmatch(name) for name in storage.list_dir(path)):
+    if all(SHARD_NAME.fullmatch(name) for name in storage.list_dir(path)):
         return  # empty, or holding only the shards of a save that never committed
     raise StorageError(
         errno.EEXIST,
@@ -743,4 +757,15 @@ def open_container(
         CorruptCheckpointError: a header or manifest that fails validation.
         UnsupportedFormatError: a pickle file or a newer format version.
     """
-    return Container(os.fspath(path).rstrip("/") or "/", storage)
+    where = os.fspath(path).rstrip("/") or "/"
+    _check_storage(where, storage)
+    return Container(where, storage)
+
+
+def _check_storage(path: str, storage: Storage) -> None:
+    """A URL must reach its store, never a local directory named like it."""
+    if is_url(path) and storage.atomic_dirs:
+        raise UnsupportedFormatError(
+            f"{path}: a URL given with local storage; pass it to a torchkeep function, which "
+            "picks the storage from the URL (with storage_options=)"
+        )

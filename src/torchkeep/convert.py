@@ -3,6 +3,7 @@ or a Hugging Face sharded directory, with an optional cast for deployment."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
@@ -14,11 +15,12 @@ import torch
 from torchkeep.checkpoint import load
 from torchkeep.container import SaveInfo, check_replaceable, write_container
 from torchkeep.dcp import is_dcp_dir
-from torchkeep.errors import UnsupportedFormatError
+from torchkeep.errors import StorageError, UnsupportedFormatError
 from torchkeep.format import MANIFEST_FILE, check_target_name, is_single_file
 from torchkeep.legacy import PendingLoad, sniff
 from torchkeep.model import convert_model, is_saved_model
-from torchkeep.storage import DEFAULT_STORAGE, Sink
+from torchkeep.remote import is_url, join, readable, storage_for
+from torchkeep.storage import Sink, Storage
 from torchkeep.tree import dedupe, flatten
 from torchkeep.weights import load_state_dict
 
@@ -68,6 +70,7 @@ def convert(
     *,
     dtype: torch.dtype | None = None,
     max_shard_size: int | str | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> SaveInfo:
     """Convert any checkpoint torchkeep reads into a torchkeep file, directory or HF directory.
 
@@ -80,12 +83,27 @@ def convert(
         max_shard_size: write a Hugging Face sharded directory (``model-00001-of-0000N.safetensors``
             plus ``model.safetensors.index.json``) with shards of at most this size (bytes or a
             string such as ``"5GB"``). The source must hold model weights.
+        storage_options: the fsspec options of ``src`` and ``dst`` where they are URLs
+            (``s3://…``). A remote source is downloaded to a temporary directory first.
 
     Example::
 
         tk.convert("model.pth", "model.safetensors", dtype=torch.bfloat16)
     """
-    src, dst = os.fspath(src), os.fspath(dst)
+    source, src = storage_for(src, storage_options if is_url(os.fspath(src)) else None)
+    storage, dst = storage_for(dst, storage_options if is_url(os.fspath(dst)) else None)
+    with readable(source, src, download=True) as (_, local):
+        return _convert(local, dst, storage, dtype=dtype, max_shard_size=max_shard_size)
+
+
+def _convert(
+    src: str,
+    dst: str,
+    storage: Storage,
+    *,
+    dtype: torch.dtype | None,
+    max_shard_size: int | str | None,
+) -> SaveInfo:
     if max_shard_size is None and is_saved_model(src):
         if is_single_file(dst):
             raise UnsupportedFormatError(
@@ -93,9 +111,9 @@ def convert(
                 "'.safetensors' (or convert its weights: tk.save_weights(tk.load_state_dict(src), "
                 "dst))"
             )
-        return convert_model(src, dst, dtype=dtype)
+        return convert_model(src, dst, dtype=dtype, storage=storage)
     if max_shard_size is None and not os.path.isdir(src) and sniff(src) != "safetensors":
-        return _stream_pickle(src, dst, dtype=dtype)
+        return _stream_pickle(src, dst, storage, dtype=dtype)
     obj = _read(src)
     if max_shard_size is not None:
         if not _is_weights(obj):
@@ -103,13 +121,14 @@ def convert(
                 f"{src}: holds more than model weights; a Hugging Face directory holds weights "
                 "only. Convert to a torchkeep file or directory instead (no max_shard_size)"
             )
-        return _write_hf(obj, dst, dtype=dtype, shard_bytes=parse_size(max_shard_size))
-    return _write(obj, dst, dtype=dtype)
+        return _write_hf(obj, dst, storage, dtype=dtype, shard_bytes=parse_size(max_shard_size))
+    return _write(obj, dst, storage, dtype=dtype)
 
 
 def _write(
     obj: Any,
     dst: str,
+    storage: Storage,
     *,
     dtype: torch.dtype | None,
     ready: Callable[[torch.Tensor], None] | None = None,
@@ -127,6 +146,7 @@ def _write(
         dtype=_cast(dtype),
         ready=None if ready is None else (lambda name: ready(tensors[name])),
         before_commit=before_commit,
+        storage=storage,
     )
 
 
@@ -136,7 +156,9 @@ def _cast(dtype: torch.dtype | None) -> Callable[[str, torch.Tensor], torch.dtyp
     return lambda _, t: dtype if t.is_floating_point() else t.dtype
 
 
-def _stream_pickle(src: str, dst: str, *, dtype: torch.dtype | None) -> SaveInfo:
+def _stream_pickle(
+    src: str, dst: str, storage: Storage, *, dtype: torch.dtype | None
+) -> SaveInfo:
     """Convert a ``torch.save`` file with its reading and the durable write overlapped: each
     tensor is written as soon as its bytes are in, and the result commits only after every
     CRC-32 of the source matched."""
@@ -144,14 +166,24 @@ def _stream_pickle(src: str, dst: str, *, dtype: torch.dtype | None) -> SaveInfo
     pending = PendingLoad(src)
     try:
         return _write(
-            pending.obj, dst, dtype=dtype, ready=pending.wait, before_commit=pending.finish
+            pending.obj,
+            dst,
+            storage,
+            dtype=dtype,
+            ready=pending.wait,
+            before_commit=pending.finish,
         )
     finally:
         pending.finish_quietly()
 
 
 def _write_hf(
-    weights: Mapping[str, torch.Tensor], dst: str, *, dtype: torch.dtype | None, shard_bytes: int
+    weights: Mapping[str, torch.Tensor],
+    dst: str,
+    storage: Storage,
+    *,
+    dtype: torch.dtype | None,
+    shard_bytes: int,
 ) -> SaveInfo:
     if is_single_file(dst):
         raise UnsupportedFormatError(
@@ -176,18 +208,26 @@ def _write_hf(
         size += nbytes
     count = len(shards)
     files = [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
-    storage = DEFAULT_STORAGE
     check_replaceable(dst, storage, (HF_INDEX,))
+    if not storage.atomic_dirs and storage.exists(join(dst, HF_INDEX)):
+        raise StorageError(
+            errno.EEXIST,
+            f"{dst}: holds a Hugging Face checkpoint; in object storage it cannot be replaced "
+            "without a moment where neither is whole. Convert to a new path, or delete it first",
+        )
     staging = storage.staging_dir(dst)
+    written: list[str] = []
     try:
         total = 0
         for file, names in zip(files, shards, strict=True):
+            written.append(join(staging, file))
             info = write_container(
-                os.path.join(staging, file),
+                join(staging, file),
                 {n: flat.tensors[n] for n in names},
                 aliases={a: t for a, t in flat.aliases.items() if t in names},
                 kind="weights",
                 dtype=lambda _, t: target(t),
+                storage=storage,
             )
             total += info.file_bytes
         file_of = {n: file for file, names in zip(files, shards, strict=True) for n in names}
@@ -201,10 +241,14 @@ def _write_hf(
             sink.pwrite(memoryview(text), 0)
 
         # The index is written last: a reader never sees it before every shard it names.
-        storage.write_file(os.path.join(staging, HF_INDEX), len(text), fill)
+        storage.write_file(join(staging, HF_INDEX), len(text), fill)
         storage.commit_dir(staging, dst)
     except BaseException:
-        storage.remove_dir(staging)
+        if storage.atomic_dirs:
+            storage.remove_dir(staging)
+        else:  # built in place: only what this conversion wrote
+            for path in written:
+                storage.remove_file(path)
         raise
     return SaveInfo(
         dst, (*files, HF_INDEX), len(flat.tensors), sum(sizes.values()), total + len(text),

@@ -16,6 +16,7 @@ import contextlib
 import gc
 import json
 import math
+import re
 import struct
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -644,6 +645,11 @@ def check_target_name(path: str) -> None:
                 f"{path}: torchkeep writes safetensors, never pickle; name the file "
                 f"'{suggestion}' (or give a directory path without a suffix)"
             )
+
+
+# The data files of a directory save: "shard-00000.safetensors", or with the save's id where
+# the save was built in place (object stores).
+SHARD_NAME = re.compile(r"shard-\d{5}(-[0-9a-f]{12})?\.safetensors")
 
 
 def is_single_file(path: str) -> bool:

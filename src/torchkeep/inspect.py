@@ -392,9 +392,15 @@ def _compare(name: str, x: Any, y: Any) -> Change | None:
     return None if x == y else Change(name, f"{x!r} → {y!r}"[:200])
 
 
-def diff(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> Diff:
+def diff(
+    a: str | os.PathLike[str],
+    b: str | os.PathLike[str],
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+) -> Diff:
     """Compare two saves entry by entry: added, removed and changed keys, with the largest
-    absolute difference of each changed tensor.
+    absolute difference of each changed tensor. ``storage_options`` apply to whichever of
+    ``a`` and ``b`` is a URL (``s3://…``).
 
     Example::
 
@@ -403,8 +409,11 @@ def diff(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> Diff:
     """
     from torchkeep.checkpoint import load
 
-    left = _leaves(load(a), "", {})
-    right = _leaves(load(b), "", {})
+    def options(path: str | os.PathLike[str]) -> Mapping[str, Any] | None:
+        return storage_options if is_url(os.fspath(path)) else None
+
+    left = _leaves(load(a, storage_options=options(a)), "", {})
+    right = _leaves(load(b, storage_options=options(b)), "", {})
     changed = []
     for name in left.keys() & right.keys():
         change = _compare(name, left[name], right[name])

@@ -13,8 +13,8 @@ import os
 import struct
 import threading
 import zipfile
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -28,6 +28,7 @@ from torchkeep.errors import (
 from torchkeep.format import pickle_kind
 from torchkeep.io import ReadItem, read_tensors
 from torchkeep.io.checksum import ZIP_CRC32
+from torchkeep.remote import readable, storage_for
 from torchkeep.storage import LocalSource
 from torchkeep.unpickler import (
     ALLOWED_GLOBALS,
@@ -405,8 +406,12 @@ def _iter_zip_pickles(archive: _Archive) -> Iterator[tuple[str, bytes]]:
             yield name, _read_record(archive, record)
 
 
-def scan(source: str | os.PathLike[str]) -> ScanReport:
+def scan(
+    source: str | os.PathLike[str], *, storage_options: Mapping[str, Any] | None = None
+) -> ScanReport:
     """List every global a file's pickles would import and call, without running any of them.
+
+    ``source`` may be a URL (``s3://…``, downloaded first) with its fsspec ``storage_options``.
 
     Example::
 
@@ -414,9 +419,15 @@ def scan(source: str | os.PathLike[str]) -> ScanReport:
         if not report.safe:
             print("would run:", report.unsafe)
     """
-    path = os.fspath(source)
-    if os.path.isdir(path):
-        raise UnsupportedFormatError(f"{path}: scan takes a file, not a directory")
+    storage, url = storage_for(source, storage_options)
+    if storage.is_dir(url):
+        raise UnsupportedFormatError(f"{url}: scan takes a file, not a directory")
+    with readable(storage, url, download=True) as (_, path):
+        report = _scan(path)
+        return replace(report, path=url, verdict=report.verdict.replace(path, url))
+
+
+def _scan(path: str) -> ScanReport:
     kind = sniff(path)
     names: list[str] = []
     fmt = {"zip": "torch zip", "torch-legacy": "torch legacy"}.get(kind, "safetensors")

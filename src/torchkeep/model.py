@@ -50,7 +50,7 @@ from torchkeep.recipe import (
     restore_attributes,
 )
 from torchkeep.remote import is_url, readable, storage_for
-from torchkeep.storage import Storage
+from torchkeep.storage import DEFAULT_STORAGE, Storage
 from torchkeep.tree import dedupe
 
 log = logging.getLogger(__name__)
@@ -411,7 +411,9 @@ def is_saved_model(path: str) -> bool:
         return False  # not a directory save: whoever reads it next says what is wrong
 
 
-def convert_model(src: str, dst: str, *, dtype: torch.dtype | None) -> SaveInfo:
+def convert_model(
+    src: str, dst: str, *, dtype: torch.dtype | None, storage: Storage = DEFAULT_STORAGE
+) -> SaveInfo:
     """Convert a saved model, for deployment: cast its weights and re-export its program at
     ``dtype``, and record the size and the output difference this makes.
 
@@ -461,6 +463,7 @@ def convert_model(src: str, dst: str, *, dtype: torch.dtype | None) -> SaveInfo:
         metadata=manifest.metadata,
         files=files,
         model=section,
+        storage=storage,
     )
 
 

@@ -26,6 +26,7 @@ import errno
 import logging
 import mmap
 import os
+import re
 import tempfile
 import threading
 from collections.abc import Callable, Coroutine, Iterator, Mapping
@@ -38,7 +39,7 @@ from torchkeep.errors import (
     TorchkeepError,
     UnsupportedFormatError,
 )
-from torchkeep.format import MANIFEST_FILE, pickle_kind
+from torchkeep.format import MANIFEST_FILE, SHARD_NAME, pickle_kind
 from torchkeep.storage import DEFAULT_STORAGE, Sink, Storage
 
 log = logging.getLogger(__name__)
@@ -50,8 +51,11 @@ MAX_PARTS = 10_000
 # Parts uploading at once per file; with the part buffers being filled this bounds the memory
 # of an upload to about (INFLIGHT_PARTS + writer threads + 1) parts.
 INFLIGHT_PARTS = 8
-# Ranged GETs are cut into pieces of at most this many bytes, fetched concurrently.
-READ_PIECE = 8 << 20
+# Reads of consecutive tensors are merged into requests of up to REQUEST_BYTES (each request
+# has a fixed cost, and some servers read the whole object for every range), each cut into
+# ranged GETs of at most READ_PIECE bytes fetched concurrently.
+REQUEST_BYTES = 128 << 20
+READ_PIECE = 64 << 20
 # Every request to an async store (S3) must finish within REQUEST_SECONDS plus the time its
 # bytes take at MIN_BYTES_PER_SECOND, s3fs's own retries included; past that it is abandoned and
 # the save or load fails with a StorageError. The clients' own timeouts do not cover every wait
@@ -60,10 +64,17 @@ REQUEST_SECONDS = 120.0
 MIN_BYTES_PER_SECOND = 1 << 20
 
 
+# Object stores, where an object appears whole when its upload completes. Other fsspec file
+# systems (sftp, hdfs, ftp, …) write a file in place, so a crash could leave a torn one: mount
+# them and use a local path instead.
+OBJECT_STORES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "memory")
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
+
+
 def is_url(path: str) -> bool:
     """Whether ``path`` is a URL (``scheme://…``) rather than a local path."""
     scheme, sep, _ = path.partition("://")
-    return bool(sep) and bool(scheme) and scheme.replace("+", "").replace("-", "").isalnum()
+    return bool(sep) and (_SCHEME.fullmatch(scheme) is not None or "::" in scheme)
 
 
 def join(root: str, name: str) -> str:
@@ -85,12 +96,28 @@ def storage_for(
     if text.startswith("file://"):
         text = text[len("file://") :]
     if not is_url(text):
+        scheme, sep, rest = text.partition(":/")
+        if sep and scheme.lower() in OBJECT_STORES and not isinstance(path, str):
+            raise UnsupportedFormatError(
+                f"{text}: looks like the URL {scheme}://{rest} made into a pathlib.Path, which "
+                "drops a slash; pass URLs as strings"
+            )
         if storage_options:
             raise ValueError(
                 f"{text}: storage_options apply to URLs (s3://…, gs://…); this is a local path"
             )
         return DEFAULT_STORAGE, text
     protocol = text.partition("://")[0]
+    if protocol.lower() not in OBJECT_STORES:
+        raise UnsupportedFormatError(
+            f"{text}: torchkeep writes checkpoints to object stores ({', '.join(OBJECT_STORES)}"
+            f"://), where an object appears whole or not at all; {protocol}:// is not one. "
+            "Mount it and use a local path"
+        )
+    if any(c in text for c in "*?["):
+        raise UnsupportedFormatError(
+            f"{text}: '*', '?' and '[' in a URL are wildcards to fsspec; rename the path"
+        )
     fs = _filesystem(text, protocol, dict(storage_options or {}))
     return FsspecStorage(fs, protocol), text.rstrip("/")
 
@@ -116,23 +143,25 @@ def _filesystem(url: str, protocol: str, options: dict[str, Any]) -> Any:
         raise ValueError(f"{url}: storage_options not accepted by {protocol}:// ({e})") from e
 
 
-def _remote_error(url: str, what: str, e: BaseException) -> TorchkeepError:
+def _remote_error(url: str, what: str, e: BaseException, *, write: bool) -> TorchkeepError:
     if isinstance(e, TorchkeepError):
         return e
+    after = "; the previous checkpoint, if any, is unchanged" if write else ""
     if isinstance(e, FileNotFoundError):
+        if write:  # what is missing is the bucket (or container) itself
+            return StorageError(
+                errno.ENOENT,
+                f"{url}: {what} failed: its bucket does not exist ({e}); create it first{after}",
+            )
         return CheckpointNotFoundError(f"{url}: no such object ({what})")
     if isinstance(e, _Deadline):
         return StorageError(
             errno.ETIMEDOUT,
-            f"{url}: {what} got no answer from the store within {e.seconds:.0f} s; the previous "
-            "checkpoint, if any, is unchanged",
+            f"{url}: {what} got no answer from the store within {e.seconds:.0f} s{after}",
         )
     code = e.errno if isinstance(e, OSError) and e.errno else errno.EIO
     cause = f"{type(e).__name__}: {e}".strip().rstrip(":")
-    return StorageError(
-        code,
-        f"{url}: {what} failed: {cause}; the previous checkpoint, if any, is unchanged",
-    )
+    return StorageError(code, f"{url}: {what} failed: {cause}{after}")
 
 
 class FsspecStorage:
@@ -146,25 +175,44 @@ class FsspecStorage:
         # s3fs: multipart uploads and streamed ranged reads through its async client.
         self.s3 = bool(getattr(fs, "async_impl", False)) and hasattr(fs, "_call_s3")
 
-    def call(self, url: str, what: str, method: str, *args: Any, nbytes: int = 0, **kw: Any) -> Any:
+    def call(
+        self,
+        url: str,
+        what: str,
+        method: str,
+        *args: Any,
+        nbytes: int = 0,
+        write: bool = False,
+        **kw: Any,
+    ) -> Any:
         """Run the file system's ``method`` (its coroutine on async stores, under a deadline
         for ``nbytes`` of data); its failures become torchkeep's errors naming ``url``."""
         if getattr(self.fs, "async_impl", False):
             coro = getattr(self.fs, f"_{method}")(*args, **kw)
-            return self.run(url, what, coro, nbytes=nbytes)
+            return self.run(url, what, coro, nbytes=nbytes, write=write)
         try:
             return getattr(self.fs, method)(*args, **kw)
         except Exception as e:
-            raise _remote_error(url, what, e) from e
+            raise _remote_error(url, what, e, write=write) from e
 
     def run(
-        self, url: str, what: str, coro: Coroutine[Any, Any, Any], *, nbytes: int = 0
+        self,
+        url: str,
+        what: str,
+        coro: Coroutine[Any, Any, Any],
+        *,
+        nbytes: int = 0,
+        write: bool = False,
     ) -> Any:
         """Run a coroutine of the async client on fsspec's I/O loop and wait for it."""
+        future = self.submit(coro, nbytes=nbytes)
         try:
-            return self.submit(coro, nbytes=nbytes).result()
+            return future.result()
         except Exception as e:
-            raise _remote_error(url, what, e) from e
+            raise _remote_error(url, what, e, write=write) from e
+        except BaseException:  # KeyboardInterrupt: the request is abandoned, not left running
+            future.cancel()
+            raise
 
     def submit(
         self, coro: Coroutine[Any, Any, Any], *, nbytes: int = 0
@@ -190,7 +238,7 @@ class FsspecStorage:
         self.fs.invalidate_cache(path)
 
     def make_dirs(self, path: str) -> None:
-        self.call(path, "creating the directory", "makedirs", path, exist_ok=True)
+        pass  # prefixes need no creating (and s3fs would create a missing bucket)
 
     def staging_dir(self, path: str) -> str:
         return path  # built in place: see the module's docstring
@@ -199,7 +247,7 @@ class FsspecStorage:
         pass  # the manifest, written last, committed it
 
     def remove_file(self, path: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(CheckpointNotFoundError):
             self.call(path, "deleting", "rm_file", path)
         self.fs.invalidate_cache(path)
 
@@ -223,8 +271,13 @@ class FsspecStorage:
         return bool(self.call(path, "looking up", "exists", path))
 
     def is_dir(self, path: str) -> bool:
+        # One lookup (a HEAD for an object on S3), not a listing of the parent.
         self.fs.invalidate_cache(path)
-        return bool(self.call(path, "looking up", "isdir", path))
+        try:
+            info = self.call(path, "looking up", "info", path)
+        except CheckpointNotFoundError:
+            return False
+        return bool(info.get("type") == "directory")
 
     def list_dir(self, path: str) -> list[str]:
         self.fs.invalidate_cache(path)
@@ -244,13 +297,21 @@ class _Deadline(Exception):
 
 async def _within(coro: Coroutine[Any, Any, Any], seconds: float) -> Any:
     task = asyncio.ensure_future(coro)
-    done, _ = await asyncio.wait({task}, timeout=seconds)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=seconds)
+    except asyncio.CancelledError:  # the caller gave up: so does the request
+        await _cancel(task)
+        raise
     if not done:
-        task.cancel()
-        with contextlib.suppress(BaseException):
-            await task
+        await _cancel(task)
         raise _Deadline(seconds)
     return task.result()
+
+
+async def _cancel(*tasks: asyncio.Future[Any]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,8 +360,10 @@ class _WholeUpload(_Upload):
         self.buffer[offset : offset + len(data)] = data
 
     def finish(self) -> None:
-        data = bytes(self.buffer)
-        self.storage.call(self.url, "uploading", "pipe_file", self.url, data, nbytes=len(data))
+        data = self.buffer
+        self.storage.call(
+            self.url, "uploading", "pipe_file", self.url, data, nbytes=len(data), write=True
+        )
         self.buffer = bytearray()
 
 
@@ -326,6 +389,7 @@ class _MultipartUpload(_Upload):
             url,
             "starting the upload",
             fs._call_s3("create_multipart_upload", Bucket=self.bucket, Key=self.key),
+            write=True,
         )
         self.upload_id: str | None = created["UploadId"]
 
@@ -389,7 +453,8 @@ class _MultipartUpload(_Upload):
 
     def _raise_failure(self) -> None:
         if self._failed is not None:
-            raise _remote_error(self.url, "uploading a part", self._failed) from self._failed
+            error = _remote_error(self.url, "uploading a part", self._failed, write=True)
+            raise error from self._failed
 
     def finish(self) -> None:
         # Parts never written in full (bytes no write covered) go as they are: zeros, as in a
@@ -415,7 +480,8 @@ class _MultipartUpload(_Upload):
             try:
                 etag = future.result()["ETag"]
             except Exception as e:
-                raise _remote_error(self.url, f"uploading part {index + 1}", e) from e
+                error = _remote_error(self.url, f"uploading part {index + 1}", e, write=True)
+                raise error from e
             parts.append({"PartNumber": index + 1, "ETag": etag})
         self.storage.run(
             self.url,
@@ -427,6 +493,7 @@ class _MultipartUpload(_Upload):
                 UploadId=self.upload_id,
                 MultipartUpload={"Parts": parts},
             ),
+            write=True,
         )
         self.upload_id = None
 
@@ -495,6 +562,7 @@ class FsspecSource:
         if info.get("type") == "directory":
             raise CheckpointNotFoundError(f"{url}: is a directory, not a file")
         self.size = int(info["size"])
+        self.request_bytes = REQUEST_BYTES
         self._s3 = storage.s3
         if self._s3:
             self.bucket, self.key, _ = fs.split_path(url)
@@ -533,7 +601,15 @@ class FsspecSource:
             (start, min(start + READ_PIECE, scatter.size))
             for start in range(0, scatter.size, READ_PIECE)
         ]
-        await asyncio.gather(*(self._fetch_piece(scatter, offset, b, e) for b, e in pieces))
+        tasks = [
+            asyncio.ensure_future(self._fetch_piece(scatter, offset, b, e)) for b, e in pieces
+        ]
+        try:
+            await asyncio.gather(*tasks)
+        except BaseException:
+            # No piece may go on writing into the destination after this read has failed.
+            await _cancel(*tasks)
+            raise
 
     async def _fetch_piece(self, scatter: _Scatter, offset: int, begin: int, end: int) -> None:
         fs = self.storage.fs
@@ -578,14 +654,17 @@ class FsspecSource:
 
 
 @contextlib.contextmanager
-def readable(storage: Storage, path: str) -> Iterator[tuple[Storage, str]]:
+def readable(
+    storage: Storage, path: str, *, download: bool = False
+) -> Iterator[tuple[Storage, str]]:
     """Yield the storage and path to read ``path`` through.
 
-    torchkeep's own saves and safetensors files are read from the store in place. The formats
-    parsed from local files (``torch.save`` pickles, Hugging Face and torch.distributed
-    directories) are first downloaded to a temporary directory, removed afterwards.
+    torchkeep's own saves and safetensors files are read from the store in place (unless
+    ``download``). The formats parsed from local files (``torch.save`` pickles, Hugging Face
+    and torch.distributed directories) are first downloaded to a temporary directory, removed
+    afterwards.
     """
-    if not isinstance(storage, FsspecStorage) or _in_place(storage, path):
+    if not isinstance(storage, FsspecStorage) or (not download and _in_place(storage, path)):
         yield storage, path
         return
     with tempfile.TemporaryDirectory(prefix="torchkeep-download-") as tmp:
@@ -593,12 +672,22 @@ def readable(storage: Storage, path: str) -> Iterator[tuple[Storage, str]]:
         log.info("downloading %s to %s to read it", path, local)
         size = storage.call(path, "sizing", "du", path)
         storage.call(path, "downloading", "get", path, local, recursive=True, nbytes=size)
-        yield DEFAULT_STORAGE, local
+        try:
+            yield DEFAULT_STORAGE, local
+        except TorchkeepError as e:
+            # Errors name the object, not the temporary copy they were found in.
+            if not any(isinstance(a, str) and local in a for a in e.args):
+                raise
+            args = [a.replace(local, path) if isinstance(a, str) else a for a in e.args]
+            raise type(e)(*args) from e
 
 
 def _in_place(storage: FsspecStorage, path: str) -> bool:
     if storage.is_dir(path):
-        return storage.exists(f"{path}/{MANIFEST_FILE}")
+        names = storage.list_dir(path)
+        # A torchkeep directory, committed or (shards only) not: read where it is, so that an
+        # uncommitted one is reported as such without downloading it.
+        return MANIFEST_FILE in names or all(SHARD_NAME.fullmatch(n) for n in names)
     if not storage.exists(path):
         return True  # reading it raises the error that says so
     source = storage.open(path)

@@ -193,6 +193,39 @@ def _read_batch(
         digests.piece_read()
 
 
+def _read_run(
+    source: Source,
+    run: list[tuple[ReadItem, _Digests, int, int, int]],
+    checksum: Checksum | None,
+) -> None:
+    # Consecutive pieces, of any tensors, read with one request into all their destinations.
+    views = [tensor_bytes(item.dest)[begin:end] for item, _, _, begin, end in run]
+    first, _, _, begin, _ = run[0]
+    source.readinto(views, first.offset + begin)
+    for view, (_, digests, index, _, _) in zip(views, run, strict=True):
+        if checksum is not None:
+            digests.values[index] = checksum.digest(view)
+        digests.piece_read()
+
+
+def _runs(
+    pieces: list[tuple[ReadItem, _Digests, int, int, int]], limit: int
+) -> list[list[tuple[ReadItem, _Digests, int, int, int]]]:
+    """Group pieces lying next to each other in the file into runs of at most ``limit`` bytes
+    (a piece larger than that is a run of its own)."""
+    runs: list[list[tuple[ReadItem, _Digests, int, int, int]]] = []
+    size = end_of_run = 0
+    for piece in pieces:
+        item, _, _, begin, end = piece
+        if not runs or item.offset + begin != end_of_run or size + end - begin > limit:
+            runs.append([])
+            size = 0
+        runs[-1].append(piece)
+        size += end - begin
+        end_of_run = item.offset + end
+    return runs
+
+
 def read_tensors(
     source: Source,
     items: Sequence[ReadItem],
@@ -226,6 +259,21 @@ def read_tensors(
 
     def needs_staging(item: ReadItem) -> bool:
         return staged or item.dest.device.type != "cpu"
+
+    # Sources where each request is costly (object stores) ask for runs of this many bytes.
+    request = int(getattr(source, "request_bytes", 0))
+    if request and not any(needs_staging(item) for item in items):
+        pieces = []
+        with paused_gc():
+            for item in sorted(items, key=lambda i: i.offset):
+                spans = checksum.spans(item.nbytes, chunk)
+                digests = _Digests(item, len(spans), on_done)
+                all_digests.append((item, digests))
+                pieces += [(item, digests, i, b, e) for i, (b, e) in enumerate(spans)]
+            jobs = [partial(_read_run, source, run, hashing) for run in _runs(pieces, request)]
+        run_jobs(jobs, threads=threads)
+        _check(source, all_digests, checksum, chunk, verify)
+        return
 
     staging: Staging | None = None
     if any(needs_staging(item) for item in items):
@@ -274,6 +322,16 @@ def read_tensors(
     finally:
         if staging is not None:
             staging.finish()
+    _check(source, all_digests, checksum, chunk, verify)
+
+
+def _check(
+    source: Source,
+    all_digests: list[tuple[ReadItem, _Digests]],
+    checksum: Checksum,
+    chunk: int,
+    verify: bool,
+) -> None:
     if not verify:
         return
     for item, digests in all_digests:

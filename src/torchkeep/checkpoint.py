@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from torchkeep.container import SaveInfo, open_container, write_container
+from torchkeep import distributed
+from torchkeep.container import WRITE_THREADS, SaveInfo, open_container, write_container
 from torchkeep.dcp import is_dcp_dir, load_dcp
+from torchkeep.distributed import is_dtensor, read_sharded
 from torchkeep.errors import StateMismatchError, UnsupportedObjectError
 from torchkeep.legacy import load_pickle_file, sniff
 from torchkeep.remote import is_url, readable, storage_for
@@ -66,7 +69,20 @@ def save(
         tk.save({"model": model, "optimizer": optimizer, "epoch": 5}, "ckpt.safetensors")
     """
     storage, target = storage_for(path, storage_options)
-    flat = flatten(obj)
+    flat = flatten(obj, dtensors=distributed.active())
+    if any(distributed.is_dtensor(t) for t in flat.tensors.values()):
+        started = time.perf_counter()
+        files, count, nbytes, written = distributed.save(
+            target,
+            flat.tensors,
+            kind="state",
+            tree=flat.tree,
+            aliases=flat.aliases,
+            metadata=check_metadata(metadata),
+            storage=storage,
+            threads=WRITE_THREADS,
+        )
+        return SaveInfo(target, files, count, nbytes, written, time.perf_counter() - started)
     return write_container(
         target,
         flat.tensors,
@@ -142,21 +158,27 @@ def load_from(
         return obj if into is None else _restore(None, obj, into, ())
     with open_container(path, storage=storage) as container:
         tree = _tree_of(container.entries, container.aliases, container.manifest)
+        sharded = container.manifest.distributed if container.manifest else None
+        shapes: dict[str, Any] = {**container.entries, **(sharded or {})}
         if into is not None:
             # Everything that can be checked is checked before a byte is read into `into`.
-            _check_into(tree, into, container.entries, container.aliases, ())
+            _check_into(tree, into, shapes, container.aliases, ())
         direct = bool(into is not None and map_location is None and dtype is None)
         dests: dict[str, torch.Tensor] = {}
-        if direct:
+        if direct or (into is not None and sharded):
             _plan_destinations(tree, into, dests)
+        chunks = {c.tensor for spec in (sharded or {}).values() for c in spec.chunks}
         # Straight to the device unless a cast follows: reading in the file's dtype there and
         # casting would hold both copies on the device at once.
         loaded = container.read(
-            list(container.entries),
-            into=dests,
+            [n for n in container.entries if n not in chunks],
+            into={n: t for n, t in dests.items() if direct and not is_dtensor(t)},
             verify=verify,
             device=map_location if dtype is None else None,
         )
+        if sharded:
+            # Each rank reads the chunks overlapping its part of every DTensor in `into`.
+            loaded.update(read_sharded(container, sharded, dests, verify=verify))
     loaded = {n: convert(t, map_location=map_location, dtype=dtype) for n, t in loaded.items()}
     aliases = container.aliases
 

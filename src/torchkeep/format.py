@@ -29,7 +29,10 @@ import xxhash
 from torchkeep.errors import CorruptCheckpointError, UnsupportedFormatError
 
 FORMAT_NAME = "torchkeep"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Version 2 added the "distributed" section (tensors sharded across the ranks of a distributed
+# save); a save without one is written as version 1, readable by every torchkeep.
+DISTRIBUTED_FORMAT_VERSION = 2
 MANIFEST_KEY = "torchkeep"
 MANIFEST_FILE = "manifest.json"
 CHECKSUM_ALGORITHM = "xxh3_64"
@@ -106,6 +109,29 @@ class Manifest:
     format_version: int = FORMAT_VERSION
     files: dict[str, FileEntry] = field(default_factory=dict)
     model: Any = None
+    distributed: dict[str, Sharded] | None = None
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One stored piece of a sharded tensor: the stored tensor ``tensor`` holds the box at
+    ``offsets`` (its shape is the stored tensor's)."""
+
+    tensor: str
+    offsets: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Sharded:
+    """A tensor saved in chunks by the ranks of a distributed save."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    chunks: tuple[Chunk, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPES[self.dtype].itemsize
 
 
 @dataclass(frozen=True)
@@ -419,6 +445,18 @@ def _manifest_body(m: Manifest) -> dict[str, Any]:
         body["files"] = {n: {"bytes": f.nbytes, "checksum": f.checksum} for n, f in m.files.items()}
     if m.model is not None:
         body["model"] = m.model
+    if m.distributed is not None:
+        body["format_version"] = max(m.format_version, DISTRIBUTED_FORMAT_VERSION)
+        body["distributed"] = {
+            name: {
+                "dtype": t.dtype,
+                "shape": list(t.shape),
+                "chunks": [{"tensor": c.tensor, "offsets": list(c.offsets)} for c in t.chunks],
+            }
+            for name, t in m.distributed.items()
+        }
+    elif m.format_version == FORMAT_VERSION:
+        body["format_version"] = 1
     return body
 
 
@@ -475,9 +513,12 @@ def manifest_from_json(text: str, *, where: str) -> Manifest:
             raise CorruptCheckpointError(
                 f"{where}: alias '{alias}' points at '{target}', which the manifest does not hold"
             )
+    distributed = None
+    if "distributed" in body:
+        distributed = _parse_distributed(body["distributed"], tensors, where=where)
     tree = body.get("tree")
     try:
-        check_tree(tree, set(tensors) | set(aliases))
+        check_tree(tree, set(tensors) | set(aliases) | set(distributed or ()))
     except (TypeError, ValueError, RecursionError) as e:
         raise CorruptCheckpointError(f"{where}: the manifest's state tree is malformed: {e}") from e
     metadata = body.get("metadata")
@@ -499,7 +540,71 @@ def manifest_from_json(text: str, *, where: str) -> Manifest:
         format_version=version,
         files=_parse_files(body.get("files", {}), where=where),
         model=model,
+        distributed=distributed,
     )
+
+
+def _parse_distributed(
+    raw: Any, tensors: Mapping[str, TensorEntry], *, where: str
+) -> dict[str, Sharded]:
+    """Validate the sharded tensors: each chunk a stored tensor of the same dtype and rank,
+    inside the tensor, the chunks tiling it exactly (no gap, no overlap)."""
+
+    def bad(why: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(f"{where}: the manifest's distributed section {why}")
+
+    if not isinstance(raw, dict):
+        raise bad("is not a table")
+    result: dict[str, Sharded] = {}
+    used: set[str] = set()
+    for name, spec in raw.items():
+        if not isinstance(spec, dict) or set(spec) != {"dtype", "shape", "chunks"}:
+            raise bad(f"entry {name!r} is malformed")
+        dtype, shape, chunks = spec["dtype"], spec["shape"], spec["chunks"]
+        if dtype not in DTYPES or not _is_shape(shape) or not isinstance(chunks, list):
+            raise bad(f"entry {name!r} has an invalid dtype, shape or chunk list")
+        if name in tensors:
+            raise bad(f"names {name!r} as a stored tensor and as a sharded one")
+        parsed: list[Chunk] = []
+        covered = 0
+        for chunk in chunks:
+            if not isinstance(chunk, dict) or set(chunk) != {"tensor", "offsets"}:
+                raise bad(f"entry {name!r} has a malformed chunk")
+            stored, offsets = chunk["tensor"], chunk["offsets"]
+            entry = tensors.get(stored) if isinstance(stored, str) else None
+            if entry is None or stored in used:
+                raise bad(f"chunk {stored!r} of {name!r} is not a stored tensor, or is used twice")
+            used.add(stored)
+            if (
+                not _is_shape(offsets)
+                or len(offsets) != len(shape)
+                or entry.dtype != dtype
+                or len(entry.shape) != len(shape)
+                or any(o + n > s for o, n, s in zip(offsets, entry.shape, shape, strict=True))
+            ):
+                raise bad(f"chunk {stored!r} does not lie inside {name!r} ({dtype}{shape})")
+            parsed.append(Chunk(stored, tuple(offsets)))
+            covered += math.prod(entry.shape)
+        boxes = [(c.offsets, tensors[c.tensor].shape) for c in parsed]
+        if covered != math.prod(shape) or _overlapping(boxes):
+            raise bad(f"the chunks of {name!r} do not cover it exactly once")
+        result[name] = Sharded(dtype, tuple(shape), tuple(parsed))
+    return result
+
+
+def _is_shape(value: Any) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 1 << 62 for n in value
+    )
+
+
+def _overlapping(boxes: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> bool:
+    live = [(o, n) for o, n in boxes if math.prod(n)]
+    for i, (a, an) in enumerate(live):
+        for b, bn in live[i + 1 :]:
+            if all(x < y + m and y < x + n for x, n, y, m in zip(a, an, b, bn, strict=True)):
+                return True
+    return False
 
 
 def _model_section_problem(model: Any) -> str | None:

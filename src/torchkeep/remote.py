@@ -46,11 +46,11 @@ log = logging.getLogger(__name__)
 
 INSTALL = "pip install 'torchkeep[remote]'"
 # S3 parts: at least 5 MiB (but the last), at most 10,000 per object.
-PART_BYTES = 16 << 20
+PART_BYTES = 32 << 20
 MAX_PARTS = 10_000
 # Parts uploading at once per file; with the part buffers being filled this bounds the memory
 # of an upload to about (INFLIGHT_PARTS + writer threads + 1) parts.
-INFLIGHT_PARTS = 8
+INFLIGHT_PARTS = 4
 # Reads of consecutive tensors are merged into requests of up to REQUEST_BYTES (each request
 # has a fixed cost, and some servers read the whole object for every range), each cut into
 # ranged GETs of at most READ_PIECE bytes fetched concurrently.

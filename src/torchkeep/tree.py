@@ -47,6 +47,8 @@ class Flat:
     aliases: dict[str, str] = field(default_factory=dict)
     # Called with each distinct tensor as it is found (an async save starts its copy there).
     on_tensor: Callable[[str, torch.Tensor], None] | None = None
+    # Keep DTensors as they are (a distributed save writes their local parts).
+    dtensors: bool = False
 
 
 def path_name(path: tuple[str, ...]) -> str:
@@ -54,14 +56,20 @@ def path_name(path: tuple[str, ...]) -> str:
     return ".".join(path) if path else "obj"
 
 
-def flatten(obj: Any, on_tensor: Callable[[str, torch.Tensor], None] | None = None) -> Flat:
+def flatten(
+    obj: Any,
+    on_tensor: Callable[[str, torch.Tensor], None] | None = None,
+    *,
+    dtensors: bool = False,
+) -> Flat:
     """Flatten ``obj`` into a skeleton and named tensors; identical tensor views become aliases.
-    ``on_tensor(name, tensor)``, if given, is called as each distinct tensor is found.
+    ``on_tensor(name, tensor)``, if given, is called as each distinct tensor is found; with
+    ``dtensors``, DTensors are kept as they are (for a distributed save).
 
     Raises:
         UnsupportedObjectError: a value has no safe representation; the message names its path.
     """
-    flat = Flat(tree=None, on_tensor=on_tensor)
+    flat = Flat(tree=None, on_tensor=on_tensor, dtensors=dtensors)
     seen: dict[tuple[Any, ...], str] = {}
     flat.tree = _encode(obj, (), flat, seen)
     return flat
@@ -146,6 +154,17 @@ def _add_tensor(
     t: torch.Tensor, path: tuple[str, ...], flat: Flat, seen: dict[tuple[Any, ...], str]
 ) -> str:
     where = path_name(path)
+    if flat.dtensors and _is_dtensor(t):
+        local: Any = t
+        key = (*_tensor_identity(local.to_local()), tuple(t.shape), str(local.placements))
+        if key in seen:
+            alias = _unique_name(".".join(path), flat)
+            flat.aliases[alias] = seen[key]
+            return alias
+        name = _unique_name(".".join(path), flat)
+        flat.tensors[name] = t.detach()
+        seen[key] = name
+        return name
     if type(t) not in _PLAIN_TENSOR_TYPES:
         raise UnsupportedObjectError(
             f"{where}: tensors of type {type(t).__name__} are not supported yet; "
@@ -313,3 +332,9 @@ def dedupe(named: Mapping[str, torch.Tensor]) -> Flat:
             )
         _add_tensor(value, (key,), flat, seen)
     return flat
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    from torchkeep.distributed import is_dtensor
+
+    return is_dtensor(t)

@@ -1,0 +1,403 @@
+"""torch.distributed: state sharded as DTensors, saved by every rank at once, loaded resharded.
+
+A distributed save is a directory save whose manifest has a ``distributed`` section: for each
+sharded tensor its dtype, global shape and chunks, each chunk an ordinary stored tensor named
+``<name>@<offsets>`` in the file of the rank that wrote it (``shard-<rank>-<save id>``). A chunk
+replicated over several ranks is written once, by the first of them; plain tensors and values
+are written by rank 0.
+
+Saving: rank 0 prepares the staging directory (on a file system every rank sees) and broadcasts
+it; every rank writes its file; rank 0 gathers each rank's outcome and commits the manifest only
+if all succeeded, then broadcasts the result, so that every rank returns or raises alike.
+
+Loading: each rank reads only the chunks that overlap its own part of each destination DTensor
+(a chunk is read whole, so that its checksum is verified), straight into the destination where
+the chunk is exactly its part. Without destinations, or without a process group, sharded tensors
+come back whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import math
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from torchkeep import errors
+from torchkeep.errors import StorageError, TorchkeepError, UnsupportedObjectError
+from torchkeep.format import (
+    MANIFEST_FILE,
+    Chunk,
+    Manifest,
+    Sharded,
+    TensorEntry,
+    check_target_name,
+    dtype_name,
+    encode_header,
+    is_single_file,
+    manifest_to_json,
+)
+from torchkeep.storage import Sink, Storage
+
+Box = tuple[tuple[int, ...], tuple[int, ...]]  # offsets, shape
+
+
+def active() -> bool:
+    """Whether this process is a rank of an initialized process group."""
+    return bool(torch.distributed.is_available() and torch.distributed.is_initialized())
+
+
+def is_dtensor(t: Any) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def local_box(t: Any) -> Box:
+    """The part of DTensor ``t``'s global tensor held by this rank: (offsets, shape)."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offsets = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    return tuple(offsets), tuple(shape)
+
+
+def _writes_chunk(t: Any, where: str) -> bool:
+    """Whether this rank writes its chunk of ``t``: a chunk replicated over mesh dimensions is
+    written by the rank at coordinate 0 of each of them."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    coordinate = t.device_mesh.get_coordinate()
+    if coordinate is None:  # this rank holds no part of the tensor
+        return False
+    for dim, placement in enumerate(t.placements):
+        if isinstance(placement, Replicate):
+            if coordinate[dim] != 0:
+                return False
+        elif not isinstance(placement, Shard):
+            raise UnsupportedObjectError(
+                f"{where}: a DTensor with a {placement} placement holds partial values; "
+                "redistribute it to Shard or Replicate placements before saving"
+            )
+    return True
+
+
+@dataclass(frozen=True)
+class _RankResult:
+    file: str | None
+    entries: dict[str, TensorEntry]
+    sharded: dict[str, tuple[str, tuple[int, ...], tuple[str, tuple[int, ...]] | None]]
+    file_bytes: int
+
+
+@dataclass(frozen=True)
+class _Failure:
+    rank: int
+    kind: str
+    message: str
+
+
+def _failure(rank: int, e: BaseException) -> _Failure:
+    kind = type(e).__name__ if isinstance(e, TorchkeepError) else "StorageError"
+    return _Failure(rank, kind, str(e))
+
+
+def _raise(path: str, failure: _Failure, *, committed: bool = False) -> None:
+    cls = getattr(errors, failure.kind, StorageError)
+    if not (isinstance(cls, type) and issubclass(cls, TorchkeepError)):
+        cls = StorageError
+    state = "" if committed else "; nothing was committed (the previous save, if any, is intact)"
+    message = f"{path}: the distributed save failed on rank {failure.rank}: {failure.message}"
+    message += state
+    if issubclass(cls, OSError):
+        raise cls(errno.EIO, message)
+    raise cls(message)
+
+
+def save(
+    path: str,
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    kind: str,
+    tree: Any,
+    aliases: Mapping[str, str],
+    metadata: Mapping[str, Any],
+    storage: Storage,
+    threads: int,
+) -> tuple[tuple[str, ...], int, int, int]:
+    """Write this rank's part of a distributed save; every rank of the group must call it.
+
+    Returns the files, the number of tensors, their bytes and the bytes written, once the save
+    is committed; raises on every rank if any rank failed.
+    """
+    from torchkeep.container import (
+        _Hooks,
+        _layout,
+        _remove_replaced,
+        _write_items,
+        check_replaceable,
+    )
+
+    dist = torch.distributed
+    rank, world = dist.get_rank(), dist.get_world_size()
+
+    setup: list[Any] = [None]
+    if rank == 0:
+        try:
+            check_target_name(path)
+            if is_single_file(path):
+                raise UnsupportedObjectError(
+                    f"{path}: a distributed save is a directory (one file per rank); name it "
+                    "without '.safetensors'"
+                )
+            check_replaceable(path, storage, (MANIFEST_FILE,))
+            setup[0] = (uuid.uuid4().hex, storage.staging_dir(path))
+        except Exception as e:
+            setup[0] = _failure(rank, e)
+    dist.broadcast_object_list(setup, src=0)
+    if isinstance(setup[0], _Failure):
+        _raise(path, setup[0])
+    save_id, staging = setup[0]
+
+    mine: Any
+    try:
+        mine = _write_rank(
+            staging, save_id, rank, tensors, storage, threads, _layout, _write_items, _Hooks
+        )
+    except Exception as e:
+        mine = _failure(rank, e)
+    gathered: list[Any] | None = [None] * world if rank == 0 else None
+    dist.gather_object(mine, gathered, dst=0)
+
+    outcome: list[Any] = [None]
+    if rank == 0:
+        assert gathered is not None
+        failures = [g for g in gathered if isinstance(g, _Failure)]
+        results = [g for g in gathered if isinstance(g, _RankResult)]
+        try:
+            if failures:
+                outcome[0] = failures[0]
+            else:
+                files, count, nbytes, written = _commit(
+                    path, staging, save_id, results, kind, tree, aliases, metadata, storage
+                )
+                outcome[0] = (files, count, nbytes, written)
+        except Exception as e:
+            outcome[0] = _failure(rank, e)
+        if isinstance(outcome[0], _Failure):
+            _discard(path, staging, results, storage)
+        elif not storage.atomic_dirs:
+            _remove_replaced(path, {r.file for r in results if r.file} | {MANIFEST_FILE}, storage)
+    dist.broadcast_object_list(outcome, src=0)
+    if isinstance(outcome[0], _Failure):
+        _raise(path, outcome[0])
+    files, count, nbytes, written = outcome[0]
+    return files, count, nbytes, written
+
+
+def _chunk_name(name: str, offsets: Iterable[int]) -> str:
+    return f"{name}@{','.join(map(str, offsets))}"
+
+
+def _write_rank(
+    staging: str,
+    save_id: str,
+    rank: int,
+    tensors: Mapping[str, torch.Tensor],
+    storage: Storage,
+    threads: int,
+    layout: Any,
+    write_items: Any,
+    hooks_type: Any,
+) -> _RankResult:
+    """Write the tensors this rank owns into its file; describe its sharded tensors' chunks."""
+    owned: dict[str, torch.Tensor] = {}
+    sharded: dict[str, tuple[str, tuple[int, ...], tuple[str, tuple[int, ...]] | None]] = {}
+    for name, t in tensors.items():
+        if is_dtensor(t):
+            dtype = dtype_name(t.dtype, where=name)
+            chunk = None
+            if _writes_chunk(t, name):
+                offsets, shape = local_box(t)
+                if math.prod(shape):
+                    stored = _chunk_name(name, offsets)
+                    owned[stored] = t.to_local().detach()  # type: ignore[attr-defined]
+                    chunk = (stored, offsets)
+            sharded[name] = (dtype, tuple(t.shape), chunk)
+        elif rank == 0:
+            owned[name] = t.detach()
+    if not owned:
+        return _RankResult(None, {}, sharded, 0)
+    dtypes = {n: t.dtype for n, t in owned.items()}
+    file = f"shard-{rank:05d}-{save_id[:12]}.safetensors"
+    entries = {n: e for n, e in layout(owned, dtypes, 1 << 62)[0]}
+    entries = {n: _with_file(e, file) for n, e in entries.items()}
+    header = encode_header(entries, {"torchkeep_save": save_id})
+    size = len(header) + sum(e.nbytes for e in entries.values())
+    checksums: dict[str, str] = {}
+
+    def fill(sink: Sink) -> None:
+        sink.pwrite(memoryview(header), 0)
+        checksums.update(
+            write_items(sink, entries, owned, dtypes, len(header), threads, hooks_type())
+        )
+
+    storage.write_file(f"{staging}/{file}", size, fill)
+    entries = {n: _with_checksum(e, checksums[n]) for n, e in entries.items()}
+    return _RankResult(file, entries, sharded, size)
+
+
+def _with_file(entry: TensorEntry, file: str) -> TensorEntry:
+    from dataclasses import replace
+
+    return replace(entry, file=file)
+
+
+def _with_checksum(entry: TensorEntry, checksum: str) -> TensorEntry:
+    from dataclasses import replace
+
+    return replace(entry, checksum=checksum)
+
+
+def _commit(
+    path: str,
+    staging: str,
+    save_id: str,
+    results: list[_RankResult],
+    kind: str,
+    tree: Any,
+    aliases: Mapping[str, str],
+    metadata: Mapping[str, Any],
+    storage: Storage,
+) -> tuple[tuple[str, ...], int, int, int]:
+    entries: dict[str, TensorEntry] = {}
+    for r in results:
+        entries.update(r.entries)
+    distributed: dict[str, Sharded] = {}
+    for r in results:
+        for name, (dtype, shape, chunk) in r.sharded.items():
+            previous = distributed.get(name)
+            if previous is not None and (previous.dtype, previous.shape) != (dtype, shape):
+                raise UnsupportedObjectError(
+                    f"{name}: the ranks hold it as different tensors ({previous.dtype}"
+                    f"{list(previous.shape)} and {dtype}{list(shape)}); every rank must save "
+                    "the same state"
+                )
+            chunks = previous.chunks if previous is not None else ()
+            if chunk is not None:
+                chunks = (*chunks, Chunk(chunk[0], chunk[1]))
+            distributed[name] = Sharded(dtype, shape, chunks)
+    manifest = Manifest(
+        kind=kind,
+        tensors=entries,
+        tree=tree,
+        aliases=dict(aliases),
+        metadata=dict(metadata),
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        distributed=distributed,
+    )
+    text = manifest_to_json(manifest).encode()
+    # Validate what was gathered exactly as a reader will (coverage of every tensor, names).
+    from torchkeep.format import manifest_from_json
+
+    manifest_from_json(text.decode(), where=f"{path}/{MANIFEST_FILE}")
+    storage.write_file(
+        f"{staging}/{MANIFEST_FILE}", len(text), lambda sink: sink.pwrite(memoryview(text), 0)
+    )
+    storage.commit_dir(staging, path)
+    files = (*sorted(r.file for r in results if r.file), MANIFEST_FILE)
+    nbytes = sum(e.nbytes for e in entries.values())
+    written = sum(r.file_bytes for r in results) + len(text)
+    stored = {c.tensor for spec in distributed.values() for c in spec.chunks}
+    return files, len(distributed) + len(set(entries) - stored), nbytes, written
+
+
+def _discard(path: str, staging: str, results: list[_RankResult], storage: Storage) -> None:
+    if storage.atomic_dirs:
+        storage.remove_dir(staging)
+        return
+    for r in results:
+        if r.file:
+            with contextlib.suppress(TorchkeepError):
+                storage.remove_file(f"{path}/{r.file}")
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def _intersect(a: Box, b: Box) -> Box | None:
+    offsets, shape = [], []
+    for ao, an, bo, bn in zip(a[0], a[1], b[0], b[1], strict=True):
+        lo, hi = max(ao, bo), min(ao + an, bo + bn)
+        if hi <= lo:
+            return None
+        offsets.append(lo)
+        shape.append(hi - lo)
+    return tuple(offsets), tuple(shape)
+
+
+def _window(t: torch.Tensor, box: Box, origin: tuple[int, ...]) -> torch.Tensor:
+    """The part of ``t`` (which holds the box at ``origin``) covering ``box``."""
+    view = t
+    for dim, (o, n, base) in enumerate(zip(box[0], box[1], origin, strict=True)):
+        view = view.narrow(dim, o - base, n)
+    return view
+
+
+def read_sharded(
+    container: Any,
+    sharded: Mapping[str, Sharded],
+    dests: Mapping[str, torch.Tensor],
+    *,
+    verify: bool,
+) -> dict[str, torch.Tensor]:
+    """Read every sharded tensor: into its destination's local part when the destination is a
+    DTensor (only the chunks overlapping it), else whole (into the destination when it fits)."""
+    result: dict[str, torch.Tensor] = {}
+    entries = container.entries
+    for name, spec in sharded.items():
+        dest = dests.get(name)
+        if dest is not None and is_dtensor(dest):
+            box = local_box(dest)
+            target = dest.to_local()  # type: ignore[attr-defined]
+        else:
+            box = ((0,) * len(spec.shape), spec.shape)
+            fits = (
+                dest is not None
+                and dest.device.type == "cpu"
+                and dest.dtype == _dtype(spec.dtype)
+                and tuple(dest.shape) == spec.shape
+                and dest.is_contiguous()
+            )
+            target = (
+                dest
+                if fits and dest is not None
+                else torch.empty(spec.shape, dtype=_dtype(spec.dtype))
+            )
+        for chunk in spec.chunks:
+            chunk_box = (chunk.offsets, entries[chunk.tensor].shape)
+            overlap = _intersect(chunk_box, box)
+            if overlap is None:
+                continue
+            window = _window(target, overlap, box[0])
+            if overlap == chunk_box and window.is_contiguous() and window.device.type == "cpu":
+                container.read([chunk.tensor], into={chunk.tensor: window}, verify=verify)
+                continue
+            data = container.read([chunk.tensor], verify=verify)[chunk.tensor]
+            window.copy_(_window(data, overlap, chunk.offsets))
+        result[name] = dest if dest is not None and is_dtensor(dest) else target
+    return result
+
+
+def _dtype(name: str) -> torch.dtype:
+    from torchkeep.format import DTYPES
+
+    return DTYPES[name]

@@ -1,0 +1,99 @@
+"""Rank functions for the distributed tests, run by torch.multiprocessing in gloo groups."""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+import torchkeep as tk
+
+ROWS, COLS = 12, 10
+
+
+def full(seed: int = 0) -> dict[str, torch.Tensor]:
+    """The global tensors every test saves (the same on every rank)."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "w": torch.randn(ROWS, COLS, generator=g),
+        "b": torch.randn(5, generator=g).bfloat16(),  # 5 rows over 4 ranks: 2+2+1+0
+        "r": torch.arange(6.0),
+    }
+
+
+def run(rank: int, world: int, init: str, job: str, args: dict[str, Any]) -> None:
+    """One rank: join the group, run ``job``, write an error file if it raised."""
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        JOBS[job](rank, world, **args)
+    except BaseException:
+        with open(os.path.join(args["out"], f"error-{rank}.txt"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+    # Leave without the interpreter's teardown: gloo's threads can abort it ("terminate called
+    # without an active exception") after all the work is done and checked.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _state(world: int, placements: str, seed: int = 0) -> dict[str, Any]:
+    mesh = init_device_mesh("cpu", (world,))
+    place = {"rows": [Shard(0)], "cols": [Shard(1)], "replicated": [Replicate()]}[placements]
+    tensors = full(seed)
+    return {
+        "model": {
+            "w": distribute_tensor(tensors["w"], mesh, place),
+            "b": distribute_tensor(tensors["b"], mesh, [Shard(0)] if placements != "replicated" else place),
+            "r": distribute_tensor(tensors["r"], mesh, [Replicate()]),
+        },
+        "step": 7,
+        "plain": torch.full((3,), 5.0),
+    }
+
+
+def save(rank: int, world: int, *, out: str, path: str, placements: str = "rows", seed: int = 0, fail_rank: int = -1) -> None:
+    state = _state(world, placements, seed)
+    if rank == fail_rank:
+        from torchkeep.storage import LocalStorage
+
+        def broken(self: Any, *a: Any, **k: Any) -> None:
+            raise OSError(28, "No space left on device (injected on this rank)")
+
+        LocalStorage.write_file = broken  # type: ignore[method-assign]
+    try:
+        info = tk.save(state, path)
+    except tk.TorchkeepError as e:
+        with open(os.path.join(out, f"raised-{rank}.txt"), "w") as f:
+            f.write(f"{type(e).__name__}: {e}")
+        return
+    with open(os.path.join(out, f"saved-{rank}.txt"), "w") as f:
+        f.write(" ".join(info.files))
+
+
+def load(rank: int, world: int, *, out: str, path: str, placements: str = "rows") -> None:
+    state = _state(world, placements, seed=99)  # other values: the load must overwrite them
+    for t in state["model"].values():
+        t.to_local().zero_()
+    state["plain"] = torch.zeros(3)
+    loaded = tk.load(path, into=state)
+    expected = full()
+    for name, t in state["model"].items():
+        whole = t.full_tensor()
+        assert torch.equal(whole, expected[name]), (name, whole, expected[name])
+        assert loaded["model"][name] is t
+    assert loaded["step"] == 7 and torch.equal(state["plain"], torch.full((3,), 5.0))
+    with open(os.path.join(out, f"loaded-{rank}.txt"), "w") as f:
+        f.write("ok")
+
+
+JOBS = {"save": save, "load": load}

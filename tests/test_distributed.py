@@ -1,0 +1,93 @@
+"""Distributed saves: real gloo process groups of 2 and 4 ranks on the CPU, DTensor state saved
+by every rank and loaded resharded, in other groups and in a plain process."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import torchkeep as tk
+from dist_workers import full, run
+
+pytestmark = pytest.mark.slow
+
+
+def _spawn(tmp_path: Path, world: int, job: str, **args) -> None:
+    out = tmp_path / f"out-{job}-{world}-{os.urandom(4).hex()}"
+    out.mkdir()
+    init = f"file://{tmp_path}/store-{os.urandom(6).hex()}"
+    args = {"out": str(out), **args}
+    try:
+        mp.spawn(run, args=(world, init, job, args), nprocs=world, join=True)
+    except mp.ProcessRaisedException:
+        errors = [p.read_text() for p in sorted(out.glob("error-*.txt"))]
+        pytest.fail("a rank failed:\n" + "\n".join(errors))
+    return out
+
+
+def test_four_ranks_save_each_their_shards(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    out = _spawn(tmp_path, 4, "save", path=str(ckpt))
+    files = sorted(p.name for p in ckpt.iterdir())
+    assert files[0] == "manifest.json" and len(files) == 5, files  # one file per rank
+    assert all((out / f"saved-{r}.txt").read_text().endswith("manifest.json") for r in range(4))
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    assert manifest["format_version"] == 2
+    assert len(manifest["distributed"]["model.w"]["chunks"]) == 4
+    assert len(manifest["distributed"]["model.r"]["chunks"]) == 1  # replicated: written once
+    assert len(manifest["distributed"]["model.b"]["chunks"]) == 3  # 5 rows: 2+2+1, none empty
+    # A plain process with no process group gets the whole tensors.
+    assert not torch.distributed.is_initialized()
+    state = tk.load(ckpt)
+    expected = full()
+    for name in ("w", "b", "r"):
+        assert torch.equal(state["model"][name], expected[name])
+    assert state["step"] == 7 and torch.equal(state["plain"], torch.full((3,), 5.0))
+    assert tk.verify(ckpt).ok
+
+
+@pytest.mark.parametrize(("world", "placements"), [(2, "rows"), (2, "cols"), (1, "rows"), (2, "replicated")])
+def test_saved_by_four_loads_resharded(tmp_path, world, placements):
+    ckpt = tmp_path / "ckpt"
+    _spawn(tmp_path, 4, "save", path=str(ckpt))
+    out = _spawn(tmp_path, world, "load", path=str(ckpt), placements=placements)
+    assert sorted(p.name for p in out.glob("loaded-*")) == [f"loaded-{r}.txt" for r in range(world)]
+
+
+def test_saved_column_wise_by_two_loads_row_wise_by_four(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    _spawn(tmp_path, 2, "save", path=str(ckpt), placements="cols")
+    _spawn(tmp_path, 4, "load", path=str(ckpt), placements="rows")
+
+
+def test_a_rank_that_fails_commits_nothing_and_every_rank_raises(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    _spawn(tmp_path, 2, "save", path=str(ckpt), seed=0)
+    before = tk.load(ckpt)["model"]["w"]
+    out = _spawn(tmp_path, 2, "save", path=str(ckpt), seed=5, fail_rank=1)
+    raised = [(out / f"raised-{r}.txt").read_text() for r in range(2)]
+    for text in raised:
+        assert text.startswith("StorageError") and "failed on rank 1" in text and "nothing was committed" in text, text
+    assert torch.equal(tk.load(ckpt)["model"]["w"], before)  # the previous save is intact
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".ckpt")) == []
+
+
+def test_missing_rank_file_and_mixed_saves_are_refused(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    _spawn(tmp_path, 2, "save", path=str(ckpt))
+    other = tmp_path / "other"
+    _spawn(tmp_path, 2, "save", path=str(other), seed=3)
+    shards = sorted(p for p in ckpt.iterdir() if p.name.startswith("shard-"))
+    foreign = sorted(p for p in other.iterdir() if p.name.startswith("shard-"))
+    # A shard of another save under this save's name.
+    (ckpt / shards[1].name).write_bytes(foreign[1].read_bytes())
+    with pytest.raises(tk.CorruptCheckpointError, match=r"different saves|does not match|header"):
+        tk.load(ckpt)
+    shards[1].unlink()
+    with pytest.raises(tk.CorruptCheckpointError, match="missing"):
+        tk.load(ckpt)

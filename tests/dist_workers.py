@@ -96,4 +96,83 @@ def load(rank: int, world: int, *, out: str, path: str, placements: str = "rows"
         f.write("ok")
 
 
-JOBS = {"save": save, "load": load}
+def _model(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+
+
+def fsdp_save(rank: int, world: int, *, out: str, path: str) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    model = _model(0)
+    fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(torch.randn(4, 16, generator=torch.Generator().manual_seed(1))).sum().backward()
+    optimizer.step()  # weights that differ from any fresh model's
+    tk.save({"model": model, "step": 1}, path)
+    whole = {k: v.full_tensor() for k, v in model.state_dict().items()}
+    if rank == 0:
+        tk.save_weights(whole, os.path.join(out, "expected.safetensors"))
+
+
+def fsdp_load(rank: int, world: int, *, out: str, path: str, expected: str) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    model = _model(5)
+    fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+    state = tk.load(path, into={"model": model})
+    assert state["step"] == 1
+    reference = tk.load_state_dict(expected)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v.full_tensor(), reference[k]), k
+    with open(os.path.join(out, f"loaded-{rank}.txt"), "w") as f:
+        f.write("ok")
+
+
+def dcp_save(rank: int, world: int, *, out: str, path: str) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    state = _state(world, "rows")
+    dcp.save({"model": state["model"], "plain": state["plain"]}, checkpoint_id=path)
+
+
+def dcp_load(rank: int, world: int, *, out: str, path: str, placements: str) -> None:
+    state = _state(world, placements, seed=99)
+    tk.load(path, into={"model": state["model"], "plain": state["plain"]})
+    expected = full()
+    for name, t in state["model"].items():
+        assert torch.equal(t.full_tensor(), expected[name]), name
+    with open(os.path.join(out, f"loaded-{rank}.txt"), "w") as f:
+        f.write("ok")
+
+
+def manager(rank: int, world: int, *, out: str, root: str) -> None:
+    with tk.CheckpointManager(root, keep_last=2) as mgr:
+        for step in (1, 2, 3):
+            state = _state(world, "rows", seed=step)
+            mgr.save(step, {"model": state["model"], "step": step})
+        assert mgr.steps() == [2, 3], mgr.steps()
+        fresh = _state(world, "cols", seed=50)
+        assert mgr.restore({"model": fresh["model"], "step": 0}) == 3
+        for name, t in fresh["model"].items():
+            assert torch.equal(t.full_tensor(), full(seed=3)[name]), name
+        if rank:
+            try:
+                mgr.save(4, {"plain": torch.ones(2)})
+            except tk.StorageError as e:
+                assert "rank 0 alone" in str(e)
+            else:
+                raise AssertionError("rank 1 saved plain state")
+    with open(os.path.join(out, f"loaded-{rank}.txt"), "w") as f:
+        f.write("ok")
+
+
+JOBS = {
+    "manager": manager,
+    "save": save,
+    "load": load,
+    "fsdp_save": fsdp_save,
+    "fsdp_load": fsdp_load,
+    "dcp_save": dcp_save,
+    "dcp_load": dcp_load,
+}

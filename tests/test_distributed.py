@@ -91,3 +91,39 @@ def test_missing_rank_file_and_mixed_saves_are_refused(tmp_path):
     shards[1].unlink()
     with pytest.raises(tk.CorruptCheckpointError, match="missing"):
         tk.load(ckpt)
+
+
+def test_fsdp2_model_saved_by_two_loads_in_one_and_in_a_plain_process(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    out = _spawn(tmp_path, 2, "fsdp_save", path=str(ckpt))
+    expected = out / "expected.safetensors"
+    _spawn(tmp_path, 1, "fsdp_load", path=str(ckpt), expected=str(expected))
+    _spawn(tmp_path, 2, "fsdp_load", path=str(ckpt), expected=str(expected))
+    # No process group: the weights come back whole, for a plain model.
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    tk.load_weights(model, ckpt)
+    reference = tk.load_state_dict(expected)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, reference[k]), k
+
+
+@pytest.mark.parametrize("world", [2, 1])
+def test_dcp_checkpoint_of_four_ranks_loads_into_other_groups(tmp_path, world):
+    ckpt = tmp_path / "dcp"
+    _spawn(tmp_path, 4, "dcp_save", path=str(ckpt))
+    assert (ckpt / ".metadata").exists()
+    _spawn(tmp_path, world, "dcp_load", path=str(ckpt), placements="cols")
+
+
+def test_checkpoint_manager_in_a_process_group(tmp_path):
+    root = tmp_path / "run"
+    _spawn(tmp_path, 2, "manager", root=str(root))
+    assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) == [
+        "step_000000002",
+        "step_000000003",
+    ]
+    # In a plain process: the latest step, whole.
+    with tk.CheckpointManager(root) as mgr:
+        state = {"model": {"w": torch.zeros(12, 10), "b": torch.zeros(5, dtype=torch.bfloat16), "r": torch.zeros(6)}, "step": 0}
+        assert mgr.restore(state) == 3
+        assert torch.equal(state["model"]["w"], full(seed=3)["w"])

@@ -330,7 +330,8 @@ def _restore(tree: Any, value: Any, into: Any, path: tuple[str, ...]) -> Any:
                 f"is {list(value.shape)}"
             )
         with torch.no_grad():
-            into.copy_(value)  # a no-op when the bytes were read straight into it
+            if not distributed.fill_local(into, value):
+                into.copy_(value)  # a no-op when the bytes were read straight into it
         return into
     if isinstance(into, Stateful) and not isinstance(into, (Mapping, type)):
         _load_stateful(into, value, where)
@@ -366,7 +367,8 @@ def _restore(tree: Any, value: Any, into: Any, path: tuple[str, ...]) -> Any:
 def _load_stateful(obj: Stateful, state: Any, where: str) -> None:
     try:
         if isinstance(obj, torch.nn.Module):
-            obj.load_state_dict(state, strict=True)
+            if not distributed.fill_module(obj, state):
+                obj.load_state_dict(state, strict=True)
         else:
             obj.load_state_dict(state)
     except (RuntimeError, KeyError, ValueError, TypeError) as e:

@@ -401,3 +401,38 @@ def _dtype(name: str) -> torch.dtype:
     from torchkeep.format import DTYPES
 
     return DTYPES[name]
+
+
+def fill_local(dest: torch.Tensor, value: Any) -> bool:
+    """Copy this rank's part of the whole tensor ``value`` into DTensor ``dest`` (a checkpoint
+    saved with any world size, or by torch.distributed.checkpoint). False if ``dest`` is not a
+    DTensor or ``value`` is one (DTensor to DTensor copies reshard themselves)."""
+    if not is_dtensor(dest) or not isinstance(value, torch.Tensor) or is_dtensor(value):
+        return False
+    if tuple(value.shape) != tuple(dest.shape):
+        return False
+    box = local_box(dest)
+    local: torch.Tensor = dest.to_local()  # type: ignore[attr-defined]
+    with torch.no_grad():
+        local.copy_(_window(value, box, (0,) * len(box[0])))
+    return True
+
+
+def fill_module(module: torch.nn.Module, state: Mapping[str, Any]) -> bool:
+    """Load ``state`` into a module whose parameters are DTensors (FSDP2, tensor parallel):
+    each rank copies its part. False (nothing done) if the module holds no DTensor."""
+    expected = module.state_dict()
+    if not any(is_dtensor(t) for t in expected.values()):
+        return False
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise KeyError(f"missing {missing[:8]}, unexpected {unexpected[:8]}")
+    with torch.no_grad():
+        for name, dest in expected.items():
+            value = state[name]
+            if value is dest:
+                continue  # read straight into it
+            if not fill_local(dest, value):
+                dest.copy_(value)
+    return True

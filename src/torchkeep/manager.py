@@ -28,8 +28,9 @@ from typing import IO, Any
 
 import torch
 
+from torchkeep import distributed
 from torchkeep.checkpoint import load_from
-from torchkeep.container import SaveInfo, read_manifest, write_container
+from torchkeep.container import WRITE_THREADS, SaveInfo, read_manifest, write_container
 from torchkeep.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
@@ -145,9 +146,17 @@ class CheckpointManager:
             )
         storage.make_dirs(self.root)
         # Object stores have no locks: there, one writer per root is the caller's to ensure.
-        self._writer, self._lock_file = (
-            (True, None) if is_url(self.root) else _writer_lock(self.root)
-        )
+        # In a process group, rank 0 holds the lock for the group (every rank writes its part of
+        # each save), and deletes.
+        self._rank = torch.distributed.get_rank() if distributed.active() else 0
+        self._writer: bool
+        self._lock_file: IO[bytes] | None
+        if is_url(self.root):
+            self._writer, self._lock_file = True, None
+        elif self._rank:
+            self._writer, self._lock_file = False, None  # writes only its part of DTensor state
+        else:
+            self._writer, self._lock_file = _writer_lock(self.root)
         self._scan()
         if preemption:
             signals = (signal.SIGTERM,) if preemption is True else tuple(preemption)
@@ -266,7 +275,7 @@ class CheckpointManager:
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be an integer of 0 or more, not {step!r}")
         clean = _check_metrics(metrics)
-        if not self._writer:
+        if not self._writer and not self._rank:
             raise StorageError(
                 f"{self.root}: another CheckpointManager is saving to this directory; this one "
                 "can list and restore steps but not save (one writer per directory)"
@@ -280,8 +289,19 @@ class CheckpointManager:
                 "newer steps first), so that retention does not keep the abandoned ones"
             )
         metadata = {METADATA_KEY: {"step": step, "time": time.time(), "metrics": clean}}
+        if self._executor is not None and self._rank:
+            raise StorageError(
+                f"{self.root}: rank {self._rank}: asynchronous saves are made by rank 0 alone, "
+                "of plain state; DTensor state needs async_save=False (every rank writes its part)"
+            )
         if self._executor is None:
-            flat = flatten(state)
+            flat = flatten(state, dtensors=distributed.active())
+            if self._rank and not any(distributed.is_dtensor(t) for t in flat.tensors.values()):
+                raise StorageError(
+                    f"{self.root}: rank {self._rank} of a process group saves only its part of "
+                    "DTensor state; this state has none. Save plain (replicated) state from "
+                    "rank 0 alone"
+                )
             return self._write(step, flat.tree, flat.tensors, flat.aliases, metadata)
         staged = self._stage(state)
         future = self._executor.submit(
@@ -325,15 +345,31 @@ class CheckpointManager:
         with self._lock:
             self._writing = step
         try:
-            info = write_container(
-                self.path(step),
-                tensors,
-                kind="state",
-                tree=tree,
-                aliases=aliases,
-                metadata=metadata,
-                storage=self._storage,
-            )
+            if any(distributed.is_dtensor(t) for t in tensors.values()):
+                started = time.perf_counter()
+                files, count, nbytes, written = distributed.save(
+                    self.path(step),
+                    tensors,
+                    kind="state",
+                    tree=tree,
+                    aliases=aliases,
+                    metadata=metadata,
+                    storage=self._storage,
+                    threads=WRITE_THREADS,
+                )
+                info = SaveInfo(
+                    self.path(step), files, count, nbytes, written, time.perf_counter() - started
+                )
+            else:
+                info = write_container(
+                    self.path(step),
+                    tensors,
+                    kind="state",
+                    tree=tree,
+                    aliases=aliases,
+                    metadata=metadata,
+                    storage=self._storage,
+                )
             entry = metadata[METADATA_KEY]
             with self._lock:
                 self._records[step] = Record(step, entry["time"], entry["metrics"])
@@ -359,6 +395,8 @@ class CheckpointManager:
         path = self.path(step)
         with self._lock:
             self._records.pop(step, None)
+        if self._rank:
+            return  # rank 0 deletes for the group
         if not self._storage.atomic_dirs:
             try:
                 self._storage.remove_file(join(path, MANIFEST_FILE))

@@ -165,10 +165,16 @@ def _add_tensor(
         flat.tensors[name] = t.detach()
         seen[key] = name
         return name
+    if _is_dtensor(t):
+        raise UnsupportedObjectError(
+            f"{where}: a DTensor; DTensor state is saved under an initialized process group, "
+            "every rank writing its part (not by asynchronous saves: use async_save=False), or "
+            "as a whole tensor: .full_tensor()"
+        )
     if type(t) not in _PLAIN_TENSOR_TYPES:
         raise UnsupportedObjectError(
             f"{where}: tensors of type {type(t).__name__} are not supported yet; "
-            "convert to a plain tensor (for DTensor: .full_tensor())"
+            "convert to a plain tensor"
         )
     if t.layout != torch.strided or t.is_quantized:
         raise UnsupportedObjectError(

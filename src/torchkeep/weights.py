@@ -14,13 +14,14 @@ import torch
 from torchkeep.checkpoint import Device, check_metadata, convert
 from torchkeep.container import Container, SaveInfo, open_container, write_container
 from torchkeep.dcp import is_dcp_dir, load_dcp
+from torchkeep.distributed import is_dtensor, read_sharded
 from torchkeep.errors import (
     CorruptCheckpointError,
     StateMismatchError,
     UnsupportedFormatError,
     UnsupportedObjectError,
 )
-from torchkeep.format import MANIFEST_FILE, Manifest, check_member_name, load_json
+from torchkeep.format import MANIFEST_FILE, Manifest, Sharded, check_member_name, load_json
 from torchkeep.legacy import load_pickle_file, sniff
 from torchkeep.remote import is_url, readable, storage_for
 from torchkeep.tree import STATEFUL, TENSOR, dedupe
@@ -146,10 +147,14 @@ class _Part:
         self.names = dict(names or {})
         self.loaded = dict(loaded or {})
 
+    def _sharded(self) -> dict[str, Sharded]:
+        manifest = self.container.manifest if self.container is not None else None
+        return dict(manifest.distributed or {}) if manifest is not None else {}
+
     def shapes(self) -> dict[str, tuple[int, ...]]:
         if self.container is not None:
-            entries = self.container.entries
-            return {k: entries[n].shape for k, n in self.names.items()}
+            specs: dict[str, Any] = {**self.container.entries, **self._sharded()}
+            return {k: specs[n].shape for k, n in self.names.items()}
         return {k: tuple(t.shape) for k, t in self.loaded.items()}
 
     def read(
@@ -163,12 +168,18 @@ class _Part:
     ) -> dict[str, torch.Tensor]:
         if self.container is None:
             return {k: self.loaded[k] for k in keys}
-        stored = sorted({self.names[k] for k in keys})
+        sharded = self._sharded()
+        stored = sorted({self.names[k] for k in keys} - set(sharded))
+        dests = {self.names[k]: t for k, t in into.items() if k in self.names}
         if lazy:
             tensors = self.container.map(stored)
         else:
-            dests = {self.names[k]: t for k, t in into.items() if k in self.names}
             tensors = self.container.read(stored, into=dests, verify=verify, device=device)
+        wanted = {self.names[k] for k in keys} & set(sharded)
+        if wanted:  # saved by the ranks of a distributed save: reassembled whole
+            spec = {n: sharded[n] for n in wanted}
+            plain = {n: t for n, t in dests.items() if n in wanted and not is_dtensor(t)}
+            tensors.update(read_sharded(self.container, spec, plain, verify=verify))
         return {k: tensors[self.names[k]] for k in keys}
 
 

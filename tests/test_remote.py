@@ -577,3 +577,18 @@ def test_manager_does_not_create_a_missing_bucket(moto_server):
             mgr.save(1, {"w": torch.ones(2)})
     names = [b["Name"] for b in moto_server.client().list_buckets()["Buckets"]]
     assert bucket not in names
+
+
+def test_command_line_reads_urls_with_the_environment(s3, moto_server, monkeypatch, capsys):
+    from torchkeep.cli import main
+
+    root, opts = s3
+    tk.save({"w": torch.ones(4), "step": 2}, f"{root}/ckpt", storage_options=opts)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server.endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    assert main(["verify", f"{root}/ckpt"]) == 0
+    assert main(["inspect", f"{root}/ckpt", "--json"]) == 0
+    assert '"w"' in capsys.readouterr().out
+    assert main(["verify", f"{root}/missing"]) == 2

@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 INSTALL = "pip install 'torchkeep[remote]'"
 # S3 parts: at least 5 MiB (but the last), at most 10,000 per object.
 PART_BYTES = 32 << 20
+FIRST_PART_BYTES = 5 << 20
 MAX_PARTS = 10_000
 # Parts uploading at once per file; with the part buffers being filled this bounds the memory
 # of an upload to about (INFLIGHT_PARTS + writer threads + 1) parts.
@@ -377,8 +378,11 @@ class _MultipartUpload(_Upload):
         super().__init__(storage, url, size)
         fs = storage.fs
         self.bucket, self.key, _ = fs.split_path(url)
-        self.part = max(PART_BYTES, -(-size // MAX_PARTS))
-        self.count = -(-size // self.part)
+        # The first part holds the header, written last: it is kept to S3's smallest part size
+        # so that little is left to send once the data is written.
+        self.part = max(PART_BYTES, -(-size // (MAX_PARTS - 1)))
+        self.first = min(FIRST_PART_BYTES, size)
+        self.count = 1 + -(-(size - self.first) // self.part)
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(INFLIGHT_PARTS)
         self._buffers: dict[int, bytearray] = {}
@@ -394,8 +398,13 @@ class _MultipartUpload(_Upload):
         self.upload_id: str | None = created["UploadId"]
 
     def _bounds(self, index: int) -> tuple[int, int]:
-        start = index * self.part
+        if index == 0:
+            return 0, self.first
+        start = self.first + (index - 1) * self.part
         return start, min(start + self.part, self.size)
+
+    def _index(self, offset: int) -> int:
+        return 0 if offset < self.first else 1 + (offset - self.first) // self.part
 
     def pwrite(self, data: memoryview, offset: int) -> None:
         self._check_range(data, offset)
@@ -403,7 +412,7 @@ class _MultipartUpload(_Upload):
         end = offset + len(data)
         source = 0
         while offset < end:
-            index = offset // self.part
+            index = self._index(offset)
             start, stop = self._bounds(index)
             n = min(end, stop) - offset
             with self._lock:

@@ -61,7 +61,7 @@ def _state(world: int, placements: str, seed: int = 0) -> dict[str, Any]:
     }
 
 
-def save(rank: int, world: int, *, out: str, path: str, placements: str = "rows", seed: int = 0, fail_rank: int = -1) -> None:
+def save(rank: int, world: int, *, out: str, path: str, placements: str = "rows", seed: int = 0, fail_rank: int = -1, storage_options: dict[str, Any] | None = None) -> None:
     state = _state(world, placements, seed)
     if rank == fail_rank:
         from torchkeep.storage import LocalStorage
@@ -71,7 +71,7 @@ def save(rank: int, world: int, *, out: str, path: str, placements: str = "rows"
 
         LocalStorage.write_file = broken  # type: ignore[method-assign]
     try:
-        info = tk.save(state, path)
+        info = tk.save(state, path, storage_options=storage_options)
     except tk.TorchkeepError as e:
         with open(os.path.join(out, f"raised-{rank}.txt"), "w") as f:
             f.write(f"{type(e).__name__}: {e}")

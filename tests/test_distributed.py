@@ -49,6 +49,11 @@ def test_four_ranks_save_each_their_shards(tmp_path):
         assert torch.equal(state["model"][name], expected[name])
     assert state["step"] == 7 and torch.equal(state["plain"], torch.full((3,), 5.0))
     assert tk.verify(ckpt).ok
+    described = tk.describe(ckpt)
+    assert described.format == "torchkeep distributed directory"
+    assert {t.name: t.shape for t in described.tensors} == {
+        "model.w": (12, 10), "model.b": (5,), "model.r": (6,), "plain": (3,)
+    }
 
 
 @pytest.mark.parametrize(("world", "placements"), [(2, "rows"), (2, "cols"), (1, "rows"), (2, "replicated")])
@@ -127,3 +132,17 @@ def test_checkpoint_manager_in_a_process_group(tmp_path):
         state = {"model": {"w": torch.zeros(12, 10), "b": torch.zeros(5, dtype=torch.bfloat16), "r": torch.zeros(6)}, "step": 0}
         assert mgr.restore(state) == 3
         assert torch.equal(state["model"]["w"], full(seed=3)["w"])
+
+
+def test_two_ranks_save_to_object_storage(tmp_path, s3):
+    root, opts = s3
+    url = f"{root}/ckpt"
+    _spawn(tmp_path, 2, "save", path=url, storage_options=opts)
+    _spawn(tmp_path, 2, "save", path=url, storage_options=opts, seed=4)  # replaced in place
+    state = tk.load(url, storage_options=opts)
+    assert torch.equal(state["model"]["w"], full(seed=4)["w"])
+    from torchkeep.remote import storage_for
+
+    storage, _ = storage_for(url, opts)
+    names = storage.list_dir(url)
+    assert len(names) == 3 and "manifest.json" in names, names  # the first save's shards are gone

@@ -120,12 +120,24 @@ def _describe_container(storage: Storage, path: str) -> Description:
     with open_container(path, storage=storage) as c:
         m = c.manifest
         entries = sorted(c.entries.items(), key=lambda kv: (kv[1].file or "", kv[1].begin))
-        tensors = tuple(TensorInfo(n, e.dtype, e.shape, e.nbytes, e.file) for n, e in entries)
+        sharded = (m.distributed if m is not None else None) or {}
+        chunks = {chunk.tensor for spec in sharded.values() for chunk in spec.chunks}
+        # A distributed save: its tensors whole, each in chunks across the ranks' files.
+        tensors = tuple(
+            TensorInfo(n, e.dtype, e.shape, e.nbytes, e.file)
+            for n, e in entries
+            if n not in chunks
+        ) + tuple(
+            TensorInfo(n, t.dtype, t.shape, t.nbytes, f"{len(t.chunks)} chunks")
+            for n, t in sorted(sharded.items())
+        )
         fmt = (
             "safetensors"
             if m is None
             else ("torchkeep directory" if c.directory else "torchkeep file")
         )
+        if sharded:
+            fmt = "torchkeep distributed directory"
         skeleton = decode(m.tree, lambda name: name) if m is not None and m.tree else None
         return Description(
             path=c.path,

@@ -61,8 +61,11 @@ def _state(world: int, placements: str, seed: int = 0) -> dict[str, Any]:
     }
 
 
-def save(rank: int, world: int, *, out: str, path: str, placements: str = "rows", seed: int = 0, fail_rank: int = -1, storage_options: dict[str, Any] | None = None) -> None:
+def save(rank: int, world: int, *, out: str, path: str, placements: str = "rows", seed: int = 0, fail_rank: int = -1, bad_rank: int = -1, storage_options: dict[str, Any] | None = None) -> None:
     state = _state(world, placements, seed)
+    state["model"]["tied"] = state["model"]["w"]  # one DTensor under two names
+    if rank == bad_rank:
+        state["step"] = lambda: 7  # a value only this rank cannot store
     if rank == fail_rank:
         from torchkeep.storage import LocalStorage
 
@@ -82,12 +85,15 @@ def save(rank: int, world: int, *, out: str, path: str, placements: str = "rows"
 
 def load(rank: int, world: int, *, out: str, path: str, placements: str = "rows") -> None:
     state = _state(world, placements, seed=99)  # other values: the load must overwrite them
+    state["model"]["tied"] = state["model"]["w"]
     for t in state["model"].values():
         t.to_local().zero_()
     state["plain"] = torch.zeros(3)
     loaded = tk.load(path, into=state)
     expected = full()
     for name, t in state["model"].items():
+        if name == "tied":
+            continue
         whole = t.full_tensor()
         assert torch.equal(whole, expected[name]), (name, whole, expected[name])
         assert loaded["model"][name] is t

@@ -146,3 +146,19 @@ def test_two_ranks_save_to_object_storage(tmp_path, s3):
     storage, _ = storage_for(url, opts)
     names = storage.list_dir(url)
     assert len(names) == 3 and "manifest.json" in names, names  # the first save's shards are gone
+
+
+def test_a_value_one_rank_cannot_store_makes_every_rank_raise(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    out = _spawn(tmp_path, 2, "save", path=str(ckpt), bad_rank=1)
+    raised = [(out / f"raised-{r}.txt").read_text() for r in range(2)]
+    assert all(text.startswith("UnsupportedObjectError") for text in raised), raised
+    assert "rank 1" in raised[0] and "step" in raised[1], raised
+    assert not ckpt.exists()
+
+
+def test_tied_dtensors_come_back_tied(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    _spawn(tmp_path, 2, "save", path=str(ckpt))
+    state = tk.load(ckpt)
+    assert state["model"]["tied"] is state["model"]["w"]

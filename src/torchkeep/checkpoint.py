@@ -69,8 +69,15 @@ def save(
         tk.save({"model": model, "optimizer": optimizer, "epoch": 5}, "ckpt.safetensors")
     """
     storage, target = storage_for(path, storage_options)
-    flat = flatten(obj, dtensors=distributed.active())
-    if any(distributed.is_dtensor(t) for t in flat.tensors.values()):
+    if distributed.active() and distributed.holds_dtensor(obj):
+        # Every rank saves its part; a rank that cannot makes them all raise.
+        failure: BaseException | None = None
+        try:
+            flat = flatten(obj, dtensors=True)
+            checked = check_metadata(metadata)
+        except Exception as e:
+            failure = e
+        distributed.agree(target, failure)
         started = time.perf_counter()
         files, count, nbytes, written = distributed.save(
             target,
@@ -78,11 +85,12 @@ def save(
             kind="state",
             tree=flat.tree,
             aliases=flat.aliases,
-            metadata=check_metadata(metadata),
+            metadata=checked,
             storage=storage,
             threads=WRITE_THREADS,
         )
         return SaveInfo(target, files, count, nbytes, written, time.perf_counter() - started)
+    flat = flatten(obj)
     return write_container(
         target,
         flat.tensors,

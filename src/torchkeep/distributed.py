@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import math
 import time
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -44,6 +45,8 @@ from torchkeep.format import (
     manifest_to_json,
 )
 from torchkeep.storage import Sink, Storage
+
+log = logging.getLogger(__name__)
 
 Box = tuple[tuple[int, ...], tuple[int, ...]]  # offsets, shape
 
@@ -78,6 +81,12 @@ def _writes_chunk(t: Any, where: str) -> bool:
     if coordinate is None:  # this rank holds no part of the tensor
         return False
     for dim, placement in enumerate(t.placements):
+        if type(placement).__name__ == "_StridedShard":
+            raise UnsupportedObjectError(
+                f"{where}: a DTensor sharded twice along one dimension (FSDP2 over tensor "
+                "parallelism) is not supported yet; save its .full_tensor(), or shard it once "
+                "per dimension"
+            )
         if isinstance(placement, Replicate):
             if coordinate[dim] != 0:
                 return False
@@ -109,7 +118,7 @@ def _failure(rank: int, e: BaseException) -> _Failure:
     return _Failure(rank, kind, str(e))
 
 
-def _raise(path: str, failure: _Failure, *, committed: bool = False) -> None:
+def _raise(path: str, failure: _Failure, *, committed: bool = False) -> NoReturn:
     cls = getattr(errors, failure.kind, StorageError)
     if not (isinstance(cls, type) and issubclass(cls, TorchkeepError)):
         cls = StorageError
@@ -119,6 +128,41 @@ def _raise(path: str, failure: _Failure, *, committed: bool = False) -> None:
     if issubclass(cls, OSError):
         raise cls(errno.EIO, message)
     raise cls(message)
+
+
+def agree(path: str, failure: BaseException | None) -> None:
+    """Raise on every rank if any rank failed before a collective save (every rank calls this,
+    so that a rank that cannot go on never leaves the others waiting)."""
+    dist = torch.distributed
+    mine = None if failure is None else _failure(dist.get_rank(), failure)
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    failed = [f for f in everyone if isinstance(f, _Failure)]
+    if failed:
+        if failure is not None and failed[0].rank == dist.get_rank():
+            raise failure
+        _raise(path, failed[0])
+
+
+def holds_dtensor(obj: Any, depth: int = 0) -> bool:
+    """Whether ``obj`` (a state to save) holds a DTensor anywhere: then every rank must save."""
+    if depth > 64:
+        return False
+    if is_dtensor(obj):
+        return True
+    if isinstance(obj, torch.nn.Module):
+        return any(is_dtensor(t) for t in obj.state_dict().values())
+    if isinstance(obj, Mapping):
+        return any(holds_dtensor(v, depth + 1) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return any(holds_dtensor(v, depth + 1) for v in obj)
+    state_dict = getattr(obj, "state_dict", None)
+    if callable(state_dict) and not isinstance(obj, type):
+        try:
+            return holds_dtensor(state_dict(), depth + 1)
+        except Exception:
+            return False
+    return False
 
 
 def save(
@@ -166,17 +210,48 @@ def save(
         _raise(path, setup[0])
     save_id, staging = setup[0]
 
-    mine: Any
+    # A chunk held by several ranks (replicated, or a sub-mesh repeated by data parallelism)
+    # is written by the lowest rank holding it.
+    mine: Any = None
+    failed_early = False
+    candidates: list[str] = []
     try:
-        mine = _write_rank(
-            staging, save_id, rank, tensors, storage, threads, _layout, _write_items, _Hooks
-        )
+        owned, sharded = _owned(rank, tensors)
+        candidates = list(owned)
+    except Exception as e:
+        mine, failed_early = _failure(rank, e), True
+        owned, sharded = {}, {}
+    claims: list[Any] = [None] * world
+    dist.all_gather_object(claims, candidates)
+    writer: dict[str, int] = {}
+    for r, names in enumerate(claims):
+        for name in names or ():
+            writer.setdefault(name, r)
+    try:
+        if not failed_early:
+            mine = _write_rank(
+                staging,
+                save_id,
+                rank,
+                {n: t for n, t in owned.items() if writer.get(n) == rank},
+                {
+                    n: (d, shape, chunk if chunk is None or writer.get(chunk[0]) == rank else None)
+                    for n, (d, shape, chunk) in sharded.items()
+                },
+                storage,
+                threads,
+                _layout,
+                _write_items,
+                _Hooks,
+            )
     except Exception as e:
         mine = _failure(rank, e)
     gathered: list[Any] | None = [None] * world if rank == 0 else None
     dist.gather_object(mine, gathered, dst=0)
 
     outcome: list[Any] = [None]
+    results: list[_RankResult] = []
+    committing: list[bool] = [False]
     if rank == 0:
         assert gathered is not None
         failures = [g for g in gathered if isinstance(g, _Failure)]
@@ -186,18 +261,43 @@ def save(
                 outcome[0] = failures[0]
             else:
                 files, count, nbytes, written = _commit(
-                    path, staging, save_id, results, kind, tree, aliases, metadata, storage
+                    path,
+                    staging,
+                    save_id,
+                    results,
+                    kind,
+                    tree,
+                    aliases,
+                    metadata,
+                    storage,
+                    committing,
                 )
                 outcome[0] = (files, count, nbytes, written)
         except Exception as e:
             outcome[0] = _failure(rank, e)
-        if isinstance(outcome[0], _Failure):
-            _discard(path, staging, results, storage)
-        elif not storage.atomic_dirs:
-            _remove_replaced(path, {r.file for r in results if r.file} | {MANIFEST_FILE}, storage)
+            if committing[0] and not storage.atomic_dirs:
+                # The manifest may have been stored before its error: the path holds this
+                # save or the previous one, whole; the shards stay.
+                outcome[0] = _Failure(
+                    0,
+                    "StorageError",
+                    f"writing the manifest that commits this save failed ({e}); the path "
+                    "holds either this save or the previous one, whole",
+                )
+                committing[0] = False
+                results = []
     dist.broadcast_object_list(outcome, src=0)
+    if rank == 0:  # after the broadcast: no rank waits for the cleaning
+        try:
+            if isinstance(outcome[0], _Failure):
+                _discard(path, staging, results, storage)
+            elif not storage.atomic_dirs:
+                kept = {r.file for r in results if r.file} | {MANIFEST_FILE}
+                _remove_replaced(path, kept, storage)
+        except TorchkeepError as e:
+            log.warning("%s: cleaning up after the save: %s", path, e)
     if isinstance(outcome[0], _Failure):
-        _raise(path, outcome[0])
+        _raise(path, outcome[0], committed="holds either" in outcome[0].message)
     files, count, nbytes, written = outcome[0]
     return files, count, nbytes, written
 
@@ -206,20 +306,16 @@ def _chunk_name(name: str, offsets: Iterable[int]) -> str:
     return f"{name}@{','.join(map(str, offsets))}"
 
 
-def _write_rank(
-    staging: str,
-    save_id: str,
-    rank: int,
-    tensors: Mapping[str, torch.Tensor],
-    storage: Storage,
-    threads: int,
-    layout: Any,
-    write_items: Any,
-    hooks_type: Any,
-) -> _RankResult:
-    """Write the tensors this rank owns into its file; describe its sharded tensors' chunks."""
+ShardedInfo = dict[str, tuple[str, tuple[int, ...], tuple[str, tuple[int, ...]] | None]]
+
+
+def _owned(
+    rank: int, tensors: Mapping[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], ShardedInfo]:
+    """The tensors this rank could write (its chunks; rank 0: the plain tensors too), and the
+    description of every sharded tensor it holds."""
     owned: dict[str, torch.Tensor] = {}
-    sharded: dict[str, tuple[str, tuple[int, ...], tuple[str, tuple[int, ...]] | None]] = {}
+    sharded: ShardedInfo = {}
     for name, t in tensors.items():
         if is_dtensor(t):
             dtype = dtype_name(t.dtype, where=name)
@@ -228,11 +324,32 @@ def _write_rank(
                 offsets, shape = local_box(t)
                 if math.prod(shape):
                     stored = _chunk_name(name, offsets)
+                    if stored in tensors:
+                        raise UnsupportedObjectError(
+                            f"{stored}: the name of a value of the state and of a chunk of "
+                            f"DTensor {name}; rename the value"
+                        )
                     owned[stored] = t.to_local().detach()  # type: ignore[attr-defined]
                     chunk = (stored, offsets)
             sharded[name] = (dtype, tuple(t.shape), chunk)
         elif rank == 0:
             owned[name] = t.detach()
+    return owned, sharded
+
+
+def _write_rank(
+    staging: str,
+    save_id: str,
+    rank: int,
+    owned: dict[str, torch.Tensor],
+    sharded: ShardedInfo,
+    storage: Storage,
+    threads: int,
+    layout: Any,
+    write_items: Any,
+    hooks_type: Any,
+) -> _RankResult:
+    """Write the tensors this rank writes into its file; describe its sharded tensors' chunks."""
     if not owned:
         return _RankResult(None, {}, sharded, 0)
     dtypes = {n: t.dtype for n, t in owned.items()}
@@ -276,6 +393,7 @@ def _commit(
     aliases: Mapping[str, str],
     metadata: Mapping[str, Any],
     storage: Storage,
+    committing: list[bool],
 ) -> tuple[tuple[str, ...], int, int, int]:
     entries: dict[str, TensorEntry] = {}
     for r in results:
@@ -308,6 +426,7 @@ def _commit(
     from torchkeep.format import manifest_from_json
 
     manifest_from_json(text.decode(), where=f"{path}/{MANIFEST_FILE}")
+    committing[0] = True
     storage.write_file(
         f"{staging}/{MANIFEST_FILE}", len(text), lambda sink: sink.pwrite(memoryview(text), 0)
     )
@@ -366,6 +485,9 @@ def read_sharded(
     for name, spec in sharded.items():
         dest = dests.get(name)
         if dest is not None and is_dtensor(dest):
+            if dest.device_mesh.get_coordinate() is None:  # type: ignore[attr-defined]
+                result[name] = dest  # this rank holds no part of it
+                continue
             box = local_box(dest)
             target = dest.to_local()  # type: ignore[attr-defined]
         else:
@@ -388,8 +510,11 @@ def read_sharded(
             if overlap is None:
                 continue
             window = _window(target, overlap, box[0])
-            if overlap == chunk_box and window.is_contiguous() and window.device.type == "cpu":
-                container.read([chunk.tensor], into={chunk.tensor: window}, verify=verify)
+            direct = window.is_contiguous() and window.device.type == "cpu"
+            if overlap == chunk_box and direct and window.dtype == _dtype(spec.dtype):
+                got = container.read([chunk.tensor], into={chunk.tensor: window}, verify=verify)
+                if got[chunk.tensor] is not window:
+                    window.copy_(got[chunk.tensor])
                 continue
             data = container.read([chunk.tensor], verify=verify)[chunk.tensor]
             window.copy_(_window(data, overlap, chunk.offsets))

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
 import contextlib
 import gc
+import itertools
 import json
 import math
 import re
@@ -508,14 +510,15 @@ def manifest_from_json(text: str, *, where: str) -> Manifest:
     tensors: dict[str, TensorEntry] = {}
     for name, spec in raw_tensors.items():
         tensors[name] = _parse_manifest_tensor(name, spec, where=where)
-    for alias, target in aliases.items():
-        if not isinstance(target, str) or target not in tensors:
-            raise CorruptCheckpointError(
-                f"{where}: alias '{alias}' points at '{target}', which the manifest does not hold"
-            )
     distributed = None
     if "distributed" in body:
         distributed = _parse_distributed(body["distributed"], tensors, where=where)
+    held = set(tensors) | set(distributed or ())
+    for alias, target in aliases.items():
+        if not isinstance(target, str) or target not in held:
+            raise CorruptCheckpointError(
+                f"{where}: alias '{alias}' points at '{target}', which the manifest does not hold"
+            )
     tree = body.get("tree")
     try:
         check_tree(tree, set(tensors) | set(aliases) | set(distributed or ()))
@@ -598,12 +601,32 @@ def _is_shape(value: Any) -> bool:
     )
 
 
+MAX_GRID_CELLS = 1 << 22
+
+
 def _overlapping(boxes: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> bool:
+    """Whether any two non-empty boxes overlap. The boxes' edges cut each dimension into
+    segments; each box covers a block of the grid they make, and two boxes overlap exactly
+    when they share a cell. A sharding makes a grid of about one cell per chunk."""
     live = [(o, n) for o, n in boxes if math.prod(n)]
-    for i, (a, an) in enumerate(live):
-        for b, bn in live[i + 1 :]:
-            if all(x < y + m and y < x + n for x, n, y, m in zip(a, an, b, bn, strict=True)):
+    if not live:
+        return False
+    cuts = [
+        sorted({o[d] for o, _ in live} | {o[d] + n[d] for o, n in live})
+        for d in range(len(live[0][0]))
+    ]
+    if math.prod(len(c) - 1 for c in cuts) > MAX_GRID_CELLS:
+        return True  # far more fragments than any sharding makes: refused as malformed
+    taken: set[tuple[int, ...]] = set()
+    for offsets, shape in live:
+        ranges = [
+            range(bisect.bisect_left(c, o), bisect.bisect_left(c, o + n))
+            for c, o, n in zip(cuts, offsets, shape, strict=True)
+        ]
+        for cell in itertools.product(*ranges):
+            if cell in taken:
                 return True
+            taken.add(cell)
     return False
 
 

@@ -272,6 +272,41 @@ class CheckpointManager:
             StorageError, TorchkeepError: this save failed, or (async) the previous one did.
         """
         self._check_open()
+        if distributed.active() and self._executor is None and distributed.holds_dtensor(state):
+            # Every rank saves its part: a rank that cannot (a bad step, a held lock, a value
+            # that cannot be stored) makes every rank raise, rather than leave them waiting.
+            failure: BaseException | None = None
+            try:
+                metadata = self._prepare(step, metrics)
+                flat = flatten(state, dtensors=True)
+            except Exception as e:
+                failure = e
+            distributed.agree(self.path(step), failure)
+            return self._write(step, flat.tree, flat.tensors, flat.aliases, metadata)
+        metadata = self._prepare(step, metrics)
+        if self._executor is not None and self._rank:
+            raise StorageError(
+                f"{self.root}: rank {self._rank}: asynchronous saves are made by rank 0 alone, "
+                "of plain state; DTensor state needs async_save=False (every rank writes its part)"
+            )
+        if self._executor is None:
+            if self._rank:
+                raise StorageError(
+                    f"{self.root}: rank {self._rank} of a process group saves only its part of "
+                    "DTensor state; this state has none. Save plain (replicated) state from "
+                    "rank 0 alone"
+                )
+            flat = flatten(state)
+            return self._write(step, flat.tree, flat.tensors, flat.aliases, metadata)
+        staged = self._stage(state)
+        future = self._executor.submit(
+            self._write, step, staged.flat.tree, staged.tensors, staged.flat.aliases, metadata
+        )
+        self._inflight = future
+        return future
+
+    def _prepare(self, step: int, metrics: Mapping[str, float] | None) -> dict[str, Any]:
+        """Check that ``step`` can be saved now; return the metadata of its save."""
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be an integer of 0 or more, not {step!r}")
         clean = _check_metrics(metrics)
@@ -288,27 +323,7 @@ class CheckpointManager:
                 "after going back to an earlier step, save to a new directory (or delete the "
                 "newer steps first), so that retention does not keep the abandoned ones"
             )
-        metadata = {METADATA_KEY: {"step": step, "time": time.time(), "metrics": clean}}
-        if self._executor is not None and self._rank:
-            raise StorageError(
-                f"{self.root}: rank {self._rank}: asynchronous saves are made by rank 0 alone, "
-                "of plain state; DTensor state needs async_save=False (every rank writes its part)"
-            )
-        if self._executor is None:
-            flat = flatten(state, dtensors=distributed.active())
-            if self._rank and not any(distributed.is_dtensor(t) for t in flat.tensors.values()):
-                raise StorageError(
-                    f"{self.root}: rank {self._rank} of a process group saves only its part of "
-                    "DTensor state; this state has none. Save plain (replicated) state from "
-                    "rank 0 alone"
-                )
-            return self._write(step, flat.tree, flat.tensors, flat.aliases, metadata)
-        staged = self._stage(state)
-        future = self._executor.submit(
-            self._write, step, staged.flat.tree, staged.tensors, staged.flat.aliases, metadata
-        )
-        self._inflight = future
-        return future
+        return {METADATA_KEY: {"step": step, "time": time.time(), "metrics": clean}}
 
     def _stage(self, state: Any) -> _Staged:
         """Copy the state's tensors into staging buffers kept from one save to the next (pinned
@@ -452,6 +467,11 @@ class CheckpointManager:
             chosen = step
         else:
             raise ValueError(f'step must be "latest", "best" or a step number, not {step!r}')
+        if distributed.active() and distributed.holds_dtensor(state):
+            # Every rank restores its part of the same step: rank 0's choice.
+            choice: list[Any] = [chosen]
+            torch.distributed.broadcast_object_list(choice, src=0)
+            chosen = choice[0]
         if chosen is None:
             return None
         try:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -78,8 +77,7 @@ def save(
         except Exception as e:
             failure = e
         distributed.agree(target, failure)
-        started = time.perf_counter()
-        files, count, nbytes, written = distributed.save(
+        return distributed.save(
             target,
             flat.tensors,
             kind="state",
@@ -89,7 +87,6 @@ def save(
             storage=storage,
             threads=WRITE_THREADS,
         )
-        return SaveInfo(target, files, count, nbytes, written, time.perf_counter() - started)
     flat = flatten(obj)
     return write_container(
         target,

@@ -26,7 +26,7 @@ import time
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 
@@ -45,6 +45,9 @@ from torchkeep.format import (
     manifest_to_json,
 )
 from torchkeep.storage import Sink, Storage
+
+if TYPE_CHECKING:
+    from torchkeep.container import SaveInfo
 
 log = logging.getLogger(__name__)
 
@@ -175,13 +178,14 @@ def save(
     metadata: Mapping[str, Any],
     storage: Storage,
     threads: int,
-) -> tuple[tuple[str, ...], int, int, int]:
+) -> SaveInfo:
     """Write this rank's part of a distributed save; every rank of the group must call it.
 
-    Returns the files, the number of tensors, their bytes and the bytes written, once the save
-    is committed; raises on every rank if any rank failed.
+    Returns what was written once the save is committed; raises on every rank if any rank
+    failed.
     """
     from torchkeep.container import (
+        SaveInfo,
         _Hooks,
         _layout,
         _remove_replaced,
@@ -189,6 +193,7 @@ def save(
         check_replaceable,
     )
 
+    started = time.perf_counter()
     dist = torch.distributed
     rank, world = dist.get_rank(), dist.get_world_size()
 
@@ -299,7 +304,7 @@ def save(
     if isinstance(outcome[0], _Failure):
         _raise(path, outcome[0], committed="holds either" in outcome[0].message)
     files, count, nbytes, written = outcome[0]
-    return files, count, nbytes, written
+    return SaveInfo(path, files, count, nbytes, written, time.perf_counter() - started)
 
 
 def _chunk_name(name: str, offsets: Iterable[int]) -> str:

@@ -24,6 +24,7 @@ import uuid
 from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import IO, Any
 
 import torch
@@ -360,31 +361,20 @@ class CheckpointManager:
         with self._lock:
             self._writing = step
         try:
-            if any(distributed.is_dtensor(t) for t in tensors.values()):
-                started = time.perf_counter()
-                files, count, nbytes, written = distributed.save(
-                    self.path(step),
-                    tensors,
-                    kind="state",
-                    tree=tree,
-                    aliases=aliases,
-                    metadata=metadata,
-                    storage=self._storage,
-                    threads=WRITE_THREADS,
-                )
-                info = SaveInfo(
-                    self.path(step), files, count, nbytes, written, time.perf_counter() - started
-                )
-            else:
-                info = write_container(
-                    self.path(step),
-                    tensors,
-                    kind="state",
-                    tree=tree,
-                    aliases=aliases,
-                    metadata=metadata,
-                    storage=self._storage,
-                )
+            write = (
+                partial(distributed.save, threads=WRITE_THREADS)
+                if any(distributed.is_dtensor(t) for t in tensors.values())
+                else write_container
+            )
+            info = write(
+                self.path(step),
+                tensors,
+                kind="state",
+                tree=tree,
+                aliases=aliases,
+                metadata=metadata,
+                storage=self._storage,
+            )
             entry = metadata[METADATA_KEY]
             with self._lock:
                 self._records[step] = Record(step, entry["time"], entry["metrics"])

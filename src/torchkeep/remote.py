@@ -389,13 +389,20 @@ class _MultipartUpload(_Upload):
         self._filled: dict[int, int] = {}
         self._sent: dict[int, concurrent.futures.Future[Any]] = {}
         self._failed: BaseException | None = None
+        self.upload_id: str | None = None
         created = storage.run(
-            url,
-            "starting the upload",
-            fs._call_s3("create_multipart_upload", Bucket=self.bucket, Key=self.key),
-            write=True,
+            url, "starting the upload", self._call("create_multipart_upload"), write=True
         )
-        self.upload_id: str | None = created["UploadId"]
+        self.upload_id = created["UploadId"]
+
+    def _call(self, method: str, **kw: Any) -> Coroutine[Any, Any, Any]:
+        """One request of this upload (the client's coroutine, not yet started)."""
+        if self.upload_id is not None:
+            kw["UploadId"] = self.upload_id
+        coro: Coroutine[Any, Any, Any] = self.storage.fs._call_s3(
+            method, Bucket=self.bucket, Key=self.key, **kw
+        )
+        return coro
 
     def _bounds(self, index: int) -> tuple[int, int]:
         if index == 0:
@@ -438,15 +445,7 @@ class _MultipartUpload(_Upload):
         self._slots.acquire()  # at most INFLIGHT_PARTS parts in flight: the writers wait
         try:
             future = self.storage.submit(
-                self.storage.fs._call_s3(
-                    "upload_part",
-                    Bucket=self.bucket,
-                    Key=self.key,
-                    UploadId=self.upload_id,
-                    PartNumber=index + 1,
-                    Body=buffer,
-                ),
-                nbytes=len(buffer),
+                self._call("upload_part", PartNumber=index + 1, Body=buffer), nbytes=len(buffer)
             )
         except BaseException:
             self._slots.release()
@@ -468,24 +467,14 @@ class _MultipartUpload(_Upload):
     def finish(self) -> None:
         # Parts never written in full (bytes no write covered) go as they are: zeros, as in a
         # local file.
-        for index, buffer in sorted(self._buffers.items()):
-            self._send(index, buffer)
-        self._buffers.clear()
+        for index in range(self.count):
+            if index not in self._sent:
+                start, stop = self._bounds(index)
+                buffer = self._buffers.pop(index) if index in self._buffers else None
+                self._send(index, bytearray(stop - start) if buffer is None else buffer)
         parts = []
         for index in range(self.count):
-            future = self._sent.get(index)
-            if future is None:
-                future = self._sent[index] = self.storage.submit(
-                    self.storage.fs._call_s3(
-                        "upload_part",
-                        Bucket=self.bucket,
-                        Key=self.key,
-                        UploadId=self.upload_id,
-                        PartNumber=index + 1,
-                        Body=bytes(self._bounds(index)[1] - self._bounds(index)[0]),
-                    ),
-                    nbytes=self.part,
-                )
+            future = self._sent[index]
             try:
                 etag = future.result()["ETag"]
             except Exception as e:
@@ -495,13 +484,7 @@ class _MultipartUpload(_Upload):
         self.storage.run(
             self.url,
             "completing the upload",
-            self.storage.fs._call_s3(
-                "complete_multipart_upload",
-                Bucket=self.bucket,
-                Key=self.key,
-                UploadId=self.upload_id,
-                MultipartUpload={"Parts": parts},
-            ),
+            self._call("complete_multipart_upload", MultipartUpload={"Parts": parts}),
             write=True,
         )
         self.upload_id = None
@@ -518,12 +501,7 @@ class _MultipartUpload(_Upload):
             self.storage.run(
                 self.url,
                 "aborting the upload",
-                self.storage.fs._call_s3(
-                    "abort_multipart_upload",
-                    Bucket=self.bucket,
-                    Key=self.key,
-                    UploadId=self.upload_id,
-                ),
+                self._call("abort_multipart_upload"),
             )
         except TorchkeepError as e:  # the store removes abandoned uploads by its own rules
             log.warning("%s", e)

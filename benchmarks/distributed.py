@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from torchkeep.bench.report import machine_info, progress_to_stderr, publish
+from torchkeep.bench.report import machine_info, progress_to_stderr, publish, script_header
 from torchkeep.bench.workload import MIB, make_state_dict, state_bytes
 
 TARGET = 0.65
@@ -100,15 +100,11 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
 
     one, two = statistics.median(times[1]), statistics.median(times[2])
-    command = " ".join(
-        ["python", "benchmarks/distributed.py", *(sys.argv[1:] if argv is None else argv)]
+    lines = script_header(
+        "torchkeep distributed save (gloo, CPU)", "benchmarks/distributed.py", argv, m
     )
-    lines = [
-        "## torchkeep distributed save (gloo, CPU)",
-        "",
-        f"- command: `{command}`",
-        f"- machine: {m.cpu}; {m.cores} cores; {m.memory_bytes / (1 << 30):.1f} GiB RAM; "
-        f"{m.filesystem}; torch {torch.__version__}",
+    lines[-1] += f"; torch {torch.__version__}"
+    lines += [
         f"- {nbytes / MIB:.0f} MiB of DTensors sharded by rows; durable tk.save from a barrier "
         f"to the last rank's return; {args.repeats} runs per group size (a fresh group each, "
         "after a warm-up save), alternating",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -24,7 +25,7 @@ from typing import Any
 import fsspec
 
 import torchkeep as tk
-from torchkeep.bench.report import machine_info, progress_to_stderr, publish
+from torchkeep.bench.report import machine_info, progress_to_stderr, publish, script_header
 from torchkeep.bench.runner import run_interleaved
 from torchkeep.bench.s3 import MotoServer, options
 from torchkeep.bench.workload import MIB, make_state_dict, state_bytes
@@ -86,19 +87,17 @@ def main(argv: list[str] | None = None) -> int:
         assert all(loaded[n].equal(t) for n, t in state.items()), "the loaded state differs"
     finally:
         server.stop()
-        for name in os.listdir(work):
-            os.unlink(os.path.join(work, name))
-        os.rmdir(work)
+        shutil.rmtree(work, ignore_errors=True)
 
     m = machine_info(os.getcwd())
-    command = " ".join(
-        ["python", "benchmarks/remote.py", *(sys.argv[1:] if argv is None else argv)]
-    )
     lines = [
-        "## torchkeep on object storage (S3 API on loopback)",
-        "",
-        f"- command: `{command}`",
-        f"- machine: {m.cpu}; {m.cores} cores; {m.memory_bytes / (1 << 30):.1f} GiB RAM",
+        *script_header(
+            "torchkeep on object storage (S3 API on loopback)",
+            "benchmarks/remote.py",
+            argv,
+            m,
+            disk=False,
+        ),
         f"- server: moto {_version('moto')} (S3 API, its own process on 127.0.0.1); "
         f"s3fs {_version('s3fs')}, fsspec {fsspec.__version__}",
         f"- {nbytes / MIB:.0f} MiB state dict; {args.repeats} counted runs per case after a "

@@ -27,7 +27,7 @@ from torchkeep.bench.cases import (
     time_raw_write,
     time_save,
 )
-from torchkeep.bench.report import machine_info, progress_to_stderr, publish
+from torchkeep.bench.report import machine_info, progress_to_stderr, publish, script_header
 from torchkeep.bench.runner import run_interleaved
 from torchkeep.bench.workload import MIB, make_raw_buffer, make_state_dict, state_bytes
 
@@ -76,14 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    command = " ".join(
-        ["python", "benchmarks/scaling.py", *(sys.argv[1:] if argv is None else argv)]
-    )
     lines = [
-        "## torchkeep scaling",
-        "",
-        f"- command: `{command}`",
-        f"- machine: {m.cpu}; {m.cores} cores; {m.memory_bytes / (1 << 30):.1f} GiB RAM; {m.filesystem}",
+        *script_header("torchkeep scaling", "benchmarks/scaling.py", argv, m),
         f"- {args.repeats} counted runs per case after a warm-up, interleaved with the raw disk; GB/s of the median",
         "",
         "| state dict | durable save GB/s | raw durable write GB/s | save / raw | cold load GB/s | raw cold read GB/s | load / raw |",

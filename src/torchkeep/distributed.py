@@ -25,14 +25,23 @@ import math
 import time
 import uuid
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NoReturn
+from dataclasses import dataclass, replace
+from typing import Any, NoReturn
 
 import torch
 
 from torchkeep import errors
+from torchkeep.container import (
+    SaveInfo,
+    _Hooks,
+    _layout,
+    _remove_replaced,
+    _write_items,
+    check_replaceable,
+)
 from torchkeep.errors import StorageError, TorchkeepError, UnsupportedObjectError
 from torchkeep.format import (
+    DTYPES,
     MANIFEST_FILE,
     Chunk,
     Manifest,
@@ -42,12 +51,10 @@ from torchkeep.format import (
     dtype_name,
     encode_header,
     is_single_file,
+    manifest_from_json,
     manifest_to_json,
 )
 from torchkeep.storage import Sink, Storage
-
-if TYPE_CHECKING:
-    from torchkeep.container import SaveInfo
 
 log = logging.getLogger(__name__)
 
@@ -184,15 +191,6 @@ def save(
     Returns what was written once the save is committed; raises on every rank if any rank
     failed.
     """
-    from torchkeep.container import (
-        SaveInfo,
-        _Hooks,
-        _layout,
-        _remove_replaced,
-        _write_items,
-        check_replaceable,
-    )
-
     started = time.perf_counter()
     dist = torch.distributed
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -245,9 +243,6 @@ def save(
                 },
                 storage,
                 threads,
-                _layout,
-                _write_items,
-                _Hooks,
             )
     except Exception as e:
         mine = _failure(rank, e)
@@ -350,17 +345,13 @@ def _write_rank(
     sharded: ShardedInfo,
     storage: Storage,
     threads: int,
-    layout: Any,
-    write_items: Any,
-    hooks_type: Any,
 ) -> _RankResult:
     """Write the tensors this rank writes into its file; describe its sharded tensors' chunks."""
     if not owned:
         return _RankResult(None, {}, sharded, 0)
     dtypes = {n: t.dtype for n, t in owned.items()}
     file = f"shard-{rank:05d}-{save_id[:12]}.safetensors"
-    entries = {n: e for n, e in layout(owned, dtypes, 1 << 62)[0]}
-    entries = {n: _with_file(e, file) for n, e in entries.items()}
+    entries = {n: replace(e, file=file) for n, e in _layout(owned, dtypes, 1 << 62)[0]}
     header = encode_header(entries, {"torchkeep_save": save_id})
     size = len(header) + sum(e.nbytes for e in entries.values())
     checksums: dict[str, str] = {}
@@ -368,24 +359,12 @@ def _write_rank(
     def fill(sink: Sink) -> None:
         sink.pwrite(memoryview(header), 0)
         checksums.update(
-            write_items(sink, entries, owned, dtypes, len(header), threads, hooks_type())
+            _write_items(sink, entries, owned, dtypes, len(header), threads, _Hooks())
         )
 
     storage.write_file(f"{staging}/{file}", size, fill)
-    entries = {n: _with_checksum(e, checksums[n]) for n, e in entries.items()}
+    entries = {n: replace(e, checksum=checksums[n]) for n, e in entries.items()}
     return _RankResult(file, entries, sharded, size)
-
-
-def _with_file(entry: TensorEntry, file: str) -> TensorEntry:
-    from dataclasses import replace
-
-    return replace(entry, file=file)
-
-
-def _with_checksum(entry: TensorEntry, checksum: str) -> TensorEntry:
-    from dataclasses import replace
-
-    return replace(entry, checksum=checksum)
 
 
 def _commit(
@@ -428,8 +407,6 @@ def _commit(
     )
     text = manifest_to_json(manifest).encode()
     # Validate what was gathered exactly as a reader will (coverage of every tensor, names).
-    from torchkeep.format import manifest_from_json
-
     manifest_from_json(text.decode(), where=f"{path}/{MANIFEST_FILE}")
     committing[0] = True
     storage.write_file(
@@ -500,14 +477,14 @@ def read_sharded(
             fits = (
                 dest is not None
                 and dest.device.type == "cpu"
-                and dest.dtype == _dtype(spec.dtype)
+                and dest.dtype == DTYPES[spec.dtype]
                 and tuple(dest.shape) == spec.shape
                 and dest.is_contiguous()
             )
             target = (
                 dest
                 if fits and dest is not None
-                else torch.empty(spec.shape, dtype=_dtype(spec.dtype))
+                else torch.empty(spec.shape, dtype=DTYPES[spec.dtype])
             )
         for chunk in spec.chunks:
             chunk_box = (chunk.offsets, entries[chunk.tensor].shape)
@@ -516,7 +493,7 @@ def read_sharded(
                 continue
             window = _window(target, overlap, box[0])
             direct = window.is_contiguous() and window.device.type == "cpu"
-            if overlap == chunk_box and direct and window.dtype == _dtype(spec.dtype):
+            if overlap == chunk_box and direct and window.dtype == DTYPES[spec.dtype]:
                 got = container.read([chunk.tensor], into={chunk.tensor: window}, verify=verify)
                 if got[chunk.tensor] is not window:
                     window.copy_(got[chunk.tensor])
@@ -526,11 +503,6 @@ def read_sharded(
         result[name] = dest if dest is not None and is_dtensor(dest) else target
     return result
 
-
-def _dtype(name: str) -> torch.dtype:
-    from torchkeep.format import DTYPES
-
-    return DTYPES[name]
 
 
 def fill_local(dest: torch.Tensor, value: Any) -> bool:

@@ -675,9 +675,10 @@ def _in_place(storage: FsspecStorage, path: str) -> bool:
         # A torchkeep directory, committed or (shards only) not: read where it is, so that an
         # uncommitted one is reported as such without downloading it.
         return MANIFEST_FILE in names or all(SHARD_NAME.fullmatch(n) for n in names)
-    if not storage.exists(path):
+    try:
+        source = storage.open(path)
+    except CheckpointNotFoundError:
         return True  # reading it raises the error that says so
-    source = storage.open(path)
     try:
         head = source.read(0, min(16, source.size))
     finally:

@@ -350,6 +350,21 @@ def targets(result: BenchResult) -> list[tuple[str, str, bool]]:
     return rows
 
 
+def script_header(
+    title: str, script: str, argv: list[str] | None, m: MachineInfo, *, disk: bool = True
+) -> list[str]:
+    """The first lines of a benchmark script's Markdown: its title, the command that ran it
+    (``argv``, or the process's own arguments) and the machine (with the disk, if ``disk``)."""
+    command = " ".join(["python", script, *(sys.argv[1:] if argv is None else argv)])
+    machine = f"{m.cpu}; {m.cores} cores; {m.memory_bytes / (1 << 30):.1f} GiB RAM"
+    return [
+        f"## {title}",
+        "",
+        f"- command: `{command}`",
+        f"- machine: {machine}" + (f"; {m.filesystem}" if disk else ""),
+    ]
+
+
 def progress_to_stderr(line: str) -> None:
     """The benchmark scripts' progress: one line per run on standard error."""
     print(line, file=sys.stderr, flush=True)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import sys
 import traceback
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -46,6 +49,27 @@ def run(rank: int, world: int, init: str, job: str, args: dict[str, Any]) -> Non
     os._exit(0)
 
 
+@contextlib.contextmanager
+def recording_reads(out: str, rank: int) -> Iterator[None]:
+    """Write the chunks (``name@offsets``) this rank reads to ``reads-<rank>.json``."""
+    from torchkeep.container import Container
+
+    names: list[str] = []
+    read = Container.read
+
+    def recorded(self: Container, wanted: Any, *args: Any, **kwargs: Any) -> Any:
+        names.extend(n for n in wanted if "@" in n)
+        return read(self, wanted, *args, **kwargs)
+
+    Container.read = recorded  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        Container.read = read  # type: ignore[method-assign]
+    with open(os.path.join(out, f"reads-{rank}.json"), "w") as f:
+        json.dump(names, f)
+
+
 def _state(world: int, placements: str, seed: int = 0) -> dict[str, Any]:
     mesh = init_device_mesh("cpu", (world,))
     place = {"rows": [Shard(0)], "cols": [Shard(1)], "replicated": [Replicate()]}[placements]
@@ -61,11 +85,16 @@ def _state(world: int, placements: str, seed: int = 0) -> dict[str, Any]:
     }
 
 
-def save(rank: int, world: int, *, out: str, path: str, placements: str = "rows", seed: int = 0, fail_rank: int = -1, bad_rank: int = -1, storage_options: dict[str, Any] | None = None) -> None:
+def save(rank: int, world: int, *, out: str, path: str, placements: str = "rows", seed: int = 0, fail_rank: int = -1, bad_rank: int = -1, extra_rank: int = -1, storage_options: dict[str, Any] | None = None) -> None:
     state = _state(world, placements, seed)
     state["model"]["tied"] = state["model"]["w"]  # one DTensor under two names
     if rank == bad_rank:
         state["step"] = lambda: 7  # a value only this rank cannot store
+    if rank == extra_rank:  # a DTensor only this rank holds (no collective to build it)
+        from torch.distributed.tensor import DTensor
+
+        mesh = state["model"]["w"].device_mesh
+        state["model"]["only_here"] = DTensor.from_local(torch.ones(2), mesh, [Replicate()], run_check=False)
     if rank == fail_rank:
         from torchkeep.storage import LocalStorage
 
@@ -83,13 +112,14 @@ def save(rank: int, world: int, *, out: str, path: str, placements: str = "rows"
         f.write(" ".join(info.files))
 
 
-def load(rank: int, world: int, *, out: str, path: str, placements: str = "rows") -> None:
+def load(rank: int, world: int, *, out: str, path: str, placements: str = "rows", map_location: str | None = None) -> None:
     state = _state(world, placements, seed=99)  # other values: the load must overwrite them
     state["model"]["tied"] = state["model"]["w"]
     for t in state["model"].values():
         t.to_local().zero_()
     state["plain"] = torch.zeros(3)
-    loaded = tk.load(path, into=state)
+    with recording_reads(out, rank):
+        loaded = tk.load(path, into=state, map_location=map_location)
     expected = full()
     for name, t in state["model"].items():
         if name == "tied":
@@ -107,18 +137,41 @@ def _model(seed: int) -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
 
 
+def _batch(n: int) -> torch.Tensor:
+    return torch.randn(4, 16, generator=torch.Generator().manual_seed(n))
+
+
+def _train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, n: int) -> None:
+    optimizer.zero_grad()
+    model(_batch(n)).sum().backward()
+    optimizer.step()
+
+
+def _whole(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.full_tensor() for k, v in model.state_dict().items()}
+
+
 def fsdp_save(rank: int, world: int, *, out: str, path: str) -> None:
     from torch.distributed.fsdp import fully_shard
 
     model = _model(0)
     fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    model(torch.randn(4, 16, generator=torch.Generator().manual_seed(1))).sum().backward()
-    optimizer.step()  # weights that differ from any fresh model's
-    tk.save({"model": model, "step": 1}, path)
-    whole = {k: v.full_tensor() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    _train_step(model, optimizer, 1)  # weights and moments that differ from any fresh ones
+    tk.save({"model": model, "optimizer": optimizer, "step": 1}, path)
+    whole = _whole(model)
+    moments = {
+        f"{n}.{key}": value.full_tensor()
+        for n, p in zip(model.state_dict(), model.parameters(), strict=True)
+        for key, value in optimizer.state[p].items()
+        if key != "step"
+    }
+    _train_step(model, optimizer, 2)  # what a resumed run must reach
+    after = _whole(model)
     if rank == 0:
         tk.save_weights(whole, os.path.join(out, "expected.safetensors"))
+        tk.save_weights(moments, os.path.join(out, "moments.safetensors"))
+        tk.save_weights(after, os.path.join(out, "after.safetensors"))
 
 
 def fsdp_load(rank: int, world: int, *, out: str, path: str, expected: str) -> None:
@@ -126,11 +179,45 @@ def fsdp_load(rank: int, world: int, *, out: str, path: str, expected: str) -> N
 
     model = _model(5)
     fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
-    state = tk.load(path, into={"model": model})
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.5)  # no state yet, another lr
+    with recording_reads(out, rank):
+        state = tk.load(path, into={"model": model, "optimizer": optimizer})
     assert state["step"] == 1
+    assert optimizer.param_groups[0]["lr"] == 0.1
     reference = tk.load_state_dict(expected)
     for k, v in model.state_dict().items():
         assert torch.equal(v.full_tensor(), reference[k]), k
+    moments = tk.load_state_dict(os.path.join(os.path.dirname(expected), "moments.safetensors"))
+    for n, p in zip(model.state_dict(), model.parameters(), strict=True):
+        for key in ("exp_avg", "exp_avg_sq"):
+            value = optimizer.state[p][key]
+            # Placed like its parameter: this rank holds only its part.
+            assert value.placements == p.placements and value.device_mesh == p.device_mesh, n
+            assert value.to_local().shape == p.to_local().shape, n
+            assert torch.equal(value.full_tensor(), moments[f"{n}.{key}"]), (n, key)
+        assert int(optimizer.state[p]["step"]) == 1
+    # The resumed step reaches the uninterrupted run's weights (summed in another order when
+    # the world size differs).
+    _train_step(model, optimizer, 2)
+    after = tk.load_state_dict(os.path.join(os.path.dirname(expected), "after.safetensors"))
+    for k, v in _whole(model).items():
+        torch.testing.assert_close(v, after[k], rtol=1e-5, atol=1e-6)
+    with open(os.path.join(out, f"loaded-{rank}.txt"), "w") as f:
+        f.write("ok")
+
+
+def fsdp_load_whole(rank: int, world: int, *, out: str, path: str, expected: str) -> None:
+    """A checkpoint saved without a process group, loaded into FSDP2 state."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = _model(5)
+    fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.5)
+    tk.load_checkpoint(path, model=model, optimizer=optimizer)
+    _train_step(model, optimizer, 2)
+    after = tk.load_state_dict(expected)
+    for k, v in _whole(model).items():
+        torch.testing.assert_close(v, after[k], rtol=1e-5, atol=1e-6)
     with open(os.path.join(out, f"loaded-{rank}.txt"), "w") as f:
         f.write("ok")
 
@@ -179,6 +266,7 @@ JOBS = {
     "load": load,
     "fsdp_save": fsdp_save,
     "fsdp_load": fsdp_load,
+    "fsdp_load_whole": fsdp_load_whole,
     "dcp_save": dcp_save,
     "dcp_load": dcp_load,
 }

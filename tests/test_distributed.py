@@ -48,7 +48,8 @@ def test_four_ranks_save_each_their_shards(tmp_path):
     for name in ("w", "b", "r"):
         assert torch.equal(state["model"][name], expected[name])
     assert state["step"] == 7 and torch.equal(state["plain"], torch.full((3,), 5.0))
-    assert tk.verify(ckpt).ok
+    report = tk.verify(ckpt)
+    assert report.ok and report.tensors == 4  # w, b, r, plain: chunks count as their tensor
     described = tk.describe(ckpt)
     assert described.format == "torchkeep distributed directory"
     assert {t.name: t.shape for t in described.tensors} == {
@@ -56,12 +57,33 @@ def test_four_ranks_save_each_their_shards(tmp_path):
     }
 
 
-@pytest.mark.parametrize(("world", "placements"), [(2, "rows"), (2, "cols"), (1, "rows"), (2, "replicated")])
-def test_saved_by_four_loads_resharded(tmp_path, world, placements):
+@pytest.mark.parametrize(
+    ("world", "placements", "map_location"),
+    [(2, "rows", None), (2, "cols", None), (1, "rows", None), (2, "replicated", "cpu")],
+)
+def test_saved_by_four_loads_resharded(tmp_path, world, placements, map_location):
     ckpt = tmp_path / "ckpt"
     _spawn(tmp_path, 4, "save", path=str(ckpt))
-    out = _spawn(tmp_path, world, "load", path=str(ckpt), placements=placements)
+    out = _spawn(tmp_path, world, "load", path=str(ckpt), placements=placements, map_location=map_location)
     assert sorted(p.name for p in out.glob("loaded-*")) == [f"loaded-{r}.txt" for r in range(world)]
+    reads = _reads(out, world)
+    chunks = {c["tensor"] for s in _manifest(ckpt)["distributed"].values() for c in s["chunks"]}
+    assert set().union(*reads) == chunks
+    if (world, placements) == (2, "rows"):
+        # Rows of four ranks into rows of two: each rank reads the chunks of two of them (the
+        # replicated tensor's one chunk, and b's chunk that straddles both halves, by both).
+        assert reads[0] & reads[1] == {"model.r@0", "model.b@2"}
+        assert [sorted({n.split("@")[1] for n in r if n.startswith("model.w")}) for r in reads] == [
+            ["0,0", "3,0"], ["6,0", "9,0"]
+        ]
+
+
+def _reads(out: Path, world: int) -> list[set[str]]:
+    return [set(json.loads((out / f"reads-{r}.json").read_text())) for r in range(world)]
+
+
+def _manifest(ckpt: Path) -> dict:
+    return json.loads((ckpt / "manifest.json").read_text())
 
 
 def test_saved_column_wise_by_two_loads_row_wise_by_four(tmp_path):
@@ -98,18 +120,39 @@ def test_missing_rank_file_and_mixed_saves_are_refused(tmp_path):
         tk.load(ckpt)
 
 
-def test_fsdp2_model_saved_by_two_loads_in_one_and_in_a_plain_process(tmp_path):
+def test_fsdp2_model_and_adam_saved_by_two_load_in_one_and_in_a_plain_process(tmp_path):
     ckpt = tmp_path / "ckpt"
     out = _spawn(tmp_path, 2, "fsdp_save", path=str(ckpt))
     expected = out / "expected.safetensors"
-    _spawn(tmp_path, 1, "fsdp_load", path=str(ckpt), expected=str(expected))
-    _spawn(tmp_path, 2, "fsdp_load", path=str(ckpt), expected=str(expected))
-    # No process group: the weights come back whole, for a plain model.
+    # A fresh Adam's moments come back as DTensors placed like their parameters, and the next
+    # step continues the saved run.
+    chunks = {c["tensor"] for s in _manifest(ckpt)["distributed"].values() for c in s["chunks"]}
+    assert sum(n.startswith("optimizer.") for n in chunks) == 16  # 2 moments x 4 params x 2 ranks
+    one = _spawn(tmp_path, 1, "fsdp_load", path=str(ckpt), expected=str(expected))
+    assert _reads(one, 1) == [chunks]
+    # The same two ranks: each reads only what it wrote, moments included.
+    two = _spawn(tmp_path, 2, "fsdp_load", path=str(ckpt), expected=str(expected))
+    reads = _reads(two, 2)
+    assert not reads[0] & reads[1] and reads[0] | reads[1] == chunks
+    # No process group: everything comes back whole, for a plain model and optimizer, and the
+    # plain run's next step matches the sharded one's.
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
-    tk.load_weights(model, ckpt)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.5)
+    tk.load(ckpt, into={"model": model, "optimizer": optimizer})
     reference = tk.load_state_dict(expected)
     for k, v in model.state_dict().items():
         assert torch.equal(v, reference[k]), k
+    optimizer.zero_grad()
+    model(torch.randn(4, 16, generator=torch.Generator().manual_seed(2))).sum().backward()
+    optimizer.step()
+    after = tk.load_state_dict(out / "after.safetensors")
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, after[k], rtol=1e-5, atol=1e-6)
+    # Saved whole by a plain process, loaded into FSDP2 state by two ranks.
+    plain = tmp_path / "plain.safetensors"
+    tk.load(ckpt, into={"model": model, "optimizer": optimizer})
+    tk.save_checkpoint(plain, model=model, optimizer=optimizer)
+    _spawn(tmp_path, 2, "fsdp_load_whole", path=str(plain), expected=str(out / "after.safetensors"))
 
 
 @pytest.mark.parametrize("world", [2, 1])
@@ -155,6 +198,15 @@ def test_a_value_one_rank_cannot_store_makes_every_rank_raise(tmp_path):
     assert all(text.startswith("UnsupportedObjectError") for text in raised), raised
     assert "rank 1" in raised[0] and "step" in raised[1], raised
     assert not ckpt.exists()
+
+
+def test_a_dtensor_only_one_rank_holds_is_refused_on_every_rank(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    out = _spawn(tmp_path, 2, "save", path=str(ckpt), extra_rank=1)
+    raised = [(out / f"raised-{r}.txt").read_text() for r in range(2)]
+    assert all(text.startswith("UnsupportedObjectError") for text in raised), raised
+    assert all("rank 1" in text and "model.only_here" in text for text in raised), raised
+    assert not ckpt.exists() and not list(tmp_path.glob(".*ckpt*"))
 
 
 def test_tied_dtensors_come_back_tied(tmp_path):

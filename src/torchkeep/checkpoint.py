@@ -171,7 +171,7 @@ def load_from(
         direct = bool(into is not None and map_location is None and dtype is None)
         dests: dict[str, torch.Tensor] = {}
         if direct or (into is not None and sharded):
-            _plan_destinations(tree, into, dests)
+            _plan_destinations(tree, into, dests, sharded or {}, container.aliases)
         chunks = {c.tensor for spec in (sharded or {}).values() for c in spec.chunks}
         # Straight to the device unless a cast follows: reading in the file's dtype there and
         # casting would hold both copies on the device at once.
@@ -227,7 +227,13 @@ def _tree_of(entries: Mapping[str, Any], aliases: Mapping[str, str], manifest: A
     return {name: {TENSOR: name} for name in names}
 
 
-def _plan_destinations(tree: Any, into: Any, dests: dict[str, torch.Tensor]) -> None:
+def _plan_destinations(
+    tree: Any,
+    into: Any,
+    dests: dict[str, torch.Tensor],
+    sharded: Mapping[str, Any],
+    aliases: Mapping[str, str],
+) -> None:
     """Find the tensors of ``into`` that saved tensors can be read straight into."""
     if isinstance(tree, dict) and set(tree) == {TENSOR}:
         if isinstance(into, torch.Tensor):
@@ -236,15 +242,23 @@ def _plan_destinations(tree: Any, into: Any, dests: dict[str, torch.Tensor]) -> 
     if isinstance(tree, dict) and set(tree) == {STATEFUL, "state"}:
         if isinstance(into, torch.nn.Module):
             # A module's state_dict() tensors share memory with its parameters and buffers.
-            _plan_destinations(tree["state"], into.state_dict(), dests)
+            _plan_destinations(tree["state"], into.state_dict(), dests, sharded, aliases)
+        elif isinstance(into, torch.optim.Optimizer) and sharded:
+            distributed.plan_optimizer(into, tree["state"], sharded, aliases, dests)
         return
     if isinstance(tree, dict) and isinstance(into, Mapping) and not _is_tagged(tree):
         for key, sub in tree.items():
             if key in into:
-                _plan_destinations(sub, into[key], dests)
+                _plan_destinations(sub, into[key], dests, sharded, aliases)
+    elif isinstance(tree, dict) and set(tree) == {"$dict"} and isinstance(into, Mapping):
+        # Keys that are not strings (an optimizer's parameter ids).
+        for key, sub in tree["$dict"]:
+            plain_key = decode(key, lambda n: n)
+            if isinstance(plain_key, (int, str)) and plain_key in into:
+                _plan_destinations(sub, into[plain_key], dests, sharded, aliases)
     elif isinstance(tree, list) and isinstance(into, (list, tuple)):
         for sub_tree, sub_into in zip(tree, into, strict=False):
-            _plan_destinations(sub_tree, sub_into, dests)
+            _plan_destinations(sub_tree, sub_into, dests, sharded, aliases)
 
 
 def _check_into(
@@ -374,6 +388,8 @@ def _load_stateful(obj: Stateful, state: Any, where: str) -> None:
         if isinstance(obj, torch.nn.Module):
             if not distributed.fill_module(obj, state):
                 obj.load_state_dict(state, strict=True)
+        elif isinstance(obj, torch.optim.Optimizer):
+            obj.load_state_dict(distributed.place_optimizer_state(obj, state))
         else:
             obj.load_state_dict(state)
     except (RuntimeError, KeyError, ValueError, TypeError) as e:

@@ -224,12 +224,19 @@ def save(
     except Exception as e:
         mine, failed_early = _failure(rank, e), True
         owned, sharded = {}, {}
+    held = {name: (d, shape) for name, (d, shape, _) in sharded.items()}
     claims: list[Any] = [None] * world
-    dist.all_gather_object(claims, candidates)
+    dist.all_gather_object(claims, (candidates, held, failed_early))
     writer: dict[str, int] = {}
-    for r, names in enumerate(claims):
-        for name in names or ():
+    for r, (names, _, _) in enumerate(claims):
+        for name in names:
             writer.setdefault(name, r)
+    if not any(early for _, _, early in claims):
+        # The manifest describes rank 0's state: a DTensor that only another rank holds would
+        # be written but never listed.
+        differing = _differing(claims)
+        if differing is not None:
+            mine, failed_early = differing, True
     try:
         if not failed_early:
             mine = _write_rank(
@@ -300,6 +307,35 @@ def save(
         _raise(path, outcome[0], committed="holds either" in outcome[0].message)
     files, count, nbytes, written = outcome[0]
     return SaveInfo(path, files, count, nbytes, written, time.perf_counter() - started)
+
+
+def _differing(claims: list[Any]) -> _Failure | None:
+    """A failure naming the first rank whose DTensors (names, dtypes, global shapes) differ
+    from rank 0's, or None when every rank holds the same."""
+    first = claims[0][1]
+    for rank, (_, held, _) in enumerate(claims):
+        if held == first:
+            continue
+        extra = sorted(set(held) - set(first))
+        lacking = sorted(set(first) - set(held))
+        unlike = sorted(n for n in set(held) & set(first) if held[n] != first[n])
+        details = [
+            f"{label} {names[:5]}"
+            for label, names in (
+                ("holds DTensors rank 0 does not:", extra),
+                ("lacks rank 0's DTensors", lacking),
+                ("holds DTensors of another dtype or global shape than rank 0's:", unlike),
+            )
+            if names
+        ]
+        return _Failure(
+            rank,
+            "UnsupportedObjectError",
+            "; ".join(details) + ". Every rank must save the same state (the same DTensors, "
+            "each rank holding its part); states held by some ranks only, as pipeline stages, "
+            "are not supported",
+        )
+    return None
 
 
 def _chunk_name(name: str, offsets: Iterable[int]) -> str:
@@ -538,3 +574,79 @@ def fill_module(module: torch.nn.Module, state: Mapping[str, Any]) -> bool:
             if not fill_local(dest, value):
                 dest.copy_(value)
     return True
+
+
+# ---------------------------------------------------------------------------------------------
+# optimizers of DTensor parameters (FSDP2): their state is placed like the parameters
+
+
+class _Named(str):
+    """A saved tensor's name, standing at its place in a decoded tree while planning."""
+
+
+def _paired_params(optimizer: torch.optim.Optimizer, saved_groups: Any) -> list[tuple[Any, Any]]:
+    """(saved parameter id, parameter) in the order ``Optimizer.load_state_dict`` pairs them;
+    empty when the groups differ (``load_state_dict`` then reports it)."""
+    groups = optimizer.param_groups
+    if not isinstance(saved_groups, list) or len(saved_groups) != len(groups):
+        return []
+    pairs: list[tuple[Any, Any]] = []
+    for saved, group in zip(saved_groups, groups, strict=True):
+        ids = saved.get("params") if isinstance(saved, dict) else None
+        if not isinstance(ids, list) or len(ids) != len(group["params"]):
+            return []
+        pairs.extend(zip(ids, group["params"], strict=True))
+    return pairs
+
+
+def plan_optimizer(
+    optimizer: torch.optim.Optimizer,
+    state_tree: Any,
+    sharded: Mapping[str, Sharded],
+    aliases: Mapping[str, str],
+    dests: dict[str, torch.Tensor],
+) -> None:
+    """Destinations for the sharded state of ``optimizer``'s DTensor parameters (Adam's moments
+    under FSDP2): new DTensors placed like each parameter, so that every rank reads only its part.
+    A fresh optimizer has no state yet to read into, and one that has is replaced by the load."""
+    from torchkeep.tree import decode
+
+    saved = decode(state_tree, _Named)
+    if not isinstance(saved, dict) or not isinstance(saved.get("state"), dict):
+        return
+    for sid, param in _paired_params(optimizer, saved.get("param_groups")):
+        values = saved["state"].get(sid)
+        if not is_dtensor(param) or not isinstance(values, dict):
+            continue
+        for value in values.values():
+            name = aliases.get(value, value) if isinstance(value, _Named) else None
+            spec = sharded.get(name) if name is not None else None
+            if name is not None and spec is not None and spec.shape == tuple(param.shape):
+                dests[name] = torch.empty_like(param.detach(), dtype=DTYPES[spec.dtype])
+
+
+def place_optimizer_state(optimizer: torch.optim.Optimizer, state: Any) -> Any:
+    """``state`` with each whole tensor kept for a DTensor parameter (saved without a process
+    group, or by torch.distributed.checkpoint) made a DTensor placed like the parameter; tensors
+    planned by ``plan_optimizer`` are DTensors already."""
+    if not isinstance(state, dict) or not isinstance(state.get("state"), dict):
+        return state
+    placed: dict[Any, Any] = {}
+    pairs = dict(_paired_params(optimizer, state.get("param_groups")))
+    for sid, values in state["state"].items():
+        param = pairs.get(sid)
+        if param is None or not is_dtensor(param) or not isinstance(values, dict):
+            placed[sid] = values
+            continue
+        placed[sid] = {}
+        for key, value in values.items():
+            if (
+                isinstance(value, torch.Tensor)
+                and not is_dtensor(value)
+                and tuple(value.shape) == tuple(param.shape)
+            ):
+                dest = torch.empty_like(param.detach(), dtype=value.dtype)
+                fill_local(dest, value)
+                value = dest
+            placed[sid][key] = value
+    return {**state, "state": placed}

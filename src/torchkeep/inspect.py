@@ -305,13 +305,15 @@ def _verify(storage: Storage, path: str) -> VerifyReport:
             problems = c.verify()
             entries = c.entries
             checksummed = c.manifest is not None
+            sharded = (c.manifest.distributed if c.manifest else None) or {}
     except _DAMAGE as e:
         return VerifyReport(path, False, (str(e),))
+    chunks = sum(len(spec.chunks) for spec in sharded.values())
     return VerifyReport(
         path,
         not problems,
         tuple(problems),
-        tensors=len(entries),
+        tensors=len(entries) - chunks + len(sharded),  # a sharded tensor counts once, whole
         tensor_bytes=sum(e.nbytes for e in entries.values()),
         checksummed=checksummed,
     )

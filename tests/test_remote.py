@@ -3,6 +3,7 @@ every API on URLs, commits without rename, and the failures of a remote store.""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -19,7 +20,7 @@ from torch import nn
 
 import torchkeep as tk
 from conftest import SimpleNet, TiedLM, assert_same_state
-from s3server import FailingProxy, options, silent_server
+from s3server import FailingProxy, free_port, options, silent_server
 from torchkeep import remote
 from torchkeep.container import open_container, write_container
 from torchkeep.format import MANIFEST_FILE
@@ -551,6 +552,38 @@ def test_convert_scan_and_diff_with_urls(url, tmp_path):
     assert d.changed and not d.added and not d.removed
     with pytest.raises(tk.StorageError, match="Convert to a new path"):
         tk.convert(tmp_path / "model.pt", f"{root}/hf", max_shard_size="1KB", storage_options=opts)
+
+
+def test_command_line_with_storage_options(s3, tmp_path, capsys):
+    from torchkeep.cli import main
+
+    root, opts = s3
+    flags = [
+        "-o", f"key={opts['key']}",
+        "-o", f"secret={opts['secret']}",
+        "-o", f"client_kwargs={json.dumps(opts['client_kwargs'])}",
+    ]  # fmt: skip
+    model = SimpleNet()
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    tk.save_weights(model, f"{root}/model.safetensors", storage_options=opts)
+    assert main(["inspect", f"{root}/model.safetensors", *flags]) == 0
+    assert "fc1.weight" in capsys.readouterr().out
+    # A URL and a local path together: the options go to the URL only.
+    assert main(["verify", f"{root}/model.safetensors", str(tmp_path / "model.pt"), *flags]) == 0
+    assert capsys.readouterr().out.count("ok ") == 2
+    assert main(["convert", str(tmp_path / "model.pt"), f"{root}/from-pt.safetensors", *flags]) == 0
+    assert main(["diff", f"{root}/model.safetensors", f"{root}/from-pt.safetensors", *flags]) == 0
+    assert main(["scan", str(tmp_path / "model.pt"), *flags]) == 0
+    capsys.readouterr()
+    # An endpoint that refuses: an error that names the URL, not a crash.
+    closed = options(f"http://127.0.0.1:{free_port()}", fast_fail=True)
+    refused = [f"{k}={json.dumps(v) if isinstance(v, dict) else v}" for k, v in closed.items()]
+    assert main(["inspect", f"{root}/model.safetensors", *(f for o in refused for f in ("-o", o))]) == 1
+    assert f"{root}/model.safetensors" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["inspect", f"{root}/model.safetensors", "-o", "no-equals-sign"])
+    assert exit_info.value.code == 2
+    assert "give KEY=VALUE" in capsys.readouterr().err
 
 
 def test_urls_that_are_not_object_stores_or_are_mangled(tmp_path, monkeypatch):

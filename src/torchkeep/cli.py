@@ -23,6 +23,7 @@ from rich.table import Table
 from rich.tree import Tree
 
 import torchkeep as tk
+from torchkeep.remote import is_url
 
 OK, PROBLEM, USAGE = 0, 1, 2
 DTYPE_CHOICES = {
@@ -50,7 +51,7 @@ def _print_json(console: Console, value: Any) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace, console: Console) -> int:
-    info = tk.describe(args.path)
+    info = tk.describe(args.path, storage_options=_options(args, args.path))
     if args.json:
         _print_json(console, info)
         return OK
@@ -150,7 +151,7 @@ def _add_children(tree: Tree, node: dict[str, Any], *, depth: int, limit: int | 
 
 def cmd_verify(args: argparse.Namespace, console: Console) -> int:
     with console.status("verifying…"):
-        reports = [tk.verify(path) for path in args.paths]
+        reports = [tk.verify(p, storage_options=_options(args, p)) for p in args.paths]
     if args.json:
         _print_json(console, reports)
         return OK if all(r.ok for r in reports) else PROBLEM
@@ -171,7 +172,7 @@ def cmd_verify(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_scan(args: argparse.Namespace, console: Console) -> int:
-    reports = [tk.scan(path) for path in args.paths]
+    reports = [tk.scan(p, storage_options=_options(args, p)) for p in args.paths]
     if args.json:
         _print_json(console, reports)
     else:
@@ -188,8 +189,19 @@ def cmd_scan(args: argparse.Namespace, console: Console) -> int:
 def cmd_convert(args: argparse.Namespace, console: Console) -> int:
     dtype = DTYPE_CHOICES[args.dtype] if args.dtype else None
     with console.status(f"converting {args.src}…"):
-        info = tk.convert(args.src, args.dst, dtype=dtype, max_shard_size=args.max_shard_size)
-    before = tk.describe(args.src).file_bytes if not os.path.isdir(args.src) else None
+        info = tk.convert(
+            args.src,
+            args.dst,
+            dtype=dtype,
+            max_shard_size=args.max_shard_size,
+            storage_options=_options(args, args.src, args.dst),
+        )
+    local_dir = not is_url(args.src) and os.path.isdir(args.src)
+    before = (
+        None
+        if local_dir
+        else tk.describe(args.src, storage_options=_options(args, args.src)).file_bytes
+    )
     size = f"{_human(info.file_bytes)}" + (f" (was {_human(before)})" if before else "")
     console.print(
         f"[green]wrote[/green] {info.path}: {info.tensors} tensors, {size}, "
@@ -200,7 +212,7 @@ def cmd_convert(args: argparse.Namespace, console: Console) -> int:
 
 def cmd_diff(args: argparse.Namespace, console: Console) -> int:
     with console.status("comparing…"):
-        d = tk.diff(args.a, args.b)
+        d = tk.diff(args.a, args.b, storage_options=_options(args, args.a, args.b))
     if args.json:
         _print_json(console, {**dataclasses.asdict(d), "same": d.same})
         return OK if d.same else PROBLEM
@@ -363,6 +375,39 @@ def cmd_bench(args: argparse.Namespace, console: Console) -> int:
     return OK
 
 
+def _storage_option(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` of ``--storage-option``: the value as JSON when it parses, else a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give KEY=VALUE, e.g. anon=true or "
+            """client_kwargs='{"endpoint_url": "http://127.0.0.1:9000"}'"""
+        )
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
+
+
+def _with_storage_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-o",
+        "--storage-option",
+        type=_storage_option,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an fsspec storage option for URLs (s3://…), repeatable; the value as JSON when "
+        "it parses, e.g. -o anon=true",
+    )
+
+
+def _options(args: argparse.Namespace, *paths: str) -> dict[str, Any] | None:
+    """The storage options given, for a command on ``paths`` if any of them is a URL."""
+    given = dict(args.storage_option)
+    return given if given and any(is_url(p) for p in paths) else None
+
+
 def _command(
     sub: Any, name: str, summary: str, examples: str, func: Any
 ) -> argparse.ArgumentParser:
@@ -393,18 +438,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=40, help="tensors to list (default 40)")
     p.add_argument("--all", action="store_true", help="list every tensor")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    _with_storage_options(p)
 
     p = _command(sub, "verify", "check every checksum; exit 1 if anything is damaged",
                  "  torchkeep verify ckpt.safetensors\n  torchkeep verify runs/step_*\n",
                  cmd_verify)  # fmt: skip
     p.add_argument("paths", nargs="+")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    _with_storage_options(p)
 
     p = _command(sub, "scan", "list the code a pickle file would run; exit 1 if any",
                  "  torchkeep scan downloaded.pth\n  torchkeep scan *.bin --json\n",
                  cmd_scan)  # fmt: skip
     p.add_argument("paths", nargs="+")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    _with_storage_options(p)
 
     p = _command(sub, "convert", "convert any checkpoint to safetensors or a torchkeep directory",
                  "  torchkeep convert model.pth model.safetensors\n"
@@ -415,6 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst", help="*.safetensors for one file, any other name for a directory")
     p.add_argument("--dtype", choices=sorted(DTYPE_CHOICES), help="cast floating-point tensors")
     p.add_argument("--max-shard-size", help="write a Hugging Face sharded directory (e.g. 5GB)")
+    _with_storage_options(p)
 
     p = _command(sub, "diff", "compare two checkpoints; exit 1 if they differ",
                  "  torchkeep diff epoch_1.safetensors epoch_2.safetensors\n"
@@ -423,6 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("a")
     p.add_argument("b")
     p.add_argument("--limit", type=int, default=50, help="rows to show (default 50)")
+    _with_storage_options(p)
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
     p = _command(sub, "demo", "run the end-to-end demo",

@@ -180,9 +180,11 @@ def fsdp_load(rank: int, world: int, *, out: str, path: str, expected: str) -> N
     model = _model(5)
     fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
     optimizer = torch.optim.Adam(model.parameters(), lr=0.5)  # no state yet, another lr
+    hooked: list[str] = []
+    model.register_load_state_dict_post_hook(lambda module, keys: hooked.append("ran"))
     with recording_reads(out, rank):
         state = tk.load(path, into={"model": model, "optimizer": optimizer})
-    assert state["step"] == 1
+    assert state["step"] == 1 and hooked == ["ran"]  # the module's own load hooks ran
     assert optimizer.param_groups[0]["lr"] == 0.1
     reference = tk.load_state_dict(expected)
     for k, v in model.state_dict().items():

@@ -573,6 +573,9 @@ def fill_module(module: torch.nn.Module, state: Mapping[str, Any]) -> bool:
                 continue  # read straight into it
             if not fill_local(dest, value):
                 dest.copy_(value)
+    # The module's own load hooks run (FSDP2 re-derives its sharded parameters in one); each
+    # tensor given is the one it is copied into, so nothing is copied twice.
+    module.load_state_dict(expected, strict=True)
     return True
 
 

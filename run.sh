@@ -4,6 +4,7 @@
 #   ./run.sh demo [--out DIR]   the end-to-end demo (torchkeep demo)
 #   ./run.sh test [ARGS]        lint (ruff, mypy --strict) and the whole test suite (pytest ARGS)
 #   ./run.sh bench [ARGS]       the benchmark (torchkeep bench)
+#   ./run.sh fuzz [ARGS]        the atheris fuzzer of the parsers (1,000,000 inputs by default)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -33,13 +34,17 @@ case "$task" in
     bench)
         exec "$venv/bin/torchkeep" bench "$@"
         ;;
+    fuzz)
+        "$venv/bin/python" -m pip install -q --disable-pip-version-check -e ".[dev,fuzz]"
+        exec "$venv/bin/python" fuzz/fuzz_parsers.py "$@"
+        ;;
     test)
-        "$venv/bin/ruff" check src tests benchmarks
+        "$venv/bin/ruff" check src tests benchmarks fuzz
         "$venv/bin/mypy" --strict src/torchkeep
         exec "$venv/bin/python" -m pytest -q "$@"
         ;;
     *)
-        echo "usage: ./run.sh demo [--out DIR] | test [pytest args] | bench [args]" >&2
+        echo "usage: ./run.sh demo [--out DIR] | test [pytest args] | bench [args] | fuzz [args]" >&2
         exit 2
         ;;
 esac

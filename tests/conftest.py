@@ -1,12 +1,20 @@
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
 from torch import nn
 from torch.nn import functional as F
+
+# The suite's property tests run a bounded, repeatable set of examples; HYPOTHESIS_PROFILE=fuzz
+# explores many more (RELIABILITY.md).
+settings.register_profile("suite", max_examples=200, derandomize=True, deadline=None, database=None)
+settings.register_profile("fuzz", max_examples=5000, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "suite"))
 
 
 class TheModelClass(nn.Module):

@@ -134,7 +134,9 @@ def load(rank: int, world: int, *, out: str, path: str, placements: str = "rows"
 
 def _model(seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    return torch.nn.Sequential(
+        torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1)
+    )
 
 
 def _batch(n: int) -> torch.Tensor:

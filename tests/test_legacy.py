@@ -6,8 +6,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
-import pickle
 import sys
 import types
 import zipfile
@@ -20,6 +18,9 @@ import torch
 
 import torchkeep as tk
 from conftest import SimpleNet, TheModelClass, TiedLM, assert_same_state
+from hostile import Evil as _Evil
+from hostile import pickle_files as _hostile_files
+from hostile import zip_with as _zip_with
 
 
 @pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "pre-1.6"])
@@ -226,65 +227,6 @@ def test_corrupt_torch_zip_is_detected(tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # hostile files: each must end in a TorchkeepError and run nothing
-
-
-class _Evil:
-    def __init__(self, canary: str) -> None:
-        self.canary = canary
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.canary}",))
-
-
-def _zip_with(path, members: dict[str, bytes], compression=zipfile.ZIP_STORED) -> None:
-    with zipfile.ZipFile(path, "w", compression=compression) as z:
-        for name, data in members.items():
-            z.writestr(name, data)
-
-
-def _stack_global_payload(canary: str) -> bytes:
-    command = f"touch {canary}".encode()
-    return (
-        b"\x80\x04"
-        + b"\x8c\x05posix\x94"  # module name, memoised
-        + b"\x8c\x06system\x94"  # function name, memoised
-        + b"h\x00h\x01\x93"  # fetch both from the memo, STACK_GLOBAL
-        + b"\x8c"
-        + bytes([len(command)])
-        + command
-        + b"\x85R."
-    )
-
-
-def _hostile_files(tmp_path, canary: str) -> dict[str, bytes | None]:
-    files: dict[str, bytes | None] = {}
-    for protocol in range(6):
-        files[f"reduce-protocol-{protocol}"] = pickle.dumps(_Evil(canary), protocol=protocol)
-    stack = _stack_global_payload(canary)
-    files["stack-global-memo"] = stack
-    files["payload-then-garbage"] = stack + b"garbage" * 10
-    files["two-pickles"] = pickle.dumps({"w": 1}, protocol=2) + stack
-    buffer = io.BytesIO()
-    torch.save({"w": torch.ones(2), "evil": _Evil(canary)}, buffer)
-    files["torch-zip-calls-a-function"] = buffer.getvalue()
-    legacy = io.BytesIO()
-    torch.save({"evil": _Evil(canary)}, legacy, _use_new_zipfile_serialization=False)
-    files["torch-legacy-calls-a-function"] = legacy.getvalue()
-    zipped = tmp_path / "zip-data-pkl.pt"
-    _zip_with(zipped, {"archive/data.pkl": stack, "archive/version": b"3\n"})
-    files["zip-stack-global"] = zipped.read_bytes()
-    scripted = tmp_path / "scripted.pt"
-    torch.jit.save(torch.jit.script(SimpleNet()), scripted)
-    files["torchscript"] = scripted.read_bytes()
-    bomb = tmp_path / "bomb.pt"
-    _zip_with(
-        bomb, {"archive/data.pkl": b"\x80\x02N." + b"\x00" * (64 << 20)}, zipfile.ZIP_DEFLATED
-    )
-    files["deflated-zip-bomb"] = bomb.read_bytes()
-    files["png-renamed"] = b"\x89PNG\r\n\x1a\n" + b"\x00" * 100
-    files["empty"] = b""
-    files["plain-pickle-not-torch"] = pickle.dumps({"a": 1}, protocol=4)
-    return files
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")

@@ -580,10 +580,25 @@ def test_command_line_with_storage_options(s3, tmp_path, capsys):
     refused = [f"{k}={json.dumps(v) if isinstance(v, dict) else v}" for k, v in closed.items()]
     assert main(["inspect", f"{root}/model.safetensors", *(f for o in refused for f in ("-o", o))]) == 1
     assert f"{root}/model.safetensors" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as exit_info:
-        main(["inspect", f"{root}/model.safetensors", "-o", "no-equals-sign"])
-    assert exit_info.value.code == 2
-    assert "give KEY=VALUE" in capsys.readouterr().err
+    for bad in ("no-equals-sign", "n:={not json"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["inspect", f"{root}/model.safetensors", "-o", bad])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert "KEY=VALUE" in err or "not JSON" in err, err
+
+
+def test_command_line_storage_option_values():
+    from torchkeep.cli import _options, _storage_option, build_parser
+
+    assert _storage_option("secret=12345678") == ("secret", "12345678")  # a string stays one
+    assert _storage_option("anon=true") == ("anon", True)
+    assert _storage_option("anon=True") == ("anon", "True")
+    assert _storage_option("n:=4") == ("n", 4)
+    assert _storage_option('c={"a": 1}') == ("c", {"a": 1})
+    args = build_parser().parse_args(["inspect", "file:///tmp/x.safetensors", "-o", "anon=true"])
+    assert _options(args, "file:///tmp/x.safetensors") is None  # local: no options to give
+    assert _options(args, "s3://b/x") == {"anon": True}
 
 
 def test_urls_that_are_not_object_stores_or_are_mangled(tmp_path, monkeypatch):

@@ -745,6 +745,12 @@ def test_shard_from_another_save_with_the_same_layout(tmp_path):
     path = _save_dir(tmp_path / "ckpt", seed=0)
     other = _save_dir(tmp_path / "other", seed=1)
     shutil.copy(other / "shard-00001.safetensors", path / "shard-00001.safetensors")
+    _assert_rejected(path, match="comes from another save")
+    # A manifest without the save's id (as written before it was recorded): the shards must
+    # still agree among themselves.
+    manifest = json.loads((path / "manifest.json").read_text())
+    body = {k: v for k, v in manifest.items() if k not in ("manifest_checksum", "save_id")}
+    (path / "manifest.json").write_text(json.dumps({**body, "manifest_checksum": _body_checksum(body)}))
     _assert_rejected(path, match="different saves")
 
 
@@ -753,7 +759,16 @@ def test_all_shards_from_another_save(tmp_path):
     other = _save_dir(tmp_path / "other", seed=1)
     for name in ("shard-00000.safetensors", "shard-00001.safetensors"):
         shutil.copy(other / name, path / name)
-    _assert_rejected(path, match="checksum")
+    _assert_rejected(path, match="comes from another save")
+
+
+def test_an_invalid_save_id_in_the_manifest(tmp_path):
+    path = _save_dir(tmp_path / "ckpt", seed=0)
+    manifest = json.loads((path / "manifest.json").read_text())
+    body = {k: v for k, v in manifest.items() if k != "manifest_checksum"}
+    body["save_id"] = "../not-an-id"
+    (path / "manifest.json").write_text(json.dumps({**body, "manifest_checksum": _body_checksum(body)}))
+    _assert_rejected(path, match="save_id")
 
 
 def test_directory_manifest_not_utf8(tmp_path):

@@ -376,17 +376,22 @@ def cmd_bench(args: argparse.Namespace, console: Console) -> int:
 
 
 def _storage_option(text: str) -> tuple[str, Any]:
-    """``KEY=VALUE`` of ``--storage-option``: the value as JSON when it parses, else a string."""
+    """``KEY=VALUE`` of ``--storage-option``: VALUE a string, except ``true``, ``false``,
+    ``null`` and JSON objects and arrays; ``KEY:=JSON`` for any JSON value (numbers)."""
     key, sep, value = text.partition("=")
+    as_json = key.endswith(":")
+    key = key.removesuffix(":")
     if not sep or not key.isidentifier():
         raise argparse.ArgumentTypeError(
-            f"{text!r}: give KEY=VALUE, e.g. anon=true or "
-            """client_kwargs='{"endpoint_url": "http://127.0.0.1:9000"}'"""
+            f"{text!r}: give KEY=VALUE or KEY:=JSON, e.g. anon=true, "
+            """client_kwargs='{"endpoint_url": "http://127.0.0.1:9000"}' or max_concurrency:=4"""
         )
-    try:
-        return key, json.loads(value)
-    except ValueError:
-        return key, value
+    if as_json or value in ("true", "false", "null") or value[:1] in ("{", "["):
+        try:
+            return key, json.loads(value)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"{text!r}: the value is not JSON ({e})") from e
+    return key, value
 
 
 def _with_storage_options(parser: argparse.ArgumentParser) -> None:
@@ -397,15 +402,16 @@ def _with_storage_options(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="an fsspec storage option for URLs (s3://…), repeatable; the value as JSON when "
-        "it parses, e.g. -o anon=true",
+        help="an fsspec storage option for URLs (s3://…), repeatable: KEY=VALUE (a string, or "
+        "true/false/null, or a JSON object or array) or KEY:=JSON (any JSON value)",
     )
 
 
 def _options(args: argparse.Namespace, *paths: str) -> dict[str, Any] | None:
     """The storage options given, for a command on ``paths`` if any of them is a URL."""
     given = dict(args.storage_option)
-    return given if given and any(is_url(p) for p in paths) else None
+    remote = any(is_url(p) and not p.startswith("file://") for p in paths)
+    return given if given and remote else None
 
 
 def _command(

@@ -59,7 +59,7 @@ from torchkeep.io import ReadItem, WriteItem, read_tensors, write_tensors
 from torchkeep.io.pool import run_jobs
 from torchkeep.io.reader import MAX_STAGING_BYTES
 from torchkeep.remote import is_url
-from torchkeep.storage import DEFAULT_STORAGE, Sink, Source, Storage
+from torchkeep.storage import DEFAULT_STORAGE, LocalStorage, Sink, Source, Storage
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +190,7 @@ def write_container(
         checksum_chunk=checksum_chunk,
         files={n: FileEntry(len(b), checksum_data(b, checksum_chunk)) for n, b in files.items()},
         model=model,
+        save_id="" if single else save_id,
     )
     data_bytes = sum(e.nbytes for e in entries.values())
     hooks = _Hooks(ready, before_commit, checksum_chunk, checksums)
@@ -513,7 +514,20 @@ class Container:
                 f"{self.path}: the header's metadata entries were altered; the file is corrupt"
             )
 
+    def _check_inside(self, member: str) -> None:
+        """Refuse a member that resolves outside the directory (a link pointing elsewhere):
+        torchkeep writes no links, and following one would read a file the save does not own."""
+        if not isinstance(self._storage, LocalStorage):
+            return  # object stores have no links
+        target = os.path.realpath(member)
+        if not target.startswith(os.path.realpath(self.path) + os.sep):
+            raise CorruptCheckpointError(
+                f"{member}: a link to {target}, outside the checkpoint directory; refused. "
+                "Copy the checkpoint with its files, not links to them"
+            )
+
     def _open_directory(self) -> None:
+        self._check_inside(f"{self.path}/{MANIFEST_FILE}")
         self.manifest = read_manifest(self.path, self._storage)
         files = {e.file for e in self.manifest.tensors.values()}
         save_ids = set()
@@ -524,8 +538,18 @@ class Container:
                     f"{member}: named by {MANIFEST_FILE} but missing; the checkpoint directory "
                     "was modified or copied in part. Restore it from another copy"
                 )
+            self._check_inside(member)
             opened = self._open_file(file)
-            save_ids.add(opened.header.metadata.get("torchkeep_save"))
+            save_id = opened.header.metadata.get("torchkeep_save")
+            if set(opened.header.metadata) != {"torchkeep_save"} or (
+                self.manifest.save_id and save_id != self.manifest.save_id
+            ):
+                raise CorruptCheckpointError(
+                    f"{member}: its header's metadata {opened.header.metadata!r:.120} does not "
+                    f"name this save ({self.manifest.save_id or 'a save id'}); the shard was "
+                    "altered or comes from another save"
+                )
+            save_ids.add(save_id)
             check_against_header(
                 self.manifest, opened.header, file=file, where=f"{self.path}/{file}"
             )
@@ -545,6 +569,7 @@ class Container:
                     f"{member}: named by {MANIFEST_FILE} but missing; the checkpoint directory "
                     "was modified or copied in part. Restore it from another copy"
                 )
+            self._check_inside(member)
 
     # -- what it holds
 

@@ -36,7 +36,14 @@ from torchkeep.errors import (
 from torchkeep.io import ReadItem, read_tensors
 from torchkeep.io.memory import tensor_bytes
 from torchkeep.storage import LocalSource
-from torchkeep.unpickler import _modern_name, _Refused, _scan_pickles, _Storage, _storage_pid
+from torchkeep.unpickler import (
+    _modern_name,
+    _Refused,
+    _scan_pickles,
+    _Storage,
+    _storage_pid,
+    check_memo,
+)
 from torchkeep.unpickler import _unpickle as _unpickle_payload
 
 METADATA_NAME = ".metadata"
@@ -202,6 +209,7 @@ def _read_metadata(root: str) -> _Metadata:
     with open(path, "rb") as f:
         data = f.read()
     stream = io.BytesIO(data)
+    check_memo(stream, path)
     try:
         metadata = _MetadataUnpickler(stream).load()
     except _Refused:
@@ -393,7 +401,14 @@ def _zip_records(source: LocalSource, piece: _Piece, what: str) -> dict[str, tup
     try:
         with zipfile.ZipFile(_Window(source, piece.offset, piece.length)) as z:
             infos = z.infolist()
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError, struct.error) as e:
+    except (
+        zipfile.BadZipFile,
+        OSError,
+        ValueError,
+        EOFError,
+        struct.error,
+        NotImplementedError,
+    ) as e:
         raise CorruptCheckpointError(f"{what}: not a torch.save payload ({e})") from e
     pickles = [i.filename for i in infos if i.filename.endswith("data.pkl")]
     if len(pickles) != 1 or pickles[0].count("/") != 1:

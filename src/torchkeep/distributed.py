@@ -440,6 +440,7 @@ def _commit(
         metadata=dict(metadata),
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         distributed=distributed,
+        save_id=save_id,
     )
     text = manifest_to_json(manifest).encode()
     # Validate what was gathered exactly as a reader will (coverage of every tensor, names).
@@ -621,7 +622,9 @@ def plan_optimizer(
         values = saved["state"].get(sid)
         if not is_dtensor(param) or not isinstance(values, dict):
             continue
-        for value in values.values():
+        for key, value in values.items():
+            if key == "step":
+                continue  # torch keeps an optimizer's step as it was saved
             name = aliases.get(value, value) if isinstance(value, _Named) else None
             spec = sharded.get(name) if name is not None else None
             if name is not None and spec is not None and spec.shape == tuple(param.shape):
@@ -644,7 +647,8 @@ def place_optimizer_state(optimizer: torch.optim.Optimizer, state: Any) -> Any:
         placed[sid] = {}
         for key, value in values.items():
             if (
-                isinstance(value, torch.Tensor)
+                key != "step"  # torch keeps an optimizer's step as it was saved
+                and isinstance(value, torch.Tensor)
                 and not is_dtensor(value)
                 and tuple(value.shape) == tuple(param.shape)
             ):

@@ -44,6 +44,7 @@ CHECKSUM_CHUNK = 16 << 20
 HEADER_ALIGN = 64
 MAX_HEADER_BYTES = 100 << 20
 MAX_RANK = 64
+_SAVE_ID = re.compile(r"[0-9a-f]{32}")
 MAX_MANIFEST_BYTES = 256 << 20
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle", ".tar")
 
@@ -112,6 +113,7 @@ class Manifest:
     files: dict[str, FileEntry] = field(default_factory=dict)
     model: Any = None
     distributed: dict[str, Sharded] | None = None
+    save_id: str = ""  # a directory save's: every shard's header names it
 
 
 @dataclass(frozen=True)
@@ -179,12 +181,18 @@ def encode_header(tensors: Mapping[str, TensorEntry], metadata: Mapping[str, str
     return struct.pack("<Q", len(text)) + text
 
 
+# Opcodes a pickle of protocol 0 or 1 (no PROTO opcode) starts with: GLOBAL, MARK, the empty
+# containers, None and the scalars.
+_OLD_PICKLE_STARTS = b"c(}]).NILFSVXKJMUTG"
+
+
 def pickle_kind(head: bytes) -> str | None:
-    """Return ``"zip"`` or ``"torch-legacy"`` for the first bytes of a ``torch.save`` file,
-    None for anything else (a safetensors file's header starts with ``{`` at byte 8)."""
+    """Return ``"zip"`` or ``"torch-legacy"`` for the first bytes of a ``torch.save`` file or
+    another pickle, None for anything else (a safetensors file's header starts with ``{`` at
+    byte 8)."""
     if head[:4] == b"PK\x03\x04":
         return "zip"
-    if head[:1] == b"\x80" and head[8:9] != b"{":
+    if head[:1] and head[:1] in b"\x80" + _OLD_PICKLE_STARTS and head[8:9] != b"{":
         return "torch-legacy"
     return None
 
@@ -443,6 +451,8 @@ def _manifest_body(m: Manifest) -> dict[str, Any]:
         "tree": m.tree,
         "metadata": m.metadata,
     }
+    if m.save_id:
+        body["save_id"] = m.save_id
     if m.files:
         body["files"] = {n: {"bytes": f.nbytes, "checksum": f.checksum} for n, f in m.files.items()}
     if m.model is not None:
@@ -524,6 +534,9 @@ def manifest_from_json(text: str, *, where: str) -> Manifest:
         check_tree(tree, set(tensors) | set(aliases) | set(distributed or ()))
     except (TypeError, ValueError, RecursionError) as e:
         raise CorruptCheckpointError(f"{where}: the manifest's state tree is malformed: {e}") from e
+    save_id = body.get("save_id", "")
+    if not isinstance(save_id, str) or (save_id and not _SAVE_ID.fullmatch(save_id)):
+        raise CorruptCheckpointError(f"{where}: the manifest's save_id {save_id!r:.60} is invalid")
     metadata = body.get("metadata")
     model = body.get("model")
     if model is not None:
@@ -544,6 +557,7 @@ def manifest_from_json(text: str, *, where: str) -> Manifest:
         files=_parse_files(body.get("files", {}), where=where),
         model=model,
         distributed=distributed,
+        save_id=save_id,
     )
 
 

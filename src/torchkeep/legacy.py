@@ -39,6 +39,7 @@ from torchkeep.unpickler import (
     _storage_pid,
     _unpickle,
     _unsafe,
+    check_memo,
 )
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -82,7 +83,7 @@ def _open_zip(path: str) -> _Archive:
     try:
         with zipfile.ZipFile(path) as z:
             infos = z.infolist()
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as e:
         raise CorruptCheckpointError(f"{path}: not a readable zip archive ({e})") from e
     code = [
         i.filename for i in infos if i.filename.split("/")[1:2] in (["code"], ["constants.pkl"])
@@ -105,6 +106,11 @@ def _open_zip(path: str) -> _Archive:
                 raise UnsupportedFormatError(
                     f"{path}: entry '{name}' is compressed; torch.save never compresses, so the "
                     "file was not written by torch.save and is refused"
+                )
+            if not 0 <= info.header_offset <= file_size - 30:
+                raise CorruptCheckpointError(
+                    f"{path}: entry '{name}' starts at {info.header_offset}, outside the file; "
+                    "the archive is corrupt"
                 )
             f.seek(info.header_offset)
             local = f.read(30)
@@ -209,6 +215,7 @@ def _read_stream(path: str, stream: io.BufferedReader, file_size: int, *, meta: 
 
     def next_pickle(storage: Callable[[Any], _Storage]) -> Any:
         start = stream.tell()
+        check_memo(stream, path)
         try:
             return _RestrictedUnpickler(stream, storage).load()
         except _Refused:

@@ -172,7 +172,7 @@ def check_program(data: bytes, *, where: str) -> bytes:
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
         infos = archive.infolist()
-    except (zipfile.BadZipFile, ValueError, EOFError) as e:
+    except (zipfile.BadZipFile, ValueError, EOFError, NotImplementedError) as e:
         raise UnsafeFileError(f"{where}: not a readable program archive ({e})") from e
     names = [i.filename for i in infos]
     roots = {n.split("/", 1)[0] for n in names}

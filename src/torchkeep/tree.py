@@ -76,8 +76,12 @@ def flatten(
 
 
 def _tensor_identity(t: torch.Tensor) -> tuple[Any, ...]:
+    storage = t.untyped_storage()
+    # Storages without memory all have address 0: told apart by the storage object itself
+    # (two names of one tensor share it, two empty tensors do not).
+    address = storage.data_ptr() or ("empty", storage._cdata)
     return (
-        t.untyped_storage().data_ptr(),
+        address,
         t.storage_offset(),
         tuple(t.shape),
         tuple(t.stride()),

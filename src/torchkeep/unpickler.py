@@ -14,11 +14,12 @@ import _compat_pickle
 import io
 import math
 import pickle
+import pickletools
 import struct
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import IO, Any, ClassVar
 
 import torch
 
@@ -350,11 +351,39 @@ class _RecordingUnpickler(pickle.Unpickler):
         return _Inert()
 
 
+_MEMO_PUTS = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})
+
+
+def check_memo(stream: IO[bytes], where: str) -> None:
+    """Walk the opcodes of the pickle at the stream's position without running them, then go
+    back there. A memo index beyond the entries stored so far is refused: the C unpickler sizes
+    its memo to the largest index, so five bytes could make it fill gigabytes. A pickler
+    numbers its entries in order, so no file it wrote is refused."""
+    start = stream.tell()
+    stored = 0
+    try:
+        for opcode, arg, _ in pickletools.genops(stream):
+            if opcode.name in _MEMO_PUTS:
+                if not isinstance(arg, int) or not 0 <= arg <= stored:
+                    raise CorruptCheckpointError(
+                        f"{where}: the pickle stores memo entry {arg!r:.20} after {stored} "
+                        "entries; the file is corrupt or crafted"
+                    )
+                stored = max(stored, arg + 1)
+            elif opcode.name == "MEMOIZE":
+                stored += 1
+    except (ValueError, MemoryError):
+        pass  # malformed further on: the unpickler stops at the same place and reports it
+    finally:
+        stream.seek(start)
+
+
 def _scan_pickles(data: bytes) -> list[str]:
     seen: list[str] = []
     stream = io.BytesIO(data)
     while stream.tell() < len(data):
         try:
+            check_memo(stream, "")
             _RecordingUnpickler(stream, seen).load()
         except Exception:
             break
@@ -381,12 +410,15 @@ def _storage_pid(pid: Any, where: str) -> tuple[torch.dtype, str, int]:
 
 def _unpickle(data: bytes, storage: Callable[[Any], _Storage], where: str) -> Any:
     stream = io.BytesIO(data)
+    check_memo(stream, where)
     try:
         obj = _RestrictedUnpickler(stream, storage).load()
     except _Refused:
         raise _unsafe(where, data) from None
-    except (CorruptCheckpointError, UnsupportedFormatError, UnsafeFileError):
-        raise
+    except (CorruptCheckpointError, UnsupportedFormatError, UnsafeFileError) as e:
+        if str(e).startswith(where):
+            raise
+        raise type(e)(f"{where}: {e}") from e  # raised while rebuilding, without the path
     except RecursionError as e:
         raise CorruptCheckpointError(f"{where}: the pickle is nested too deeply") from e
     except Exception as e:  # the pickle machine reports malformed input in many ways

@@ -5,6 +5,7 @@
 #   ./run.sh test [ARGS]        lint (ruff, mypy --strict) and the whole test suite (pytest ARGS)
 #   ./run.sh bench [ARGS]       the benchmark (torchkeep bench)
 #   ./run.sh fuzz [ARGS]        the atheris fuzzer of the parsers (1,000,000 inputs by default)
+#   ./run.sh docs [DIR]         the documentation site (mkdocs, warnings are errors), into DIR
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -38,13 +39,16 @@ case "$task" in
         "$venv/bin/python" -m pip install -q --disable-pip-version-check -e ".[dev,fuzz]"
         exec "$venv/bin/python" fuzz/fuzz_parsers.py "$@"
         ;;
+    docs)
+        exec "$venv/bin/python" -m mkdocs build --strict -d "${1:-site}"
+        ;;
     test)
-        "$venv/bin/ruff" check src tests benchmarks fuzz
+        "$venv/bin/ruff" check src tests benchmarks fuzz examples docs/hooks
         "$venv/bin/mypy" --strict src/torchkeep
         exec "$venv/bin/python" -m pytest -q "$@"
         ;;
     *)
-        echo "usage: ./run.sh demo [--out DIR] | test [pytest args] | bench [args] | fuzz [args]" >&2
+        echo "usage: ./run.sh demo [--out DIR] | test [pytest args] | bench [args] | fuzz [args] | docs [DIR]" >&2
         exit 2
         ;;
 esac

@@ -15,10 +15,9 @@ import sys
 from typing import Any
 
 import atheris
+import torch  # not instrumented: the coverage that guides the fuzzer is torchkeep's
 
-with atheris.instrument_imports():
-    import torch
-
+with atheris.instrument_imports(include=["torchkeep", "pickletools", "zipfile", "json"]):
     from torchkeep.errors import TorchkeepError
     from torchkeep.format import manifest_from_json, parse_header, read_header_length
     from torchkeep.unpickler import _Storage, _storage_pid, _unpickle
@@ -115,7 +114,11 @@ def _write_seeds(directory: str) -> None:
 
 
 def main() -> None:
-    torch.zeros(1)  # everything the targets import is imported before the hook
+    import codecs
+
+    torch.zeros(1)  # everything the targets import is imported before the hook,
+    for codec in ("ascii", "latin-1", "utf-8", "raw-unicode-escape", "unicode-escape"):
+        codecs.lookup(codec)  # the text codecs pickles decode with included
     args = list(sys.argv)
     if not any(a.startswith("-atheris_runs=") for a in args[1:]):
         args.append("-atheris_runs=1000000")

@@ -213,6 +213,11 @@ def _shard(path: Path) -> Path:
     return next(p for p in path.iterdir() if p.name.startswith("shard-"))
 
 
+def _compact(body: dict) -> str:
+    """JSON text in the form torchkeep writes its manifests (a reader requires it exactly)."""
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False)
+
+
 def _signed(manifest: dict, edit: Callable[[dict], None]) -> dict:
     """``manifest`` edited, with its own checksum made to match again (as an attacker would),
     so that the edit itself must be caught."""
@@ -227,7 +232,7 @@ def _edit_manifest(path: Path, edit: Callable[[dict], None], *, sign: bool = Tru
         manifest = _signed(manifest, edit)
     else:
         edit(manifest)
-    (path / "manifest.json").write_text(json.dumps(manifest))
+    (path / "manifest.json").write_text(_compact(manifest))
 
 
 def _tensor_entry(manifest: dict) -> dict:
@@ -365,9 +370,9 @@ def _single_file_manifest_cases(root: Path) -> list[Case]:
         tk.UnsupportedFormatError,
     )
     tree = _signed(manifest, lambda m: m.update(tree={"w": {"$tensor": "not-stored"}}))
-    write("embedded-tree-names-a-missing-tensor", {"format": "pt", "torchkeep": json.dumps(tree)}, tk.CorruptCheckpointError)
+    write("embedded-tree-names-a-missing-tensor", {"format": "pt", "torchkeep": _compact(tree)}, tk.CorruptCheckpointError)
     offsets = _signed(manifest, lambda m: m["tensors"]["w"].update(offsets=[0, 64]))
-    write("embedded-offsets-beyond-the-data", {"format": "pt", "torchkeep": json.dumps(offsets)}, tk.CorruptCheckpointError)
+    write("embedded-offsets-beyond-the-data", {"format": "pt", "torchkeep": _compact(offsets)}, tk.CorruptCheckpointError)
     write("embedded-extra-metadata", {**header["__metadata__"], "extra": "x"}, tk.CorruptCheckpointError)
     return cases
 
@@ -411,6 +416,11 @@ def corpus(root: Path, canary: str) -> list[Case]:
     zipped_memo = root / "zip-memo-index-of-a-billion.pt"
     zip_with(zipped_memo, {"archive/data.pkl": memo, "archive/version": b"3\n"})
     cases.append(Case("pickle:zip-memo-index-of-a-billion", zipped_memo, tk.CorruptCheckpointError))
+    # An INT line cut by a NUL byte: the reference parser refuses it, the C unpickler reads 0
+    # and goes on to a memo index of 171 million.
+    nul = b"\x80\x02}q\x00I" + b"\x00" * 8 + b"(X\x01\x00\x00\x00wq\x01ctorch._utils\nr_v2\nq\x00."
+    (root / "int-line-cut-by-a-nul.pt").write_bytes(nul)
+    cases.append(Case("pickle:int-line-cut-by-a-nul", root / "int-line-cut-by-a-nul.pt", tk.CorruptCheckpointError))
     buffer = io.BytesIO()
     torch.save({"w": torch.arange(4.0)}, buffer)
     whole = buffer.getvalue()

@@ -74,8 +74,10 @@ def test_every_reader_refuses_it_with_its_error_and_runs_nothing(cases, good, tm
         tk.load_model(case.path)
     report = tk.verify(case.path)
     assert not report.ok and str(case.path) in " ".join(report.problems)
-    if case.error is tk.UnsafeFileError:
-        assert not tk.scan(case.path).safe
+    if case.error is tk.UnsafeFileError or any(w in name for w in ("memo", "nul")):
+        # Code to run, or a pickle too malformed to say: never called safe by the scan. (The
+        # scan is about code: a well-formed pickle with impossible tensors has none.)
+        assert not tk.scan(case.path).safe, tk.scan(case.path)
     assert not canary.exists(), f"{name} ran code"
 
 

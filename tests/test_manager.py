@@ -24,7 +24,7 @@ import torch
 
 import torchkeep as tk
 from conftest import SimpleNet, assert_same_state, run_script, small_filesystem
-from torchkeep.format import FORMAT_VERSION, _body_checksum
+from torchkeep.format import FORMAT_VERSION, signed_manifest_text
 from torchkeep.manager import LOCK_FILE
 from torchkeep.storage import LocalStorage, Sink
 
@@ -94,8 +94,7 @@ def _reseal_manifest(step_dir: Path, edit: Any) -> None:
     body = json.loads(manifest.read_text())
     edit(body)
     body.pop("manifest_checksum", None)
-    body["manifest_checksum"] = _body_checksum(body)
-    manifest.write_text(json.dumps(body))
+    manifest.write_text(signed_manifest_text(body))
 
 
 class InjectedFault(OSError):

@@ -41,10 +41,10 @@ from torchkeep.container import open_container, write_container
 from torchkeep.format import (
     MANIFEST_FILE,
     FileEntry,
-    _body_checksum,
     checksum_data,
     manifest_from_json,
     manifest_to_json,
+    signed_manifest_text,
 )
 from torchkeep.model import assign
 from torchkeep.program import PROGRAM_FILE, check_program
@@ -157,8 +157,7 @@ def reseal(path: Path, edit: Callable[[dict[str, Any]], None]) -> Path:
     body = json.loads(manifest.read_text())
     edit(body)
     body.pop("manifest_checksum", None)
-    body["manifest_checksum"] = _body_checksum(body)
-    manifest.write_text(json.dumps(body, separators=(",", ":")))
+    manifest.write_text(signed_manifest_text(body))
     return path
 
 
@@ -465,19 +464,20 @@ def test_convert_of_a_state_that_holds_the_words_kind_model(tmp_path):
     assert back["kind"] == "model" and torch.equal(back["w"], state["w"])
 
 
-def test_convert_of_a_model_whose_manifest_is_pretty_printed(tmp_path):
-    """BUG (model.py, is_saved_model): a saved model whose manifest.json was re-indented is
-    still valid (its checksum is over the canonical form; verify and load_model accept it),
-    but is_saved_model looks for the compact bytes '"kind":"model"', so convert treats it as
-    a plain state and silently writes weights only: the recipe, program and model section
-    are lost."""
+def test_a_model_whose_manifest_was_rewritten_is_refused_not_converted(tmp_path):
+    """A saved model whose manifest.json was re-indented (or had one exponent's case changed:
+    the same values, other bytes) is refused by every reader, and never converted silently
+    into weights only; the manifest must be byte for byte what was written."""
     path = save_linear(tmp_path)
-    body = json.loads((path / MANIFEST_FILE).read_text())
-    (path / MANIFEST_FILE).write_text(json.dumps(body, indent=2))
-    assert tk.verify(path).ok and isinstance(tk.load_model(path), nn.Linear)
-    tk.convert(path, tmp_path / "out")
-    assert tk.describe(tmp_path / "out").kind == "model"
-    assert isinstance(tk.load_model(tmp_path / "out"), nn.Linear)
+    original = (path / MANIFEST_FILE).read_text()
+    body = json.loads(original)
+    for text in (json.dumps(body, indent=2), " " + original, original + "\n"):
+        (path / MANIFEST_FILE).write_text(text)
+        assert not tk.verify(path).ok
+        for read in (tk.load_model, tk.describe, lambda p: tk.convert(p, tmp_path / "out")):
+            with pytest.raises(tk.CorruptCheckpointError, match="does not match its checksum"):
+                read(path)
+        assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(

@@ -71,7 +71,12 @@ def test_into_is_checked_before_anything_is_written(tmp_path):
 
 
 def _rewrite_manifest(path, edit):
-    from torchkeep.format import _body_checksum, encode_header, parse_header, read_header_length
+    from torchkeep.format import (
+        encode_header,
+        parse_header,
+        read_header_length,
+        signed_manifest_text,
+    )
 
     raw = path.read_bytes()
     length = read_header_length(raw[:9], file_size=len(raw), where="x")
@@ -79,8 +84,7 @@ def _rewrite_manifest(path, edit):
     body = json.loads(header.metadata["torchkeep"])
     body.pop("manifest_checksum")
     edit(body)
-    body["manifest_checksum"] = _body_checksum(body)
-    text = json.dumps(body, separators=(",", ":"))
+    text = signed_manifest_text(body)
     data = raw[header.data_start :]
     path.write_bytes(encode_header(header.tensors, {"format": "pt", "torchkeep": text}) + data)
 

@@ -23,7 +23,13 @@ import torch
 
 import torchkeep as tk
 from torchkeep.container import write_container
-from torchkeep.format import MANIFEST_KEY, MAX_HEADER_BYTES, MAX_RANK, _body_checksum
+from torchkeep.format import (
+    MANIFEST_KEY,
+    MAX_HEADER_BYTES,
+    MAX_RANK,
+    _body_checksum,
+    signed_manifest_text,
+)
 
 CORRUPT = tk.CorruptCheckpointError
 UNSUPPORTED = tk.UnsupportedFormatError
@@ -97,6 +103,11 @@ def _split(path: Path) -> tuple[dict[str, Any], bytes]:
     return json.loads(blob[8 : 8 + length]), blob[8 + length :]
 
 
+def _compact(body: dict) -> str:
+    """JSON text in the form torchkeep writes its manifests (a reader requires it exactly)."""
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False)
+
+
 def _reseal(body: dict[str, Any]) -> None:
     """Recompute a manifest's own checksum after an edit, so a later rule is what fails."""
     body.pop("manifest_checksum", None)
@@ -121,7 +132,7 @@ def _edit_manifest(
     edit(body)
     if reseal:
         _reseal(body)
-    header["__metadata__"][MANIFEST_KEY] = json.dumps(body, separators=(",", ":"))
+    header["__metadata__"][MANIFEST_KEY] = _compact(body)
     path.write_bytes(_pack(header, data))
     return path
 
@@ -154,7 +165,7 @@ def _edit_dir_manifest(
     edit(body)
     if reseal:
         _reseal(body)
-    manifest.write_text(json.dumps(body))
+    manifest.write_text(_compact(body))
     return path
 
 
@@ -750,7 +761,7 @@ def test_shard_from_another_save_with_the_same_layout(tmp_path):
     # still agree among themselves.
     manifest = json.loads((path / "manifest.json").read_text())
     body = {k: v for k, v in manifest.items() if k not in ("manifest_checksum", "save_id")}
-    (path / "manifest.json").write_text(json.dumps({**body, "manifest_checksum": _body_checksum(body)}))
+    (path / "manifest.json").write_text(signed_manifest_text(body))
     _assert_rejected(path, match="different saves")
 
 
@@ -767,7 +778,7 @@ def test_an_invalid_save_id_in_the_manifest(tmp_path):
     manifest = json.loads((path / "manifest.json").read_text())
     body = {k: v for k, v in manifest.items() if k != "manifest_checksum"}
     body["save_id"] = "../not-an-id"
-    (path / "manifest.json").write_text(json.dumps({**body, "manifest_checksum": _body_checksum(body)}))
+    (path / "manifest.json").write_text(signed_manifest_text(body))
     _assert_rejected(path, match="save_id")
 
 
@@ -1000,3 +1011,16 @@ def test_huge_claim_in_a_manifest_fails_fast(tmp_path):
     started = time.perf_counter()
     _assert_rejected(path)
     assert time.perf_counter() - started < 2.0
+
+
+def test_a_manifest_changed_without_changing_its_values_is_refused(tmp_path):
+    """One bit flipped in ``1e-05`` gives ``1E-05``: the same float, other bytes. The manifest
+    is checked byte for byte, not only its parsed values, so this is corruption too."""
+    path = tmp_path / "ckpt"
+    tk.save({"w": torch.ones(2), "lr": 1e-05}, path)
+    manifest = path / "manifest.json"
+    text = manifest.read_text()
+    assert text.count("1e-05") == 1
+    manifest.write_text(text.replace("1e-05", "1E-05"))
+    assert json.loads(manifest.read_text()) == json.loads(text)
+    _assert_rejected(path, match="does not match its checksum")

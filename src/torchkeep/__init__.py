@@ -1,10 +1,11 @@
 """torchkeep: save and load PyTorch models and training state, safely, atomically, verified.
 
-Example::
-
+Example:
+    ```python
     import torchkeep as tk
     tk.save_weights(model, "model.safetensors")
     tk.load_weights(model, "model.safetensors")
+    ```
 """
 
 from torchkeep.checkpoint import Checkpoint, load, load_checkpoint, save, save_checkpoint

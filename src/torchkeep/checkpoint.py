@@ -63,9 +63,10 @@ def save(
         UnsupportedFormatError: ``path`` ends in a pickle suffix such as ``.pt``.
         StorageError: the write failed; any previous file at ``path`` is unchanged.
 
-    Example::
-
+    Example:
+        ```python
         tk.save({"model": model, "optimizer": optimizer, "epoch": 5}, "ckpt.safetensors")
+        ```
     """
     storage, target = storage_for(path, storage_options)
     if distributed.active() and distributed.holds_dtensor(obj):
@@ -128,12 +129,18 @@ def load(
         The saved object; Stateful objects come back as their state dicts unless given in ``into``.
 
     Raises:
-        CheckpointNotFoundError, CorruptCheckpointError, IncompleteCheckpointError,
-        UnsupportedFormatError, StateMismatchError (``into`` does not fit the saved state).
+        CheckpointNotFoundError: nothing is saved at ``path``.
+        IncompleteCheckpointError: the save at ``path`` never committed.
+        CorruptCheckpointError: a header, size or checksum does not match; the message names
+            the tensor.
+        UnsupportedFormatError: ``path`` holds a format torchkeep does not read.
+        UnsafeFileError: a ``torch.save`` file names code that unpickling it would run.
+        StateMismatchError: ``into`` does not fit the saved state.
 
-    Example::
-
+    Example:
+        ```python
         state = tk.load("ckpt.safetensors", into={"model": model, "optimizer": optimizer})
+        ```
     """
     storage, target = storage_for(path, storage_options)
     with readable(storage, target) as (storage, target):
@@ -404,7 +411,17 @@ def _load_stateful(obj: Stateful, state: Any, where: str) -> None:
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """What ``load_checkpoint`` restored, besides the objects it restored in place."""
+    """What ``load_checkpoint`` restored, besides the objects it restored in place.
+
+    Attributes:
+        path: the checkpoint that was loaded.
+        epoch: the ``epoch`` given to ``save_checkpoint``, or None.
+        step: the ``step`` given to ``save_checkpoint``, or None.
+        loss: the ``loss`` given to ``save_checkpoint`` (a tensor comes back as a tensor).
+        metrics: the ``metrics`` given to ``save_checkpoint``.
+        extra: the ``extra`` state given to ``save_checkpoint``, as plain state.
+        state: the whole checkpoint dict, as ``load`` returns it.
+    """
 
     path: str
     epoch: int | None = None
@@ -445,10 +462,35 @@ def save_checkpoint(
     ``scaler_state_dict``, ``epoch``, ``step``, ``loss``, ``metrics``, ``extra`` and, with
     ``rng``, the state of every random number generator.
 
-    Example::
+    Args:
+        path: a ``.safetensors`` file, or a directory for any other name; local, or an
+            fsspec URL.
+        model: the module whose weights are saved.
+        optimizer: the optimizer, if any.
+        scheduler: the learning-rate scheduler, if any.
+        scaler: the ``GradScaler`` of mixed-precision training, if any.
+        epoch: the epoch just finished.
+        step: the optimizer step just taken.
+        loss: the last loss (a tensor is detached and stored as a tensor).
+        metrics: named values such as ``{"val_loss": 0.31}``.
+        extra: any other state, as ``save`` takes it.
+        rng: also save the state of every random number generator (see ``RNGState``).
+        metadata: JSON-serialisable values stored with the checkpoint.
+        storage_options: for a URL, the options of its fsspec file system.
 
+    Returns:
+        What was written.
+
+    Raises:
+        UnsupportedObjectError: a value cannot be stored; the message names its place.
+        UnsupportedFormatError: ``path`` ends in a pickle suffix such as ``.pt``.
+        StorageError: the write failed; any previous checkpoint at ``path`` is unchanged.
+
+    Example:
+        ```python
         tk.save_checkpoint("ckpt.safetensors", model=model, optimizer=optimizer,
                            epoch=epoch, loss=loss)
+        ```
     """
     given = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
     state: dict[str, Any] = {_SLOTS[k]: v for k, v in given.items() if v is not None}
@@ -476,13 +518,27 @@ def load_checkpoint(
     Objects not given are left alone; the random number generators are restored with ``rng``.
     After loading, set ``model.eval()`` for inference or ``model.train()`` to resume training.
 
+    Args:
+        path: the checkpoint file or directory; local, or an fsspec URL.
+        model: the module to load the weights into.
+        optimizer: the optimizer to restore.
+        scheduler: the learning-rate scheduler to restore.
+        scaler: the ``GradScaler`` to restore.
+        map_location: the device loaded tensors are placed on, as for ``load``.
+        rng: restore the random number generators, if the checkpoint holds their state.
+        storage_options: for a URL, the options of its fsspec file system.
+
+    Returns:
+        The epoch, step, loss, metrics and extra state that were saved.
+
     Raises:
         StateMismatchError: an object is given whose state the checkpoint lacks or does not fit.
 
-    Example::
-
+    Example:
+        ```python
         ckpt = tk.load_checkpoint("ckpt.safetensors", model=model, optimizer=optimizer)
         start_epoch = ckpt.epoch + 1
+        ```
     """
     given = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
     into: dict[str, Any] = {_SLOTS[k]: v for k, v in given.items() if v is not None}

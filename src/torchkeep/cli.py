@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -247,10 +248,14 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
         holder = tempfile.TemporaryDirectory(prefix="torchkeep-demo-")
         out = Path(holder.name)
     else:
-        out = Path(args.out)
+        out = Path(args.out).resolve()
+        if out.exists() and any(out.iterdir()):
+            console.print(f"{out} is not empty; give --out a new or empty directory")
+            return USAGE
         out.mkdir(parents=True, exist_ok=True)
-    console.print(f"[bold]torchkeep demo[/bold] — writing to {out}")
+    console.print(f"[bold]torchkeep demo[/bold]: writing to {out}\n")
     tasks: dict[str, TaskID] = {}
+    started = time.perf_counter()
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -267,24 +272,41 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
 
         def report(step: Step) -> None:
             mark = "[green]✓[/green]" if step.ok else "[red]✗[/red]"
-            console.print(f"{mark} [bold]{step.title}[/bold]: {step.detail}")
+            console.print(f"{mark} [bold]{step.title}[/bold]")
+            console.print(f"  {step.detail}", markup=False)
+            if step.output:
+                indented = "    " + step.output.replace("\n", "\n    ")
+                console.print(indented, markup=False, style="dim")
+            console.print()
 
         result = run_demo(out, report=report, progress=progress)
-    console.print(f"\n{len(result.files)} files written under {out}:")
-    for path in result.files[:6]:
-        console.print(f"  {path.relative_to(out)}  ({_human(path.stat().st_size)})")
-    if len(result.files) > 6:
-        console.print(f"  … and {len(result.files) - 6} more")
+    elapsed = time.perf_counter() - started
+    table = Table(title=f"written under {out}", title_justify="left", box=None)
+    table.add_column("path")
+    table.add_column("files", justify="right")
+    table.add_column("size", justify="right")
+    groups: dict[str, list[Path]] = {}
+    for path in result.files:
+        groups.setdefault(path.relative_to(out).parts[0], []).append(path)
+    for name, paths in sorted(groups.items()):
+        shown = name + ("/" if (out / name).is_dir() else "")
+        table.add_row(shown, str(len(paths)), _human(sum(p.stat().st_size for p in paths)))
+    console.print(table)
     if args.out is None:
         console.print("(a temporary directory, removed now; pass --out DIR to keep the files)")
-    console.print("[green]demo passed[/green]" if result.ok else "[red]demo failed[/red]")
+    passed = sum(s.ok for s in result.steps)
+    verdict = "[green]demo passed[/green]" if result.ok else "[red]demo failed[/red]"
+    console.print(f"{verdict}: {passed} of {len(result.steps)} steps in {elapsed:.0f} s")
     return OK if result.ok else PROBLEM
 
 
 def cmd_demo_worker(args: argparse.Namespace, console: Console) -> int:
     from torchkeep.demo import worker
 
-    print(json.dumps(worker(args.args)))
+    def emit(event: dict[str, Any]) -> None:
+        print(json.dumps(event), flush=True)
+
+    worker(args.args, emit)
     return OK
 
 

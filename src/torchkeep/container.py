@@ -459,6 +459,9 @@ class _File:
     header: Header
 
 
+OPEN_ATTEMPTS = 5  # of a directory replaced while it is opened
+
+
 class Container:
     """An opened, validated container. Use as a context manager, or call ``close()``."""
 
@@ -471,12 +474,34 @@ class Container:
         try:
             with paused_gc():
                 if self.directory:
-                    self._open_directory()
+                    self._open_directory_consistently()
                 else:
                     self._open_single()
         except BaseException:
             self.close()
             raise
+
+    def _open_directory_consistently(self) -> None:
+        """Open a directory save as one whole: a save that replaced it while its files were
+        being opened (a manifest of one save, a shard of the next) is opened again, so that a
+        reader gets the old save or the new one. Once open, the files stay readable whatever
+        happens to the directory."""
+        for attempt in range(OPEN_ATTEMPTS):
+            try:
+                self._open_directory()
+                return
+            except (CorruptCheckpointError, CheckpointNotFoundError, IncompleteCheckpointError):
+                opened = self.manifest
+                if attempt == OPEN_ATTEMPTS - 1 or opened is None:
+                    raise
+                try:
+                    replaced = read_manifest(self.path, self._storage) != opened
+                except TorchkeepError:
+                    replaced = True  # gone or half-replaced this instant: look again
+                if not replaced:
+                    raise  # damaged, not replaced
+                self.close()
+                self.manifest = None
 
     # -- opening
 

@@ -86,9 +86,10 @@ def convert(
         storage_options: the fsspec options of ``src`` and ``dst`` where they are URLs
             (``s3://…``). A remote source is downloaded to a temporary directory first.
 
-    Example::
-
+    Example:
+        ```python
         tk.convert("model.pth", "model.safetensors", dtype=torch.bfloat16)
+        ```
     """
     source, src = storage_for(src, storage_options if is_url(os.fspath(src)) else None)
     storage, dst = storage_for(dst, storage_options if is_url(os.fspath(dst)) else None)

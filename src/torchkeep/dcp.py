@@ -563,10 +563,11 @@ def load_dcp(path: str | os.PathLike[str], *, verify: bool = True) -> dict[str, 
             directory, chunks that do not tile their tensor, a CRC mismatch.
         UnsupportedFormatError: a newer metadata layout, compressed or sparse entries.
 
-    Example::
-
+    Example:
+        ```python
         state = load_dcp("checkpoints/step_1000")
         model.load_state_dict(state["model"])
+        ```
     """
     root = os.fspath(path)
     if not os.path.isdir(root):

@@ -421,9 +421,19 @@ def chunk_spans(nbytes: int, chunk: int) -> list[tuple[int, int]]:
 
 def manifest_to_json(manifest: Manifest) -> str:
     """Return the manifest as JSON text carrying a checksum of its own canonical form."""
-    body = _manifest_body(manifest)
-    body["manifest_checksum"] = _body_checksum(body)
-    return json.dumps(body, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return signed_manifest_text(_manifest_body(manifest))
+
+
+def signed_manifest_text(body: Mapping[str, Any]) -> str:
+    """A manifest body (without ``manifest_checksum``) as the text torchkeep writes, signed."""
+    return _written_form(body, _body_checksum(body))
+
+
+def _written_form(body: Mapping[str, Any], checksum: Any) -> str:
+    """The exact text a manifest is written as; a reader requires it byte for byte, so that
+    a change the checksum's canonical form would not see (white space, key order) is caught."""
+    signed = {**body, "manifest_checksum": checksum}
+    return json.dumps(signed, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
 def _manifest_body(m: Manifest) -> dict[str, Any]:
@@ -500,7 +510,7 @@ def manifest_from_json(text: str, *, where: str) -> Manifest:
             f"{FORMAT_VERSION}. Upgrade torchkeep to read it."
         )
     stored = body.pop("manifest_checksum", None)
-    if stored != _body_checksum(body):
+    if stored != _body_checksum(body) or text != _written_form(body, stored):
         raise CorruptCheckpointError(
             f"{where}: the manifest does not match its checksum; the file is corrupt"
         )

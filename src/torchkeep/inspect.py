@@ -30,7 +30,16 @@ from torchkeep.weights import MODEL_KEYS, WeightsSource
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """One stored tensor."""
+    """One stored tensor.
+
+    Attributes:
+        name: the tensor's dotted name (``model_state_dict.fc.weight``).
+        dtype: the stored dtype's name, such as ``F32`` or ``BF16``.
+        shape: the tensor's shape.
+        nbytes: bytes of data.
+        file: where the data lives, for saves of several files: the file's name, or how many
+            chunks a tensor saved by several ranks is split into; None for a single file.
+    """
 
     name: str
     dtype: str
@@ -44,11 +53,21 @@ class Description:
     """What a save holds.
 
     Attributes:
-        format: ``torchkeep file``, ``torchkeep directory`` or ``safetensors`` (foreign file).
+        path: the save described.
+        format: ``torchkeep file``, ``torchkeep directory`` or ``safetensors`` (foreign file);
+            for other sources, what they are, such as ``Hugging Face directory``.
         kind: ``weights``, ``state`` or ``""`` for foreign files.
+        format_version: the version of torchkeep's file format, or None for foreign files.
         tensors: every stored tensor, in file order.
         aliases: tied names and the tensor each one shares.
+        metadata: the user metadata stored with the save.
         tree: the saved object's skeleton (typed JSON), or None.
+        tensor_bytes: bytes of tensor data.
+        file_bytes: bytes on disk, headers included.
+        created: when the save was written (UTC, ISO 8601), or ``""`` if unknown.
+        torch_version: the torch version that wrote the save, or ``""`` if unknown.
+        torchkeep_version: the torchkeep version that wrote the save, or ``""`` if unknown.
+        checksummed: True when the tensors carry checksums (a torchkeep manifest).
         modules: parameters (elements) per top-level module of the model's weights.
         optimizer: a one-line summary of the optimizer state, if the save holds one.
         model: for a whole model (``save_model``): its class, the recipe that rebuilds it as a
@@ -77,7 +96,18 @@ class Description:
 
 @dataclass(frozen=True)
 class VerifyReport:
-    """The outcome of ``verify``: ``ok`` when every size and checksum matched."""
+    """The outcome of ``verify``: ``ok`` when every size and checksum matched.
+
+    Attributes:
+        path: the save that was checked.
+        ok: True when nothing is damaged.
+        problems: one message per problem found, each naming the file or tensor.
+        tensors: how many tensors were checked (a tensor sharded over ranks counts once).
+        tensor_bytes: bytes of tensor data checked.
+        checksummed: True when the data was checked against checksums (those of torchkeep
+            saves, the CRC-32s of ``torch.save`` files); False when a safetensors file
+            without a torchkeep manifest could only be checked for structure and sizes.
+    """
 
     path: str
     ok: bool
@@ -94,10 +124,11 @@ def describe(
 
     ``source`` may be an fsspec URL (``s3://…``), with its file system's ``storage_options``.
 
-    Example::
-
+    Example:
+        ```python
         info = tk.describe("model.safetensors")
         print(info.tensor_bytes, [t.name for t in info.tensors])
+        ```
     """
     storage, path = storage_for(source, storage_options)
     with readable(storage, path) as (storage, path):
@@ -274,11 +305,12 @@ def verify(
     ``CheckpointNotFoundError``. ``source`` may be an fsspec URL (``s3://…``), with its file
     system's ``storage_options``.
 
-    Example::
-
+    Example:
+        ```python
         report = tk.verify("ckpt.safetensors")
         if not report.ok:
             print(*report.problems, sep="\\n")
+        ```
     """
     storage, where = storage_for(source, storage_options)
     with readable(storage, where) as (storage, path):
@@ -347,7 +379,15 @@ def _verify_weights_directory(path: str) -> VerifyReport:
 
 @dataclass(frozen=True)
 class Change:
-    """One entry present in both saves that differs."""
+    """One entry present in both saves that differs.
+
+    Attributes:
+        name: the entry's dotted name.
+        what: how it differs: ``dtype float32 → bfloat16``, ``shape [4] → [8]``, ``values``
+            for tensors of the same dtype and shape, or a description of the two values.
+        max_abs_diff: for tensors whose values differ, the largest absolute difference of
+            their elements (infinite where a NaN is involved); None otherwise.
+    """
 
     name: str
     what: str
@@ -360,6 +400,14 @@ class Diff:
 
     ``same`` is True when nothing differs. Tensors compare by dtype, shape and value (the largest
     absolute difference is reported); other values by equality.
+
+    Attributes:
+        a: the first save, as given.
+        b: the second save, as given.
+        added: names of the entries only in ``b``.
+        removed: names of the entries only in ``a``.
+        changed: the entries in both that differ.
+        unchanged: how many entries are equal in both.
     """
 
     a: str
@@ -371,6 +419,7 @@ class Diff:
 
     @property
     def same(self) -> bool:
+        """True when nothing was added, removed or changed."""
         return not (self.added or self.removed or self.changed)
 
 
@@ -416,10 +465,11 @@ def diff(
     absolute difference of each changed tensor. ``storage_options`` apply to whichever of
     ``a`` and ``b`` is a URL (``s3://…``).
 
-    Example::
-
+    Example:
+        ```python
         d = tk.diff("epoch_1.safetensors", "epoch_2.safetensors")
         print(d.same, [c.name for c in d.changed])
+        ```
     """
     from torchkeep.checkpoint import load
 

@@ -420,11 +420,12 @@ def scan(
 
     ``source`` may be a URL (``s3://…``, downloaded first) with its fsspec ``storage_options``.
 
-    Example::
-
+    Example:
+        ```python
         report = tk.scan("downloaded.pth")
         if not report.safe:
             print("would run:", report.unsafe)
+        ```
     """
     storage, url = storage_for(source, storage_options)
     if storage.is_dir(url):
@@ -437,12 +438,13 @@ def scan(
 def _scan(path: str) -> ScanReport:
     kind = sniff(path)
     names: list[str] = []
+    problems: list[str] = []
     fmt = {"zip": "torch zip", "torch-legacy": "torch legacy"}.get(kind, "safetensors")
     if kind == "zip":
         try:
             archive = _open_zip(path)
             for _, data in _iter_zip_pickles(archive):
-                names += _scan_pickles(data)
+                names += _scan_pickles(data, problems)
         except UnsafeFileError as e:
             return ScanReport(path, "torchscript", (), (), False, f"unsafe: {e}")
         except (CorruptCheckpointError, UnsupportedFormatError) as e:
@@ -450,7 +452,7 @@ def _scan(path: str) -> ScanReport:
     elif kind == "torch-legacy":
         with open(path, "rb") as f:
             # The pickles come first; the storage bytes after them need not be read.
-            names = _scan_pickles(f.read(MAX_SCANNED_BYTES))
+            names = _scan_pickles(f.read(MAX_SCANNED_BYTES), problems)
     else:
         with open(path, "rb") as f:
             head = f.read(16)
@@ -459,9 +461,11 @@ def _scan(path: str) -> ScanReport:
         return ScanReport(path, "safetensors", (), (), True, "safe: no pickle, no code")
     found = tuple(sorted(set(names)))
     unsafe = tuple(n for n in found if tuple(n.rsplit(".", 1)) not in ALLOWED_GLOBALS)
-    verdict = (
-        f"unsafe: loading with pickle would import and call {', '.join(unsafe)}"
-        if unsafe
-        else "safe: only plain data; torchkeep loads it without running code"
-    )
-    return ScanReport(path, fmt, found, unsafe, not unsafe, verdict)
+    if unsafe:
+        verdict = f"unsafe: loading with pickle would import and call {', '.join(unsafe)}"
+    elif problems:
+        # Nothing to run was seen before the damage; what pickle makes of the rest is unknown.
+        verdict = f"refused: a malformed pickle ({problems[0]}); torchkeep will not load it"
+    else:
+        verdict = "safe: only plain data; torchkeep loads it without running code"
+    return ScanReport(path, fmt, found, unsafe, not unsafe and not problems, verdict)

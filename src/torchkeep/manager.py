@@ -88,9 +88,11 @@ class CheckpointManager:
             file system. On object storage each step commits when its manifest is written
             (last); retention deletes a step's manifest first, then its data. Object stores
             have no locks: run one saving manager per root.
+        storage: read and write the steps through this storage instead of the one ``root``
+            names (a storage that injects faults, for example).
 
-    Example::
-
+    Example:
+        ```python
         with tk.CheckpointManager("checkpoints", keep_last=3, preemption=True) as mgr:
             state = {"model": model, "optimizer": optimizer, "rng": tk.RNGState()}
             start = mgr.restore(state) or 0
@@ -100,6 +102,7 @@ class CheckpointManager:
                     mgr.save(step, state, metrics={"loss": loss})
                 if mgr.should_stop:
                     break
+        ```
     """
 
     def __init__(
@@ -408,7 +411,11 @@ class CheckpointManager:
             except TorchkeepError as e:
                 log.warning("could not delete old checkpoint %s: %s", path, e)
                 return
-            self._storage.remove_dir(path)
+            self._finish_delete(
+                path,
+                "it is no longer a checkpoint; its data stays until "
+                "a later save of that step replaces it",
+            )
             return
         doomed = os.path.join(
             self.root, f".step_{step:0{STEP_DIGITS}d}.tmp-{uuid.uuid4().hex[:12]}"
@@ -419,7 +426,16 @@ class CheckpointManager:
         except OSError as e:
             log.warning("could not delete old checkpoint %s: %s", path, e)
             return
-        self._storage.remove_dir(doomed)
+        self._finish_delete(
+            doomed, "it is no longer a checkpoint and is removed when the root is next opened"
+        )
+
+    def _finish_delete(self, path: str, state: str) -> None:
+        # The save that called for this deletion is committed: a failure here costs only space.
+        try:
+            self._storage.remove_dir(path)
+        except (OSError, TorchkeepError) as e:
+            log.warning("could not finish deleting old checkpoint %s (%s): %s", path, state, e)
 
     def wait(self) -> None:
         """Wait for the save in flight, if any; raise its error."""

@@ -92,10 +92,11 @@ def save_model(
         UnsupportedObjectError: neither a recipe nor a program can be stored; the message says
             which argument is missing and how to provide it.
 
-    Example::
-
+    Example:
+        ```python
         tk.save_model(model, "model", example_inputs=torch.randn(1, 3, 32, 32))
         model = tk.load_model("model")
+        ```
     """
     if not isinstance(model, nn.Module):
         raise UnsupportedObjectError(
@@ -203,9 +204,10 @@ def load_model(
         UnsafeFileError: rebuilding needs code that is not allowed, and no program was saved;
             or a pickled model without ``trust_code``.
 
-    Example::
-
+    Example:
+        ```python
         model = tk.load_model("model", device="cuda", dtype=torch.bfloat16)
+        ```
     """
     if dtype is not None and not dtype.is_floating_point:
         raise ValueError(

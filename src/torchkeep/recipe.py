@@ -73,14 +73,15 @@ class capture:  # lower case: used like torch.no_grad
     """Record how the modules built inside the block were called, so that ``save_model`` can
     store a recipe for them without a config.
 
-    Example::
+    Only calls made directly in the block are recorded (the outermost call that returned a
+    module), in the calling thread.
 
+    Example:
+        ```python
         with tk.capture():
             model = resnet18(num_classes=10)    # or Net(hidden=128)
         tk.save_model(model, "model")
-
-    Only calls made directly in the block are recorded (the outermost call that returned a
-    module), in the calling thread.
+        ```
     """
 
     def __enter__(self) -> capture:

@@ -9,8 +9,13 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class Record:
-    """One committed checkpoint: its step, when it was written (seconds since the epoch) and
-    the metrics saved with it."""
+    """One committed checkpoint, as the retention policy sees it.
+
+    Attributes:
+        step: the step number.
+        time: when it was written, in seconds since the epoch.
+        metrics: the metrics saved with it.
+    """
 
     step: int
     time: float = 0.0

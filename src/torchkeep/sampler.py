@@ -27,8 +27,8 @@ class ResumableSampler(Sampler[int]):
     global random state, which a resumed run draws at another moment), and save either inside
     the batch loop or, between epochs, after ``set_epoch(epoch + 1)``.
 
-    Example::
-
+    Example:
+        ```python
         sampler = tk.ResumableSampler(dataset, seed=0)
         loader = DataLoader(dataset, batch_size=32, sampler=sampler, generator=torch.Generator())
         state = {"model": model, "optimizer": optimizer, "sampler": sampler, "rng": tk.RNGState()}
@@ -37,6 +37,7 @@ class ResumableSampler(Sampler[int]):
             sampler.set_epoch(epoch)          # keeps the position when resuming this epoch
             for batch in loader:              # continues mid-epoch after a restore
                 ...
+        ```
     """
 
     def __init__(self, data_source: Sized | int, *, shuffle: bool = True, seed: int = 0) -> None:

@@ -274,10 +274,11 @@ class RNGState:
     Covers Python's ``random``, numpy's global generator (when numpy is importable), torch's CPU
     generator and the generator of every CUDA device (when CUDA is initialised).
 
-    Example::
-
+    Example:
+        ```python
         tk.save({"rng": tk.RNGState()}, "rng.safetensors")
         tk.load("rng.safetensors", into={"rng": tk.RNGState()})   # generators restored
+        ```
     """
 
     def state_dict(self) -> dict[str, Any]:

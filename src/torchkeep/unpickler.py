@@ -355,10 +355,11 @@ _MEMO_PUTS = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})
 
 
 def check_memo(stream: IO[bytes], where: str) -> None:
-    """Walk the opcodes of the pickle at the stream's position without running them, then go
-    back there. A memo index beyond the entries stored so far is refused: the C unpickler sizes
-    its memo to the largest index, so five bytes could make it fill gigabytes. A pickler
-    numbers its entries in order, so no file it wrote is refused."""
+    """Walk the opcodes of the pickle at the stream's position with the reference parser
+    (pickletools) without running them, then go back there. Refused: a pickle that parser
+    rejects, and a memo index beyond the entries stored so far (the C unpickler sizes its memo
+    to the largest index, so five bytes could make it fill gigabytes). A pickler numbers its
+    entries in order, so no file it wrote is refused."""
     start = stream.tell()
     stored = 0
     try:
@@ -372,20 +373,28 @@ def check_memo(stream: IO[bytes], where: str) -> None:
                 stored = max(stored, arg + 1)
             elif opcode.name == "MEMOIZE":
                 stored += 1
-    except (ValueError, MemoryError):
-        pass  # malformed further on: the unpickler stops at the same place and reports it
+    except (ValueError, MemoryError) as e:
+        # Malformed by the reference parser. The C unpickler parses some opcodes more loosely
+        # (an INT line cut by a NUL byte), so it could go on past this point: refuse here.
+        raise CorruptCheckpointError(f"{where}: malformed pickle ({e})") from None
     finally:
         stream.seek(start)
 
 
-def _scan_pickles(data: bytes) -> list[str]:
+def _scan_pickles(data: bytes, problems: list[str] | None = None) -> list[str]:
+    """The globals the pickles at the start of ``data`` name, none of them run. If the first
+    pickle is malformed, why is added to ``problems`` (what follows the first, as the storage
+    bytes of the pre-1.6 format, may well not be a pickle)."""
     seen: list[str] = []
     stream = io.BytesIO(data)
     while stream.tell() < len(data):
+        first = stream.tell() == 0
         try:
             check_memo(stream, "")
             _RecordingUnpickler(stream, seen).load()
-        except Exception:
+        except Exception as e:
+            if first and problems is not None:
+                problems.append(str(e).removeprefix(": "))
             break
     return seen
 

@@ -72,9 +72,10 @@ def save_weights(
         storage_options: for a URL path (``s3://bucket/model.safetensors``), the options of
             its fsspec file system.
 
-    Example::
-
+    Example:
+        ```python
         tk.save_weights(model, "model.safetensors")
+        ```
     """
     state: Mapping[str, torch.Tensor]
     if isinstance(model_or_state_dict, torch.nn.Module):
@@ -352,9 +353,10 @@ def load_state_dict(
         verify: on eager loads, check every checksum (on by default).
         storage_options: for a URL (``s3://…``), the options of its fsspec file system.
 
-    Example::
-
+    Example:
+        ```python
         model.load_state_dict(tk.load_state_dict("model.safetensors"))
+        ```
     """
     with WeightsSource(source, verify=verify, storage_options=storage_options) as weights:
         # Straight to the device unless a cast follows (both copies would be held there).
@@ -399,11 +401,12 @@ def load_weights(
         StateMismatchError: with ``strict``, keys or shapes that do not fit (all named), before
             anything is read; when the keys carry a wrapper's prefix, the message says which.
 
-    Example::
-
+    Example:
+        ```python
         model = TheModelClass()
         tk.load_weights(model, "model.safetensors")
         model.eval()
+        ```
     """
     with WeightsSource(source, verify=verify, storage_options=storage_options) as weights:
         stored = weights.shapes()

@@ -38,3 +38,6 @@ def test_docs_build_with_warnings_as_errors_and_document_every_public_name(tmp_p
     guide = (site / "guide" / "index.html").read_text(encoding="utf-8")
     assert 'src="../bench.png"' in guide
     assert (site / "bench.png").is_file()
+    integrations = (site / "api" / "integrations" / "index.html").read_text(encoding="utf-8")
+    for name in ("lightning.TorchkeepCheckpointIO", "transformers.TorchkeepTrainer"):
+        assert f'id="torchkeep.integrations.{name}"' in integrations

@@ -1,0 +1,355 @@
+"""The Hugging Face Trainer integration: real ``transformers.Trainer`` runs on the CPU with a
+tiny GPT-2 built from its config (tied embedding and output weights, dropout), checkpoints
+without pickle, exact resumption, rotation, damage and failed saves."""
+
+from __future__ import annotations
+
+import errno
+import importlib
+import json
+import logging
+import os
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # set before transformers is imported: no download, ever
+
+import pytest
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+from transformers.trainer_utils import get_last_checkpoint
+
+import torchkeep as tk
+from torchkeep.integrations.transformers import TorchkeepTrainer
+from torchkeep.storage import LocalStorage
+
+STEPS = 6
+EVERY = 2
+
+
+class _Tokens(torch.utils.data.Dataset):
+    """Random token sequences; the model learns to predict them (labels are the inputs)."""
+
+    def __init__(self, n: int = 48, length: int = 8) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(0, 64, (n, length), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def _model(*, seed: int = 0, dropout: float = 0.1) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=64,
+        n_positions=16,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attn_pdrop=dropout,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    return GPT2LMHeadModel(config)
+
+
+def _args(out: Path, **overrides: object) -> TrainingArguments:
+    options: dict[str, object] = {
+        "output_dir": str(out),
+        "use_cpu": True,
+        "report_to": [],
+        "disable_tqdm": True,
+        "max_steps": STEPS,
+        "save_steps": EVERY,
+        "per_device_train_batch_size": 8,
+        "logging_steps": 1000,
+        "seed": 0,
+    }
+    options.update(overrides)
+    return TrainingArguments(**options)
+
+
+def _trainer(
+    out: Path, *, model: GPT2LMHeadModel | None = None, **kwargs: object
+) -> TorchkeepTrainer:
+    storage = kwargs.pop("storage", None)
+    callbacks = kwargs.pop("callbacks", None)
+    return TorchkeepTrainer(
+        model=model if model is not None else _model(),
+        args=_args(out, **kwargs),
+        train_dataset=_Tokens(),
+        eval_dataset=_Tokens(16) if kwargs.get("eval_strategy") else None,
+        callbacks=callbacks,
+        storage=storage,
+    )
+
+
+def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} parameters differ, e.g. {different[:3]}"
+
+
+def _forbid(what: str):
+    def forbidden(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"{what} was called: a pickle would have been written or read")
+
+    return forbidden
+
+
+def _pickles(root: Path) -> list[str]:
+    """Files that are pickles or torch.save archives, by name or by their first bytes."""
+    found = []
+    for path in root.rglob("*"):
+        if not path.is_file():
+            continue
+        head = path.read_bytes()[:4]
+        if (
+            path.suffix in (".pt", ".pth", ".bin", ".pkl")
+            or head[:1] == b"\x80"
+            or head == b"PK\x03\x04"
+        ):
+            found.append(str(path.relative_to(root)))
+    return found
+
+
+class _Interrupt(Exception):
+    pass
+
+
+class _InterruptAfterSave(TrainerCallback):
+    """Stops the run the way a crash would, right after the checkpoint of ``step`` is written."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise _Interrupt
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory):
+    """One uninterrupted run, checkpoints every EVERY steps, with torch.save and torch.load
+    made to fail: its output directory and final weights."""
+    out = tmp_path_factory.mktemp("reference")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch, "save", _forbid("torch.save"))
+        patch.setattr(torch, "load", _forbid("torch.load"))
+        trainer = _trainer(out)
+        result = trainer.train()
+    assert result.global_step == STEPS
+    return out, _weights(trainer.model)
+
+
+def test_checkpoints_hold_no_pickle_and_verify(reference):
+    out, final = reference
+    steps = sorted(p.name for p in out.iterdir())
+    assert steps == [f"checkpoint-{s}" for s in range(EVERY, STEPS + 1, EVERY)]
+    assert _pickles(out) == []
+    for name in steps:
+        step = out / name
+        assert {p.name for p in step.iterdir()} == {
+            "manifest.json",
+            "shard-00000.safetensors",
+            "config.json",
+            "generation_config.json",
+            "trainer_state.json",
+            "training_args.json",
+        }
+        report = tk.verify(step)
+        assert report.ok and report.checksummed, report.problems
+        assert json.loads((step / "trainer_state.json").read_text())["global_step"] == int(
+            name.split("-")[1]
+        )
+    assert get_last_checkpoint(str(out)) == str(out / f"checkpoint-{STEPS}")
+    # The last step's model is the trained model: built from the step's config, it loads with
+    # torchkeep alone.
+    last = out / f"checkpoint-{STEPS}"
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(last))
+    tk.load_weights(model, last)
+    _assert_same_weights(_weights(model), final)
+
+
+@pytest.mark.parametrize("resume", ["latest", "path"])
+def test_resumed_run_ends_bitwise_equal_to_an_uninterrupted_one(
+    tmp_path, reference, monkeypatch, resume
+):
+    _, final = reference
+    out = tmp_path / "run"
+    if resume == "latest":
+        with pytest.raises(_Interrupt):
+            _trainer(out, callbacks=[_InterruptAfterSave(4)]).train()
+        assert get_last_checkpoint(str(out)) == str(out / "checkpoint-4")
+        start: bool | str = True
+    else:  # an earlier step while later ones exist: they are written again, replaced whole
+        _trainer(out).train()
+        start = str(out / "checkpoint-2")
+    monkeypatch.setattr(torch, "save", _forbid("torch.save"))
+    monkeypatch.setattr(torch, "load", _forbid("torch.load"))
+    trainer = _trainer(out, model=_model(seed=1))
+    result = trainer.train(resume_from_checkpoint=start)
+    assert result.global_step == trainer.state.global_step == STEPS
+    _assert_same_weights(_weights(trainer.model), final)
+    assert all(tk.verify(step).ok for step in out.iterdir())
+
+
+def test_save_total_limit_keeps_the_newest_steps(tmp_path):
+    out = tmp_path / "run"
+    _trainer(out, max_steps=8, save_total_limit=2).train()
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-6", "checkpoint-8"]
+    assert all(tk.verify(step).ok for step in out.iterdir())
+
+
+def _flip_tensor_byte(shard: Path) -> None:
+    data = bytearray(shard.read_bytes())
+    (header,) = struct.unpack("<Q", data[:8])
+    data[8 + header + 100] ^= 0x01
+    shard.write_bytes(bytes(data))
+
+
+def _change_trainer_state(step: Path) -> None:
+    # Still valid JSON, and the same size: only the checksum can tell.
+    path = step / "trainer_state.json"
+    text = path.read_text()
+    assert '"global_step": 2,' in text
+    path.write_text(text.replace('"global_step": 2,', '"global_step": 3,'))
+
+
+@pytest.mark.parametrize("damage", ["tensor", "trainer_state"])
+def test_damaged_checkpoint_refuses_to_resume(tmp_path, reference, damage):
+    out, _ = reference
+    step = tmp_path / "checkpoint-2"
+    shutil.copytree(out / "checkpoint-2", step)
+    if damage == "tensor":
+        _flip_tensor_byte(step / "shard-00000.safetensors")
+    else:
+        _change_trainer_state(step)
+    assert not tk.verify(step).ok
+    trainer = _trainer(tmp_path / "run", model=_model(seed=1))
+    with pytest.raises(tk.CorruptCheckpointError, match="checkpoint-2"):
+        trainer.train(resume_from_checkpoint=str(step))
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+class _FailingCommit(LocalStorage):
+    """Fails the rename that would commit ``checkpoint-4``, as a full disk or a kill would."""
+
+    def commit_dir(self, staging: str, path: str) -> None:
+        if path.endswith("checkpoint-4"):
+            raise OSError(errno.EIO, "injected failure of the commit")
+        super().commit_dir(staging, path)
+
+
+def test_failed_save_leaves_the_previous_checkpoint_to_resume_from(tmp_path, reference):
+    _, final = reference
+    out = tmp_path / "run"
+    with pytest.raises(OSError, match="injected failure"):
+        _trainer(out, storage=_FailingCommit()).train()
+    assert sorted(os.listdir(out)) == ["checkpoint-2"]
+    assert get_last_checkpoint(str(out)) == str(out / "checkpoint-2")
+    assert tk.verify(out / "checkpoint-2").ok
+    # A process killed mid-save leaves its staging directory: never taken for a checkpoint,
+    # and removed by the next save.
+    (out / ".checkpoint-4.tmp-0123456789ab").mkdir()
+    (out / ".checkpoint-4.tmp-0123456789ab" / "shard-00000.safetensors").write_bytes(b"torn")
+    assert get_last_checkpoint(str(out)) == str(out / "checkpoint-2")
+    trainer = _trainer(out, model=_model(seed=1))
+    trainer.train(resume_from_checkpoint=True)
+    _assert_same_weights(_weights(trainer.model), final)
+    assert sorted(os.listdir(out)) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+
+
+def test_resumes_a_checkpoint_of_the_stock_trainer_without_torch_load(
+    tmp_path, monkeypatch, caplog
+):
+    # Without dropout, the stock checkpoint's random generator state (which cannot be read
+    # without running numpy code) does not matter: the resumed run must match exactly.
+    out = tmp_path / "stock"
+    stock = Trainer(
+        model=_model(dropout=0.0), args=_args(out, max_steps=4), train_dataset=_Tokens()
+    )
+    stock.train()
+    assert (out / "checkpoint-2" / "optimizer.pt").is_file()
+    monkeypatch.setattr(torch, "load", _forbid("torch.load"))
+    trainer = TorchkeepTrainer(
+        model=_model(seed=1, dropout=0.0),
+        args=_args(tmp_path / "run", max_steps=4),
+        train_dataset=_Tokens(),
+    )
+    with caplog.at_level(logging.WARNING, logger="torchkeep.integrations.transformers"):
+        trainer.train(resume_from_checkpoint=str(out / "checkpoint-2"))
+    assert trainer.state.global_step == 4
+    _assert_same_weights(_weights(trainer.model), _weights(stock.model))
+    assert "random generators' state not restored" in caplog.text
+
+
+def test_best_model_comes_back_from_its_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    trainer = _trainer(
+        out,
+        eval_strategy="steps",
+        eval_steps=EVERY,
+        load_best_model_at_end=True,
+        metric_for_best_model="loss",
+        greater_is_better=False,
+        save_total_limit=1,
+    )
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and os.path.isdir(best)
+    saved = _model(seed=1)
+    tk.load_weights(saved, best)
+    _assert_same_weights(_weights(trainer.model), _weights(saved))
+
+
+def test_save_model_writes_no_training_args_pickle(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch, "save", _forbid("torch.save"))
+    trainer = _trainer(tmp_path / "run")
+    trainer.save_model(str(tmp_path / "final"))
+    names = set(os.listdir(tmp_path / "final"))
+    assert "training_args.bin" not in names
+    assert {"config.json", "model.safetensors", "training_args.json"} <= names
+    assert json.loads((tmp_path / "final" / "training_args.json").read_text())["max_steps"] == STEPS
+    loaded = GPT2LMHeadModel.from_pretrained(tmp_path / "final")
+    _assert_same_weights(_weights(loaded), _weights(trainer.model))
+
+
+def test_push_to_hub_is_refused_before_reaching_the_hub(tmp_path):
+    with pytest.raises(ValueError, match="push_to_hub"):
+        _trainer(tmp_path / "run", push_to_hub=True, hub_model_id="nobody/nothing")
+
+
+def test_import_torchkeep_does_not_import_transformers():
+    code = "import sys, torchkeep; print('transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("missing", ["transformers", "accelerate"])
+def test_missing_extra_raises_missing_dependency_error(monkeypatch, missing):
+    monkeypatch.delitem(sys.modules, "torchkeep.integrations.transformers")
+    monkeypatch.setitem(sys.modules, missing, None)  # what `import` sees when it is not installed
+    with pytest.raises(tk.MissingDependencyError, match=r"pip install 'torchkeep\[transformers\]'"):
+        importlib.import_module("torchkeep.integrations.transformers")

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -204,3 +205,76 @@ def test_sigkill_during_saves_never_loses_the_last_checkpoint(tmp_path):
     # The killed save may leave a temporary beside the file; readers never take it for a save.
     leftovers = [p.name for p in tmp_path.iterdir() if p.name != "ckpt.safetensors"]
     assert all(name.startswith(".ckpt.safetensors.tmp-") for name in leftovers)
+
+
+# ---------------------------------------------------------------------------------------------
+# replacing a file or a link with a directory, and what a crash leaves beside a target
+
+
+def _staged(tmp_path, name: str = "new") -> str:
+    from torchkeep.storage import LocalStorage
+
+    staging = LocalStorage().staging_dir(str(tmp_path / "target"))
+    (Path(staging) / "payload").write_text(name)
+    return staging
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["exchange", "two-renames"])
+@pytest.mark.parametrize("entry", ["file", "link", "directory"])
+def test_commit_dir_replaces_a_file_or_a_link_only_when_asked(tmp_path, monkeypatch, exchange, entry):
+    import torchkeep.storage as storage
+
+    if not exchange:
+        monkeypatch.setattr(storage, "_exchange", lambda a, b: False)
+    target = tmp_path / "target"
+    pointee = tmp_path / "elsewhere"
+    pointee.mkdir()
+    (pointee / "keep").write_text("theirs")
+    if entry == "file":
+        target.write_text("old pickle")
+    elif entry == "link":
+        target.symlink_to(pointee)
+    else:
+        target.mkdir()
+        (target / "payload").write_text("old")
+    staging = _staged(tmp_path)
+    if entry != "directory":
+        with pytest.raises(tk.StorageError, match="exists and is not a directory"):
+            storage.LocalStorage().commit_dir(staging, str(target))
+        assert target.is_symlink() if entry == "link" else target.read_text() == "old pickle"
+    storage.LocalStorage().commit_dir(staging, str(target), replace_entry=True)
+    assert target.is_dir() and not target.is_symlink() and (target / "payload").read_text() == "new"
+    assert (pointee / "keep").read_text() == "theirs"  # a link is replaced, never followed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "target"]
+
+
+def test_restore_or_remove_puts_back_an_intact_previous_version_only(tmp_path):
+    from torchkeep.storage import restore_or_remove
+
+    target = tmp_path / "ckpt"
+    old = tmp_path / ".ckpt.tmp-0123456789ab.old"
+    old.mkdir()
+    (old / "payload").write_text("previous")
+    # The target exists: the moved-aside copy is stale and removed.
+    target.mkdir()
+    assert not restore_or_remove(str(old), str(target), lambda p: True)
+    assert not old.exists()
+    # The target is missing: an intact previous version goes back; a damaged one is removed.
+    target.rmdir()
+    for intact in (False, True):
+        old.mkdir()
+        (old / "payload").write_text("previous")
+
+        def whole(path: str, intact: bool = intact) -> bool:
+            if not intact:
+                raise tk.CorruptCheckpointError(f"{path}: damaged")
+            return True
+
+        assert restore_or_remove(str(old), str(target), whole) is intact
+        assert not old.exists() and target.exists() is intact
+    assert (target / "payload").read_text() == "previous"
+    # A staging directory that never became anything is removed.
+    staging = tmp_path / ".ckpt.tmp-ba9876543210"
+    staging.mkdir()
+    assert not restore_or_remove(str(staging), str(target), lambda p: True)
+    assert not staging.exists() and target.exists()

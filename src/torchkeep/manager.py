@@ -42,7 +42,7 @@ from torchkeep.errors import (
 from torchkeep.format import MANIFEST_FILE
 from torchkeep.remote import is_url, join, storage_for
 from torchkeep.retention import Policy, Record, best, retained
-from torchkeep.storage import Storage, fsync_dir
+from torchkeep.storage import Storage, fsync_dir, restore_or_remove
 from torchkeep.tree import Flat, flatten
 
 log = logging.getLogger(__name__)
@@ -194,17 +194,15 @@ class CheckpointManager:
         available) that was interrupted before the new version took its place, goes back."""
         step_name = name[1:].partition(".tmp-")[0]
         target = os.path.join(self.root, step_name)
-        if name.endswith(".old") and not os.path.exists(target):
-            try:
-                read_manifest(path, self._storage)
-                os.rename(path, target)
-                fsync_dir(self.root)
-                log.info("restored %s from %s, left by an interrupted replacement", target, path)
-                return
-            except (TorchkeepError, OSError):
-                pass
-        log.info("removing %s, left by an interrupted save", path)
-        self._storage.remove_dir(path)
+
+        def whole(leftover: str) -> bool:
+            read_manifest(leftover, self._storage)
+            return True
+
+        if restore_or_remove(path, target, whole, self._storage.remove_dir):
+            log.info("restored %s from %s, left by an interrupted replacement", target, path)
+        else:
+            log.info("removed %s, left by an interrupted save", path)
 
     def _read_record(self, path: str, step: int) -> Record | None:
         try:

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Protocol
 
-from torchkeep.errors import CheckpointNotFoundError, StorageError
+from torchkeep.errors import CheckpointNotFoundError, StorageError, TorchkeepError
 
 log = logging.getLogger(__name__)
 
@@ -267,26 +267,30 @@ class LocalStorage:
             os.mkdir(staging)
         return staging
 
-    def commit_dir(self, staging: str, path: str) -> None:
+    def commit_dir(self, staging: str, path: str, *, replace_entry: bool = False) -> None:
+        """Make the staging directory ``path`` atomically, replacing any previous directory;
+        with ``replace_entry``, also a file or a link there (the link itself, never what it
+        points to). Where the atomic exchange is unavailable the previous entry is first moved
+        aside to ``<staging>.old``, which ``restore_or_remove`` puts back after a crash."""
         target = os.path.abspath(path.rstrip("/"))
         parent = os.path.dirname(target)
         with _storage_errors(path):
             fsync_dir(staging)
             if os.path.lexists(target):
-                if not os.path.isdir(target) or os.path.islink(target):
+                if not replace_entry and (not os.path.isdir(target) or os.path.islink(target)):
                     raise StorageError(
                         errno.EEXIST, f"{path}: exists and is not a directory; remove it first"
                     )
                 if _exchange(staging, target):
                     fsync_dir(parent)
-                    shutil.rmtree(staging)
+                    _remove_entry(staging)
                     fsync_dir(parent)
                     return
                 old = f"{staging}.old"
                 os.rename(target, old)
                 os.rename(staging, target)
                 fsync_dir(parent)
-                shutil.rmtree(old)
+                _remove_entry(old)
             else:
                 os.rename(staging, target)
             fsync_dir(parent)
@@ -309,6 +313,37 @@ class LocalStorage:
             return []
         except OSError as e:
             raise _storage_error(path, e) from e
+
+
+def _remove_entry(path: str) -> None:
+    """Remove a directory tree, or a file or a link (not what it points to)."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)
+
+
+def restore_or_remove(
+    leftover: str,
+    target: str,
+    whole: Callable[[str], bool],
+    remove: Callable[[str], None] = _remove_entry,
+) -> bool:
+    """Deal with an entry a crash left beside ``target`` while replacing it: the previous
+    version, moved aside (``….old``) by a two-rename replacement that was interrupted before the
+    new one took its place, goes back when ``target`` is missing and ``whole(leftover)`` says it
+    is intact; anything else is removed. Returns True when it was put back."""
+    if leftover.endswith(".old") and not os.path.lexists(target):
+        try:
+            if whole(leftover):
+                os.rename(leftover, target)
+                fsync_dir(os.path.dirname(os.path.abspath(target)))
+                return True
+        except (TorchkeepError, OSError):
+            pass
+    with contextlib.suppress(OSError):
+        remove(leftover)
+    return False
 
 
 def _exchange(a: str, b: str) -> bool:

@@ -90,3 +90,12 @@ def test_without_scikit_learn_the_demo_names_the_extra(monkeypatch, tmp_path):
 def test_the_worker_refuses_unknown_tasks():
     with pytest.raises(SystemExit, match="usage: torchkeep demo-worker train"):
         demo.worker(["frobnicate"], print)
+
+
+def test_a_failing_training_process_is_reported_with_its_error(tmp_path):
+    events = []
+    with pytest.raises(RuntimeError, match=r"training process failed:(.|\n)*no-such-data"):
+        demo._run_training(
+            tmp_path / "run", tmp_path / "no-such-data.safetensors", "training", lambda *a: events.append(a)
+        )
+    assert events == []

@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -303,8 +304,12 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
 def cmd_demo_worker(args: argparse.Namespace, console: Console) -> int:
     from torchkeep.demo import worker
 
+    lock = threading.Lock()  # the training thread and the background writer both report
+
     def emit(event: dict[str, Any]) -> None:
-        print(json.dumps(event), flush=True)
+        with lock:
+            sys.stdout.write(json.dumps(event) + "\n")
+            sys.stdout.flush()
 
     worker(args.args, emit)
     return OK

@@ -21,6 +21,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -137,7 +138,8 @@ class _PausingSink:
             self._emit(
                 {"event": "paused", "file": self._path, "written": self._half, "size": self._size}
             )
-            threading.Event().wait()  # the parent kills the process here
+            threading.Event().wait(CHILD_TIMEOUT)  # the parent kills the process here
+            os._exit(1)  # no parent came: give up rather than linger
         self._sink.pwrite(data, offset)
 
     def written(self, offset: int, nbytes: int) -> None:
@@ -260,26 +262,31 @@ def _run_training(
     """Run a training child; return its epoch events, its pause event (then it is still
     running, paused mid-save) and the process."""
     args = ["train", str(root), str(data)] + ([str(pause_at)] if pause_at is not None else [])
-    child = subprocess.Popen(
-        _child_command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    assert child.stdout is not None
-    epochs: list[dict[str, Any]] = []
-    start = 0
-    for event in _events(child.stdout):
-        if event["event"] == "start":
-            start = event["from"]
-            progress(label, start, EPOCHS)
-        elif event["event"] == "epoch":
-            epochs.append(event)
-            progress(label, event["epoch"], EPOCHS)
-        elif event["event"] == "paused":
-            return epochs, event, child
-    child.wait(CHILD_TIMEOUT)
-    if child.returncode != 0:
-        err = child.stderr.read() if child.stderr else ""
-        raise RuntimeError(f"the demo's training process failed:\n{err[-3000:]}")
-    del start
+    # The child's stderr goes to a file, read on failure: a pipe nobody reads could fill up.
+    with tempfile.TemporaryFile() as log:
+        child = subprocess.Popen(
+            _child_command(*args), stdout=subprocess.PIPE, stderr=log, text=True
+        )
+        assert child.stdout is not None
+        epochs: list[dict[str, Any]] = []
+        try:
+            for event in _events(child.stdout):
+                if event["event"] == "start":
+                    progress(label, event["from"], EPOCHS)
+                elif event["event"] == "epoch":
+                    epochs.append(event)
+                    progress(label, event["epoch"], EPOCHS)
+                elif event["event"] == "paused":
+                    return epochs, event, child
+            child.wait(CHILD_TIMEOUT)
+        except BaseException:
+            child.kill()  # an interrupted demo leaves no training process behind
+            child.wait()
+            raise
+        if child.returncode != 0:
+            log.seek(0)
+            err = log.read().decode(errors="replace")
+            raise RuntimeError(f"the demo's training process failed:\n{err[-3000:]}")
     return epochs, None, child
 
 

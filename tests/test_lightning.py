@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import importlib
+import json
 import math
 import os
 import pathlib
@@ -75,6 +77,20 @@ def fit(model, root, epochs, callbacks=(), plugin=None, ckpt_path=None) -> pl.Tr
     trainer = make_trainer(root, epochs, callbacks, plugin)
     trainer.fit(model, loader(), loader(), ckpt_path=ckpt_path)
     return trainer
+
+
+def fit_without_plugin(model, root, epochs, callbacks=()) -> None:
+    """Lightning's own checkpoints: torch.save files."""
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        callbacks=list(callbacks),
+        default_root_dir=root,
+        accelerator="cpu",
+        enable_progress_bar=False,
+        logger=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, loader(), loader())
 
 
 def files_under(root: pathlib.Path) -> list[pathlib.Path]:
@@ -173,6 +189,7 @@ def test_checkpoint_dicts_round_trip_with_their_types(tmp_path):
     model(torch.ones(1, 3)).sum().backward()
     optimizer.step()
     state_dict = model.state_dict()
+    ema = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
     checkpoint = {
         "epoch": 3,
         "global_step": 120,
@@ -196,6 +213,8 @@ def test_checkpoint_dicts_round_trip_with_their_types(tmp_path):
         "hparams_name": "kwargs",
         "hyper_parameters": {"lr": 0.1, "sizes": (3, 2), "eps": float("nan"), "tag": b"\x00"},
         "extra": {7: "int key", (1, 2): "tuple key", None: [], 0.5: {}},
+        # Other module state dicts, wherever they are, keep their modules' versions too.
+        "averaged": {"ema": [ema.state_dict()], 3: nn.Linear(1, 1).state_dict()},
     }
     path = tmp_path / "epoch=3-step=120.ckpt"
     plugin = TorchkeepCheckpointIO()
@@ -204,6 +223,11 @@ def test_checkpoint_dicts_round_trip_with_their_types(tmp_path):
     back = plugin.load_checkpoint(path)
     assert_same(back, checkpoint)
     assert back["state_dict"]._metadata == state_dict._metadata
+    assert back["averaged"]["ema"][0]._metadata == ema.state_dict()._metadata
+    assert back["averaged"][3]._metadata == {"": {"version": 1}}
+    plugin.save_checkpoint(ema.state_dict(), tmp_path / "ema.ckpt")  # a checkpoint that is one
+    assert_same(plugin.load_checkpoint(tmp_path / "ema.ckpt"), ema.state_dict())
+    assert plugin.load_checkpoint(tmp_path / "ema.ckpt")._metadata == ema.state_dict()._metadata
     assert plugin.load_checkpoint(str(path), map_location="cpu")["global_step"] == 120
     with pytest.raises(TypeError, match="map_location"):
         plugin.load_checkpoint(path, map_location=lambda storage, loc: storage)
@@ -256,17 +280,8 @@ def test_resume_continues_the_run_exactly(tmp_path, resume_from):
 def test_resume_from_a_torch_save_checkpoint_written_before_the_plugin(tmp_path):
     pl.seed_everything(0)
     ckpts = tmp_path / "ckpts"
-    old = pl.Trainer(
-        max_epochs=1,
-        callbacks=[ModelCheckpoint(dirpath=ckpts, save_last=True)],
-        default_root_dir=tmp_path,
-        accelerator="cpu",
-        enable_progress_bar=False,
-        logger=False,
-        enable_model_summary=False,
-    )
     model = Regressor()
-    old.fit(model, loader(), loader())
+    fit_without_plugin(model, tmp_path, 1, [ModelCheckpoint(dirpath=ckpts, save_last=True)])
     assert (ckpts / "last.ckpt").is_file()  # torch.save's pickle
 
     probe = Probe()
@@ -361,23 +376,43 @@ def test_save_last_link_resumes_and_is_never_written_through(tmp_path):
     assert (target / CHECKPOINT_FILE).read_bytes() == before
 
 
-def test_saves_replace_checkpoints_atomically_and_spare_other_directories(tmp_path):
+def test_saves_replace_checkpoints_remove_leftovers_and_spare_other_files(tmp_path, caplog):
     plugin = TorchkeepCheckpointIO()
-    path = tmp_path / "ckpts" / "last.ckpt"
+    ckpts = tmp_path / "ckpts"
+    path = ckpts / "last.ckpt"
     plugin.save_checkpoint({"global_step": 1, "w": torch.ones(3)}, path)
     plugin.save_checkpoint({"global_step": 2, "w": torch.zeros(3)}, path)
     assert plugin.load_checkpoint(path)["global_step"] == 2
-    assert os.listdir(tmp_path / "ckpts") == ["last.ckpt"]  # nothing left beside it
+    assert os.listdir(ckpts) == ["last.ckpt"]  # nothing left beside it
 
-    # A crash mid-save leaves a hidden staging directory: the next save removes it.
-    stale = tmp_path / "ckpts" / ".last.ckpt.tmp-0123456789ab"
-    stale.mkdir()
-    (stale / "junk").write_bytes(b"x")
+    # Crashes leave hidden entries, of this name and of other checkpoints' (a top-k save or
+    # removal cut short: Lightning may never save that name again), directories or, after an
+    # exchange with a torch.save file, a file. The next save removes them all, and nothing else.
+    hidden = [".last.ckpt.tmp-0123456789ab", ".epoch=3-step=40.ckpt.tmp-0123456789ab"]
+    for name in hidden:
+        (ckpts / name).mkdir()
+        (ckpts / name / CHECKPOINT_FILE).write_bytes(b"x")
+    (ckpts / ".epoch=4-step=50.ckpt.tmp-0123456789ab").write_bytes(b"a torch.save file")
+    (ckpts / ".notes.txt.tmp-0123456789ab").write_text("another writer's temporary file")
+    # A replacement cut short between its two renames (where the exchange is unavailable) left
+    # the previous version aside: it goes back where its path is missing, if it is whole.
+    plugin.save_checkpoint({"global_step": 30}, ckpts / "epoch=2-step=30.ckpt")
+    os.rename(ckpts / "epoch=2-step=30.ckpt", ckpts / ".epoch=2-step=30.ckpt.tmp-0123456789ab.old")
+    damaged = ckpts / ".epoch=5-step=60.ckpt.tmp-0123456789ab.old"
+    damaged.mkdir()
+    (damaged / CHECKPOINT_FILE).write_bytes(b"x")
     plugin.save_checkpoint({"global_step": 3}, path)
-    assert os.listdir(tmp_path / "ckpts") == ["last.ckpt"]
+    assert sorted(os.listdir(ckpts)) == [
+        ".notes.txt.tmp-0123456789ab",
+        "epoch=2-step=30.ckpt",
+        "last.ckpt",
+    ]
+    assert plugin.load_checkpoint(ckpts / "epoch=2-step=30.ckpt") == {"global_step": 30}
+    os.remove(ckpts / ".notes.txt.tmp-0123456789ab")
+    plugin.remove_checkpoint(ckpts / "epoch=2-step=30.ckpt")
 
     # A directory that is not a checkpoint is never replaced, nor emptied by a removal.
-    other = tmp_path / "ckpts" / "notes.ckpt"
+    other = ckpts / "notes.ckpt"
     other.mkdir()
     (other / "notes.txt").write_text("keep me")
     with pytest.raises(tk.StorageError, match="not a checkpoint"):
@@ -387,9 +422,236 @@ def test_saves_replace_checkpoints_atomically_and_spare_other_directories(tmp_pa
     plugin.remove_checkpoint(other)
     assert (other / "notes.txt").read_text() == "keep me"
 
+    # Nor is a checkpoint whose directory holds the user's files too: saving would delete them.
+    mixed = ckpts / "mixed.ckpt"
+    plugin.save_checkpoint({"global_step": 5}, mixed)
+    (mixed / "notes.txt").write_text("keep me")
+    with pytest.raises(tk.StorageError, match=r"besides the checkpoint's .*\(notes\.txt\)") as e:
+        plugin.save_checkpoint({"global_step": 6}, mixed)
+    assert e.value.errno == errno.EEXIST
+    assert plugin.load_checkpoint(mixed)["global_step"] == 5
+    with caplog.at_level("WARNING", logger="torchkeep.integrations.lightning"):
+        plugin.remove_checkpoint(mixed)
+    assert "kept the directory" in caplog.text and "notes.txt" in caplog.text
+    assert os.listdir(mixed) == ["notes.txt"]
+
     plugin.remove_checkpoint(path)
     plugin.remove_checkpoint(path)  # already gone: nothing to do
-    assert not path.exists()
+    assert sorted(os.listdir(ckpts)) == ["mixed.ckpt", "notes.ckpt"]
+
+
+# ---------------------------------------------------------------------------------------------
+# crashes: a save or a removal ended at a named step, as a kill there would
+
+KILLED = 75  # the process ended at its step (and not elsewhere)
+NO_EXCHANGE = 76  # the file system has no RENAME_EXCHANGE
+ENTRIES = ["directory", "file", "link"]  # what last.ckpt is before the killed save
+# The steps of a replacement: before the commit; after the atomic exchange, before the old
+# entry is deleted; and where the exchange is unavailable, between the two renames (the old
+# entry moved aside) and after them (the old entry not yet deleted).
+REPLACE_STEPS = ["commit", "exchanged", "moved-aside", "renamed"]
+COMMITTED = {"exchanged", "renamed"}  # the new checkpoint is in place
+
+# One interpreter imports Lightning once (seconds); each crash runs in a process forked from it,
+# which ends with os._exit at its step, so the save's `finally` and `except` blocks never run.
+_CRASH = """
+import json, os, sys, traceback
+import torch
+import torchkeep.storage as storage
+from torchkeep.integrations.lightning import TorchkeepCheckpointIO
+
+job = json.loads(sys.argv[1])
+rename, exchange = os.rename, storage._exchange
+
+
+def end():
+    os._exit(job["killed"])
+
+
+def arm(step):
+    if step in ("commit", "top-k"):
+        storage.LocalStorage.commit_dir = lambda self, staging, path, **options: end()
+    elif step == "remove":
+        storage.LocalStorage.remove_dir = lambda self, path: end()
+    elif step == "exchanged":
+        def exchanged(a, b):
+            if exchange(a, b):
+                end()
+            os._exit(job["no_exchange"])
+        storage._exchange = exchanged
+    else:  # the two renames, as where RENAME_EXCHANGE is unavailable
+        storage._exchange = lambda a, b: False
+        def renamed(a, b):
+            second = os.path.lexists(f"{a}.old")  # the staging directory goes into place
+            rename(a, b)
+            if (step == "moved-aside" and b.endswith(".old")) or (step == "renamed" and second):
+                end()
+        os.rename = renamed
+
+
+plugin = TorchkeepCheckpointIO()
+codes = {}
+for case, (step, path) in job["cases"].items():
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            arm(step)
+            if step == "remove":
+                plugin.remove_checkpoint(path)
+            else:
+                plugin.save_checkpoint({"global_step": 99, "w": torch.ones(3)}, path)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        os._exit(code)
+    codes[case] = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+print(json.dumps(codes))
+"""
+
+
+def _previous_run(root: pathlib.Path, entry: str) -> pathlib.Path:
+    """One epoch of training, checkpointed: last.ckpt is a checkpoint directory, a torch.save
+    file (written before the plugin was used) or a link to the epoch's checkpoint."""
+    ckpts = root / "ckpts"
+    if entry == "file":
+        fit_without_plugin(Regressor(), root, 1, [ModelCheckpoint(dirpath=ckpts, save_last=True)])
+    else:
+        save_last = "link" if entry == "link" else True
+        fit(Regressor(), root, 1, [ModelCheckpoint(dirpath=ckpts, save_last=save_last)])
+    return ckpts
+
+
+@pytest.fixture(scope="module")
+def crashed(tmp_path_factory):
+    """Every crash case, run once: {case: (its checkpoint directory, its exit code, stderr)}."""
+    root = tmp_path_factory.mktemp("crashes")
+    cases, dirs = {}, {}
+    for entry in ENTRIES:
+        for step in REPLACE_STEPS:
+            case = f"{entry}-{step}"
+            dirs[case] = _previous_run(root / case, entry)
+            cases[case] = (step, str(dirs[case] / "last.ckpt"))
+    # A top-k removal, and a top-k save of a name no save will use again.
+    for step, name in (("remove", "epoch=0-step=4.ckpt"), ("top-k", "epoch=1-step=8.ckpt")):
+        dirs[step] = _previous_run(root / step, "directory")
+        cases[step] = (step, str(dirs[step] / name))
+    job = {"killed": KILLED, "no_exchange": NO_EXCHANGE, "cases": cases}
+    done = subprocess.run(
+        [sys.executable, "-c", _CRASH, json.dumps(job)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    codes = json.loads(done.stdout.splitlines()[-1])
+    return {case: (dirs[case], codes[case], done.stderr) for case in cases}
+
+
+def hidden_in(ckpts: pathlib.Path) -> list[str]:
+    return sorted(n for n in os.listdir(ckpts) if n.startswith("."))
+
+
+def verified(path: pathlib.Path) -> bool:
+    inner = path / CHECKPOINT_FILE
+    report = tk.verify(inner if inner.exists() else path)
+    return report.ok
+
+
+@pytest.mark.parametrize("step", REPLACE_STEPS)
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_a_save_killed_while_replacing_last_leaves_a_whole_checkpoint(crashed, entry, step):
+    ckpts, code, stderr = crashed[f"{entry}-{step}"]
+    if code == NO_EXCHANGE:
+        pytest.skip("this file system has no RENAME_EXCHANGE")
+    assert code == KILLED, stderr[-3000:]
+    last = ckpts / "last.ckpt"
+    plugin = TorchkeepCheckpointIO()
+    if step in COMMITTED:
+        assert plugin.load_checkpoint(last)["global_step"] == 99 and verified(last)
+        assert hidden_in(ckpts)  # the previous entry, not yet deleted
+        plugin.save_checkpoint({"global_step": 100}, last)
+        assert hidden_in(ckpts) == []  # the next save removed it
+        return
+
+    if step == "moved-aside":
+        # Only between the fallback's two renames is the path missing: Lightning's "last"
+        # would find nothing, but loading the path puts the previous checkpoint back.
+        assert not os.path.lexists(last) and hidden_in(ckpts)
+    previous = plugin.load_checkpoint(last)
+    assert previous["global_step"] == STEPS_PER_EPOCH and verified(last)
+    if entry == "file":
+        assert last.is_file() and not last.is_symlink()
+    elif entry == "link":
+        assert os.readlink(last) == "epoch=0-step=4.ckpt"
+    assert (last / CHECKPOINT_FILE).is_file() is (entry != "file")
+
+    # A run resumed with ckpt_path="last" starts from it, and its first save cleans up.
+    probe = Probe()
+    save_last = "link" if entry == "link" else True
+    callbacks = [ModelCheckpoint(dirpath=ckpts, save_last=save_last), probe]
+    trainer = fit(Regressor(), ckpts.parent, 2, callbacks, ckpt_path="last")
+    assert probe.step == STEPS_PER_EPOCH
+    assert_same(probe.weights, dict(previous["state_dict"]))
+    assert trainer.global_step == 2 * STEPS_PER_EPOCH
+    assert hidden_in(ckpts) == []
+
+
+def test_a_removal_killed_halfway_leaves_no_half_removed_checkpoint(crashed):
+    ckpts, code, stderr = crashed["remove"]
+    assert code == KILLED, stderr[-3000:]
+    # Renamed out of sight before any of it was deleted: Lightning sees no empty epoch=0-step=4.ckpt
+    # (which it would count as taken), and the next save removes the hidden rest.
+    assert not os.path.lexists(ckpts / "epoch=0-step=4.ckpt")
+    assert [n.split(".tmp-")[0] for n in hidden_in(ckpts)] == [".epoch=0-step=4.ckpt"]
+    TorchkeepCheckpointIO().save_checkpoint({"global_step": 99}, ckpts / "last.ckpt")
+    assert sorted(os.listdir(ckpts)) == ["last.ckpt"]
+
+
+def test_a_top_k_save_killed_before_its_commit_is_removed_by_the_next_save(crashed):
+    ckpts, code, stderr = crashed["top-k"]
+    assert code == KILLED, stderr[-3000:]
+    assert not os.path.lexists(ckpts / "epoch=1-step=8.ckpt")
+    (staging,) = hidden_in(ckpts)
+    assert (ckpts / staging / CHECKPOINT_FILE).stat().st_size > 0  # a whole save's worth
+    # Lightning never saves that name again; a save of another checkpoint removes it.
+    TorchkeepCheckpointIO().save_checkpoint({"global_step": 99}, ckpts / "last.ckpt")
+    assert sorted(os.listdir(ckpts)) == ["epoch=0-step=4.ckpt", "last.ckpt"]
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_a_commit_failing_between_the_two_renames_puts_the_previous_entry_back(
+    tmp_path, monkeypatch, entry
+):
+    import torchkeep.storage as storage
+
+    plugin = TorchkeepCheckpointIO()
+    ckpts = tmp_path / "ckpts"
+    last = ckpts / "last.ckpt"
+    if entry == "file":
+        ckpts.mkdir()
+        torch.save({"global_step": 1}, last)
+    elif entry == "link":
+        plugin.save_checkpoint({"global_step": 1}, ckpts / "epoch=0-step=4.ckpt")
+        last.symlink_to("epoch=0-step=4.ckpt")
+    else:
+        plugin.save_checkpoint({"global_step": 1}, last)
+
+    monkeypatch.setattr(storage, "_exchange", lambda a, b: False)
+    rename = os.rename
+
+    def second_fails(a, b):
+        if os.path.lexists(f"{a}.old"):
+            raise OSError(errno.EIO, "injected failure")
+        rename(a, b)
+
+    monkeypatch.setattr(os, "rename", second_fails)
+    with pytest.raises(tk.StorageError, match="injected failure"):
+        plugin.save_checkpoint({"global_step": 2}, last)
+    monkeypatch.undo()
+    assert os.path.lexists(last) and last.is_symlink() is (entry == "link")
+    assert plugin.load_checkpoint(last) == {"global_step": 1}
+    assert hidden_in(ckpts) == []
 
 
 def test_checkpoints_on_an_object_store(tmp_path):
@@ -425,6 +687,10 @@ def test_fabric_saves_and_loads_through_the_plugin(tmp_path):
     path = tmp_path / "state.ckpt"
     fabric.save(path, {"model": model, "optimizer": optimizer, "step": 5})
     assert tk.verify(path / CHECKPOINT_FILE).ok
+    # The model's state dict keeps its modules' versions, as torch.save would.
+    saved = TorchkeepCheckpointIO().load_checkpoint(path)["model"]
+    assert isinstance(saved, OrderedDict)
+    assert saved._metadata == model.state_dict()._metadata == {"": {"version": 1}}
 
     fresh, fresh_optimizer = fabric.setup(*_model_and_optimizer())
     state = {"model": fresh, "optimizer": fresh_optimizer, "step": 0}
@@ -460,6 +726,10 @@ def test_a_value_that_cannot_be_stored_is_refused_by_name(tmp_path):
         plugin.save_checkpoint({"hyper_parameters": {"backbone": nn.Linear(2, 2)}}, path)
     with pytest.raises(tk.UnsupportedObjectError, match=r"extra\.when\.1: .*set"):
         plugin.save_checkpoint({"extra": {"when": [1, {2, 3}]}}, path)
+    # A checkpoint is a dict; anything else is refused, by torchkeep's error (a TypeError).
+    with pytest.raises(tk.UnsupportedObjectError, match=r"x\.ckpt: .*is a dict.*type list") as e:
+        plugin.save_checkpoint([1, 2], path)
+    assert isinstance(e.value, TypeError)
     assert files_under(tmp_path) == [] and list(tmp_path.rglob("*.ckpt*")) == []
 
 

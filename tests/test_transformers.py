@@ -1,6 +1,6 @@
 """The Hugging Face Trainer integration: real ``transformers.Trainer`` runs on the CPU with a
 tiny GPT-2 built from its config (tied embedding and output weights, dropout), checkpoints
-without pickle, exact resumption, rotation, damage and failed saves."""
+without pickle, exact resumption, rotation, damage, failed saves and runs killed mid-way."""
 
 from __future__ import annotations
 
@@ -31,11 +31,22 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 import torchkeep as tk
+from faults import EXIT_CODE
 from torchkeep.integrations.transformers import TorchkeepTrainer
 from torchkeep.storage import LocalStorage
 
 STEPS = 6
 EVERY = 2
+# Evaluated at every save, with the highest loss the best: the best step is the first, not the
+# last, and with save_total_limit=1 the Trainer deletes every other step at the end.
+BEST: dict[str, object] = {
+    "eval_strategy": "steps",
+    "eval_steps": EVERY,
+    "load_best_model_at_end": True,
+    "metric_for_best_model": "loss",
+    "greater_is_better": True,
+    "save_total_limit": 1,
+}
 
 
 class _Tokens(torch.utils.data.Dataset):
@@ -222,10 +233,12 @@ def test_save_total_limit_keeps_the_newest_steps(tmp_path):
     assert all(tk.verify(step).ok for step in out.iterdir())
 
 
-def _flip_tensor_byte(shard: Path) -> None:
+def _flip_tensor_byte(shard: Path, tensor: str | None = None) -> None:
+    """Flip a bit in the data of ``tensor``, or at the 100th byte of the tensors' data."""
     data = bytearray(shard.read_bytes())
     (header,) = struct.unpack("<Q", data[:8])
-    data[8 + header + 100] ^= 0x01
+    offset = 100 if tensor is None else json.loads(data[8 : 8 + header])[tensor]["data_offsets"][0]
+    data[8 + header + offset] ^= 0x01
     shard.write_bytes(bytes(data))
 
 
@@ -247,19 +260,24 @@ def test_damaged_checkpoint_refuses_to_resume(tmp_path, reference, damage):
     else:
         _change_trainer_state(step)
     assert not tk.verify(step).ok
-    trainer = _trainer(tmp_path / "run", model=_model(seed=1))
+    model = _model(seed=1)
+    before = _weights(model)
+    trainer = _trainer(tmp_path / "run", model=model)
     with pytest.raises(tk.CorruptCheckpointError, match="checkpoint-2"):
         trainer.train(resume_from_checkpoint=str(step))
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+    # Refused before a byte was read into the model: not one parameter changed.
+    _assert_same_weights(_weights(model), before)
 
 
 class _FailingCommit(LocalStorage):
-    """Fails the rename that would commit ``checkpoint-4``, as a full disk or a kill would."""
+    """Fails the rename that would commit ``checkpoint-4`` with an error, as a failing disk
+    would (the runs killed there are in test_a_killed_run_leaves_whole_steps_to_resume_from)."""
 
-    def commit_dir(self, staging: str, path: str) -> None:
+    def commit_dir(self, staging: str, path: str, *, replace_entry: bool = False) -> None:
         if path.endswith("checkpoint-4"):
             raise OSError(errno.EIO, "injected failure of the commit")
-        super().commit_dir(staging, path)
+        super().commit_dir(staging, path, replace_entry=replace_entry)
 
 
 def test_failed_save_leaves_the_previous_checkpoint_to_resume_from(tmp_path, reference):
@@ -271,7 +289,7 @@ def test_failed_save_leaves_the_previous_checkpoint_to_resume_from(tmp_path, ref
     assert get_last_checkpoint(str(out)) == str(out / "checkpoint-2")
     assert tk.verify(out / "checkpoint-2").ok
     # A process killed mid-save leaves its staging directory: never taken for a checkpoint,
-    # and removed by the next save.
+    # and removed before training resumes.
     (out / ".checkpoint-4.tmp-0123456789ab").mkdir()
     (out / ".checkpoint-4.tmp-0123456789ab" / "shard-00000.safetensors").write_bytes(b"torn")
     assert get_last_checkpoint(str(out)) == str(out / "checkpoint-2")
@@ -281,23 +299,34 @@ def test_failed_save_leaves_the_previous_checkpoint_to_resume_from(tmp_path, ref
     assert sorted(os.listdir(out)) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
 
 
-def test_resumes_a_checkpoint_of_the_stock_trainer_without_torch_load(
-    tmp_path, monkeypatch, caplog
-):
-    # Without dropout, the stock checkpoint's random generator state (which cannot be read
-    # without running numpy code) does not matter: the resumed run must match exactly.
-    out = tmp_path / "stock"
+def _stock_run(out: Path) -> Trainer:
+    """Four steps of the stock Trainer, without dropout: its checkpoints' random generator
+    state (which cannot be read without running numpy code) then does not matter."""
     stock = Trainer(
         model=_model(dropout=0.0), args=_args(out, max_steps=4), train_dataset=_Tokens()
     )
     stock.train()
     assert (out / "checkpoint-2" / "optimizer.pt").is_file()
-    monkeypatch.setattr(torch, "load", _forbid("torch.load"))
-    trainer = TorchkeepTrainer(
+    return stock
+
+
+def _after_stock(out: Path, storage: LocalStorage | None = None) -> TorchkeepTrainer:
+    """The trainer that goes on from a stock run's checkpoint, writing its steps into ``out``."""
+    return TorchkeepTrainer(
         model=_model(seed=1, dropout=0.0),
-        args=_args(tmp_path / "run", max_steps=4),
+        args=_args(out, max_steps=4),
         train_dataset=_Tokens(),
+        storage=storage,
     )
+
+
+def test_resumes_a_checkpoint_of_the_stock_trainer_without_torch_load(
+    tmp_path, monkeypatch, caplog
+):
+    out = tmp_path / "stock"
+    stock = _stock_run(out)
+    monkeypatch.setattr(torch, "load", _forbid("torch.load"))
+    trainer = _after_stock(tmp_path / "run")
     with caplog.at_level(logging.WARNING, logger="torchkeep.integrations.transformers"):
         trainer.train(resume_from_checkpoint=str(out / "checkpoint-2"))
     assert trainer.state.global_step == 4
@@ -305,23 +334,198 @@ def test_resumes_a_checkpoint_of_the_stock_trainer_without_torch_load(
     assert "random generators' state not restored" in caplog.text
 
 
+def test_stock_step_in_the_way_is_replaced_whole_and_put_back_on_failure(tmp_path):
+    out = tmp_path / "stock"
+    _stock_run(out)
+    stock_step = {p.name: p.read_bytes() for p in (out / "checkpoint-4").iterdir()}
+    # The save of checkpoint-4 fails: the stock step it was replacing is back, as it was.
+    with pytest.raises(OSError, match="injected failure"):
+        _after_stock(out, _FailingCommit()).train(resume_from_checkpoint=str(out / "checkpoint-2"))
+    assert sorted(os.listdir(out)) == ["checkpoint-2", "checkpoint-4"]
+    assert {p.name: p.read_bytes() for p in (out / "checkpoint-4").iterdir()} == stock_step
+    # It succeeds: checkpoint-4 is now a torchkeep save, and nothing is left beside it.
+    _after_stock(out).train(resume_from_checkpoint=str(out / "checkpoint-2"))
+    assert sorted(os.listdir(out)) == ["checkpoint-2", "checkpoint-4"]
+    assert tk.verify(out / "checkpoint-4").ok
+
+
+@pytest.mark.parametrize("extra", ["a file", "a directory"])
+def test_directory_not_clearly_a_stock_step_is_never_replaced(tmp_path, extra):
+    out = tmp_path / "stock"
+    _stock_run(out)
+    if extra == "a file":  # nothing the stock Trainer writes: the user's own directory
+        shutil.rmtree(out / "checkpoint-4")
+        (out / "checkpoint-4").mkdir()
+        (out / "checkpoint-4" / "notes.txt").write_text("mine")
+    else:
+        (out / "checkpoint-4" / "mine").mkdir()
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    with pytest.raises(tk.StorageError, match="checkpoint-4: exists and is not a checkpoint"):
+        _after_stock(out).train(resume_from_checkpoint=str(out / "checkpoint-2"))
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
+
+
+class _RecordWeights(TrainerCallback):
+    """Keeps the model's weights at every save, by step."""
+
+    def __init__(self) -> None:
+        self.saved: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        self.saved[state.global_step] = _weights(model)
+
+
 def test_best_model_comes_back_from_its_checkpoint(tmp_path):
     out = tmp_path / "run"
-    trainer = _trainer(
-        out,
-        eval_strategy="steps",
-        eval_steps=EVERY,
-        load_best_model_at_end=True,
-        metric_for_best_model="loss",
-        greater_is_better=False,
-        save_total_limit=1,
-    )
+    record = _RecordWeights()
+    trainer = _trainer(out, callbacks=[record], **BEST)
     trainer.train()
     best = trainer.state.best_model_checkpoint
-    assert best is not None and os.path.isdir(best)
+    assert best == str(out / f"checkpoint-{EVERY}")
+    # The other steps were deleted at the end (save_total_limit=1), the best one is whole.
+    assert os.listdir(out) == [f"checkpoint-{EVERY}"]
+    assert tk.verify(best).ok
+    # The model holds the best step's weights, not the last step's.
+    assert any(not torch.equal(record.saved[EVERY][k], v) for k, v in record.saved[STEPS].items())
+    _assert_same_weights(_weights(trainer.model), record.saved[EVERY])
     saved = _model(seed=1)
     tk.load_weights(saved, best)
-    _assert_same_weights(_weights(trainer.model), _weights(saved))
+    _assert_same_weights(_weights(saved), record.saved[EVERY])
+
+
+class _DamageBestAtLastSave(TrainerCallback):
+    """Flips a bit of the best step's position embeddings (read after most of the model's
+    tensors) once the last step is saved."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        if state.global_step == STEPS:
+            shard = self.out / f"checkpoint-{EVERY}" / "shard-00000.safetensors"
+            _flip_tensor_byte(shard, "model.transformer.wpe.weight")
+
+
+@pytest.mark.parametrize("limit", [1, None])
+def test_damaged_best_model_is_refused_and_the_other_steps_kept(tmp_path, limit):
+    # With save_total_limit=1 the Trainer would delete every other step at the end.
+    out = tmp_path / "run"
+    record = _RecordWeights()
+    options = {**BEST, "save_total_limit": limit}
+    trainer = _trainer(out, callbacks=[record, _DamageBestAtLastSave(out)], **options)
+    with pytest.raises(tk.CorruptCheckpointError, match=f"checkpoint-{EVERY}"):
+        trainer.train()
+    # The last step is still there to resume from, and the model holds the weights it had.
+    assert tk.verify(out / f"checkpoint-{STEPS}").ok
+    _assert_same_weights(_weights(trainer.model), record.saved[STEPS])
+
+
+# Run in a fresh interpreter (argv: the point where the process ends, the output directory),
+# which ends on the spot, as a kill would, at that point of a training run.
+_KILLED_RUN = """
+import os, shutil, sys
+
+import torchkeep.storage
+from faults import EXIT_CODE
+from test_transformers import BEST, _after_stock, _model, _trainer
+from torchkeep.storage import LocalStorage
+
+point, out = sys.argv[1], sys.argv[2]
+
+
+class KilledAtCommit(LocalStorage):
+    def commit_dir(self, staging, path, **options):
+        if path.endswith("checkpoint-4"):
+            os._exit(EXIT_CODE)
+        super().commit_dir(staging, path, **options)
+
+
+if point == "commit":
+    _trainer(out, storage=KilledAtCommit()).train()
+elif point == "between-renames":
+    # Without the atomic exchange (macOS), checkpoint-4, written again, replaces the previous
+    # version in two renames: the process ends after the first.
+    torchkeep.storage._exchange = lambda a, b: False
+    rename = os.rename
+
+    def rename_then_end(src, dst):
+        rename(src, dst)
+        if os.path.basename(src) == "checkpoint-4":
+            os._exit(EXIT_CODE)
+
+    os.rename = rename_then_end
+    _trainer(out, model=_model(seed=1)).train(os.path.join(out, "checkpoint-2"))
+elif point == "final-deletion":
+    # The last step, deleted at the end because it is not the best: half deleted, then killed.
+    rmtree = shutil.rmtree
+
+    def rmtree_ends_halfway(path, *args, **kwargs):
+        if "checkpoint-6" in os.path.basename(path):
+            os.unlink(os.path.join(path, sorted(os.listdir(path))[0]))
+            os._exit(EXIT_CODE)
+        rmtree(path, *args, **kwargs)
+
+    shutil.rmtree = rmtree_ends_halfway
+    _trainer(out, **BEST).train()
+elif point == "stock-replaced":
+    _after_stock(out, KilledAtCommit()).train(os.path.join(out, "checkpoint-2"))
+sys.exit(f"{point}: the run finished without being killed")
+"""
+
+
+def test_a_killed_run_leaves_whole_steps_to_resume_from(tmp_path, reference, caplog):
+    _, final = reference
+    points = ["commit", "between-renames", "final-deletion", "stock-replaced"]
+    outs = {point: tmp_path / point for point in points}
+    with pytest.raises(_Interrupt):
+        _trainer(outs["between-renames"], callbacks=[_InterruptAfterSave(4)]).train()
+    _stock_run(outs["stock-replaced"])
+    stock_step = sorted(os.listdir(outs["stock-replaced"] / "checkpoint-4"))
+    tests = os.path.dirname(os.path.abspath(__file__))
+    src = os.path.dirname(os.path.dirname(os.path.abspath(tk.__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, tests])}
+    # One interpreter each (most of their time is imports), all at once.
+    runs = {
+        point: subprocess.Popen(
+            [sys.executable, "-c", _KILLED_RUN, point, str(outs[point])],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for point in points
+    }
+    for point, run in runs.items():
+        output, _ = run.communicate(timeout=300)
+        assert run.returncode == EXIT_CODE, f"{point}: {output[-3000:]}"
+
+    for point in ["commit", "between-renames", "final-deletion"]:
+        out = outs[point]
+        last = get_last_checkpoint(str(out))
+        assert last == str(out / "checkpoint-2"), (point, os.listdir(out))
+        assert tk.verify(last).ok
+        caplog.clear()
+        trainer = _trainer(out, model=_model(seed=1), **(BEST if point == "final-deletion" else {}))
+        with caplog.at_level(logging.INFO, logger="torchkeep.integrations.transformers"):
+            assert trainer.train(resume_from_checkpoint=True).global_step == STEPS
+        assert all(tk.verify(step).ok for step in out.iterdir())
+        if point == "between-renames":
+            # The previous checkpoint-4, left only at ….old, was put back before the Trainer
+            # looked for the last step: training went on from it.
+            assert f"resuming from {out / 'checkpoint-4'}" in caplog.text
+        if point != "final-deletion":
+            _assert_same_weights(_weights(trainer.model), final)
+
+    # The stock Trainer's step being replaced comes back whole, and training goes on from it.
+    out = outs["stock-replaced"]
+    assert get_last_checkpoint(str(out)) == str(out / "checkpoint-2")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="torchkeep.integrations.transformers"):
+        _after_stock(out).train(resume_from_checkpoint=True)
+    assert f"{out / 'checkpoint-4'} was written by transformers.Trainer" in caplog.text
+    assert sorted(os.listdir(out / "checkpoint-4")) == stock_step
+    assert not [name for name in os.listdir(out) if name.startswith(".")]
 
 
 def test_save_model_writes_no_training_args_pickle(tmp_path, monkeypatch):

@@ -27,15 +27,29 @@ Lightning gives stays as it is, and names a directory that holds one torchkeep f
     checkpoints/epoch=0-step=10.ckpt/checkpoint.safetensors
 
 That file is a standard safetensors file (``tk.verify``, ``tk.describe``, ``tk.load`` and every
-safetensors reader open it), and no ``.ckpt`` name ever holds pickle. Locally the directory is
-built under a hidden name beside its target (``.last.ckpt.tmp-<hex>``), then renamed into place,
-replacing an earlier one in one atomic exchange: Lightning, and a run resumed after a crash, see
-the whole new checkpoint or the whole old one. Hidden directories left by a crash are removed by
-the next save to the same path. On object stores (``s3://``, with ``storage_options=``) the
-file's upload is the commit. Removing a checkpoint removes its file first, then the directory.
-A link at the path (``ModelCheckpoint(save_last="link")``) is followed when loading, and replaced,
-never written through, when saving; so is a file there (a ``torch.save`` checkpoint written
-before the plugin was used).
+safetensors reader open it), and no ``.ckpt`` name ever holds pickle.
+
+Locally the directory is built under a hidden name beside its target (``.last.ckpt.tmp-<hex>``),
+then swapped in for whatever the path held in one atomic exchange (``renameat2``): an earlier
+checkpoint, a ``torch.save`` file (a checkpoint written before the plugin was used) or a link
+(``ModelCheckpoint(save_last="link")``: the link is replaced, never written through; loading
+follows it). Lightning, and a run resumed after a crash, see the whole new checkpoint or the whole
+old one. A directory holding anything besides the checkpoint's file is never replaced: the save
+raises ``StorageError`` and deletes nothing. Removing a checkpoint first renames its directory to
+a hidden name, then deletes it, so a removal cut short leaves no half-removed ``.ckpt`` behind (a
+directory holding other files loses only the checkpoint's file, with a warning). Before writing,
+each save puts back or removes what crashes left in its directory: the hidden entries of its own
+name and of every name with the same suffix (``.ckpt``), such as the staging directory of a
+top-k checkpoint whose save was killed. Only rank 0 saves, so there is one writer per directory;
+give two runs two directories. On object stores (``s3://``, with ``storage_options=``) the file's
+upload is the commit.
+
+Where the exchange is unavailable (macOS, some network file systems), the entry at the path is
+first renamed aside (``.last.ckpt.tmp-<hex>.old``), then the new checkpoint into place. A crash
+between those two renames leaves the path missing and the previous checkpoint aside: loading the
+path (``trainer.fit(model, ckpt_path="checkpoints/last.ckpt")``, ``fabric.load``) or the next
+save puts it back first. ``ckpt_path="last"`` cannot: Lightning lists the directory for ``last``
+before it asks the plugin, finds none, warns and starts afresh. Resume such a run by its path.
 
 Loading reads that layout, and anything ``tk.load`` reads, including a ``.ckpt`` file that
 Lightning wrote with ``torch.save``: it goes through torchkeep's restricted unpickler, which runs
@@ -51,7 +65,10 @@ included), bools, strings, bytes and None; so the model's weights, the optimizer
 int keys kept), the schedulers, the loops' progress, the callbacks' states, the hyperparameters
 and the Lightning version all come back equal, with their types. The model's ``state_dict``
 comes back as an ``OrderedDict`` with its ``_metadata`` (the modules' versions), as
-``torch.save`` kept it; other ``OrderedDict``s come back as dicts, equal and in the same order.
+``torch.save`` kept it, and so does every other module state dict in the checkpoint, such as the
+models ``fabric.save`` turns into theirs (``{"model": model, ...}``), under str or int keys and in
+lists; one inside a tuple or under another kind of key, and other ``OrderedDict``s, come back as
+dicts, equal and in the same order.
 
 A value with no safe representation is refused, naming its place in the checkpoint
 (``hyper_parameters.config: cannot store a ...``), and nothing is written. So is an object with
@@ -72,9 +89,12 @@ last checkpoint and starts afresh): pass the checkpoint's URL instead.
 
 from __future__ import annotations
 
+import errno
 import logging
+import math
 import os
 import re
+import uuid
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -86,13 +106,14 @@ from torchkeep.container import check_replaceable
 from torchkeep.errors import (
     IncompleteCheckpointError,
     MissingDependencyError,
+    StorageError,
     UnsupportedFormatError,
     UnsupportedObjectError,
 )
 from torchkeep.format import MANIFEST_FILE, MAX_TREE_DEPTH
 from torchkeep.inspect import describe
 from torchkeep.remote import is_url, join, storage_for
-from torchkeep.storage import Storage
+from torchkeep.storage import LocalStorage, fsync_dir, restore_or_remove
 from torchkeep.tree import Stateful, path_name
 
 INSTALL = "pip install 'torchkeep[lightning]'"
@@ -114,6 +135,9 @@ CHECKPOINT_FILE = "checkpoint.safetensors"
 # lightning.pytorch for it.
 _HPARAMS_KEY = "hyper_parameters"
 _METADATA_KEY = "lightning"
+# Hidden names beside a checkpoint: LocalStorage.staging_dir's and a removal's,
+# ".<name>.tmp-<12 hex>", and LocalStorage.commit_dir's "….old" for an entry moved aside.
+_LEFTOVER = re.compile(r"\.(?P<name>.+)\.tmp-[0-9a-f]{12}(?P<old>\.old)?")
 
 
 def _checkpoint_io_bases() -> tuple[type, ...]:
@@ -168,19 +192,20 @@ class TorchkeepCheckpointIO(_Base):
             UnsupportedObjectError: a value cannot be stored; the message names its key, and
                 nothing was written.
             StorageError: the write failed; any previous checkpoint at ``path`` is unchanged,
-                or ``path`` is a directory that is not a checkpoint.
+                or ``path`` is a directory that is not a checkpoint, or holds other files too.
         """
         if not isinstance(checkpoint, Mapping):
-            raise TypeError(
-                f"{os.fspath(path)}: a checkpoint is a dict; got a value of type "
-                f"{_kind(checkpoint)}"
+            raise UnsupportedObjectError(
+                f"{os.fspath(path)}: a Lightning checkpoint is a dict (as the Trainer and "
+                f"fabric.save build it); got a value of type {_kind(checkpoint)}, and nothing was "
+                "written. Pass a dict"
             )
         options = self._options(path, storage_options)
         storage, target = storage_for(path, options)
         metadata = {_METADATA_KEY: _lightning_metadata(checkpoint)}
         try:
             _refuse_objects(checkpoint, ())
-            if storage.atomic_dirs:
+            if isinstance(storage, LocalStorage):
                 _save_local(storage, target, checkpoint, metadata)
             else:
                 # Object stores: the file's upload commits it (there is no directory to rename).
@@ -205,6 +230,10 @@ class TorchkeepCheckpointIO(_Base):
         """Load a checkpoint saved by the plugin, or any checkpoint ``tk.load`` reads (a
         ``torch.save`` ``.ckpt`` file through the restricted unpickler), checking every checksum.
 
+        Where ``path`` is missing because a save was interrupted between its two renames (where
+        the atomic exchange is unavailable), the previous checkpoint it left aside is put back
+        first.
+
         Args:
             path: the checkpoint's path as Lightning names it.
             map_location: the device tensors are loaded to (the CPU by default).
@@ -223,6 +252,8 @@ class TorchkeepCheckpointIO(_Base):
         device = _device(map_location)
         options = self._options(path, None)
         storage, target = storage_for(path, options)
+        if isinstance(storage, LocalStorage) and not os.path.lexists(target):
+            _put_back(storage, target)
         inner = join(target, CHECKPOINT_FILE)
         source = inner if storage.exists(inner) else target
         try:
@@ -242,30 +273,41 @@ class TorchkeepCheckpointIO(_Base):
             )
         if source == inner:
             saved = describe(source, storage_options=options).metadata.get(_METADATA_KEY)
-            _restore_state_dict_metadata(checkpoint, saved)
+            return _restore_module_metadata(checkpoint, saved)
         return checkpoint
 
     def remove_checkpoint(self, path: str | os.PathLike[str]) -> None:
-        """Remove the checkpoint at ``path``: its torchkeep file first, then its directory.
+        """Remove the checkpoint at ``path``. Locally its directory is first renamed to a hidden
+        name, so an interrupted removal leaves no half-removed checkpoint at ``path``.
 
-        A directory holding anything else keeps it (a warning says so); a link is removed,
-        not what it points to.
+        A directory holding anything else keeps it and loses only the checkpoint's file (a
+        warning says so); a link is removed, not what it points to.
+
+        Raises:
+            StorageError: the checkpoint could not be removed.
         """
         storage, target = storage_for(path, self._options(path, None))
-        if (storage.atomic_dirs and os.path.islink(target)) or not storage.is_dir(target):
+        local = isinstance(storage, LocalStorage)
+        if (local and os.path.islink(target)) or not storage.is_dir(target):
             storage.remove_file(target)  # a link, a torch.save file, or nothing
             return
-        # The file first: from then on the path no longer holds a checkpoint.
-        storage.remove_file(join(target, CHECKPOINT_FILE))
-        others = [n for n in storage.list_dir(target) if n != CHECKPOINT_FILE]
+        others = _others(storage.list_dir(target))
         if others:
+            storage.remove_file(join(target, CHECKPOINT_FILE))
             log.warning(
                 "%s: kept the directory, which holds files that are not the checkpoint's: %s",
                 target,
                 ", ".join(others[:5]),
             )
             return
-        storage.remove_dir(target)
+        if local:
+            # Out of sight first: a removal cut short leaves a hidden directory, which the next
+            # save removes, not an empty checkpoint directory that Lightning counts as taken.
+            storage.remove_dir(_hide(target))
+        else:
+            # The file first: from then on the path no longer holds a checkpoint.
+            storage.remove_file(join(target, CHECKPOINT_FILE))
+            storage.remove_dir(target)
         log.debug("removed Lightning checkpoint %s", target)
 
     def _options(self, path: str | os.PathLike[str], given: Any | None) -> Mapping[str, Any] | None:
@@ -281,34 +323,112 @@ class TorchkeepCheckpointIO(_Base):
 
 
 def _save_local(
-    storage: Storage, target: str, checkpoint: Mapping[str, Any], metadata: dict[str, Any]
+    storage: LocalStorage, target: str, checkpoint: Mapping[str, Any], metadata: dict[str, Any]
 ) -> None:
-    parent = os.path.dirname(os.path.abspath(target))
-    _remove_stale(storage, parent, os.path.basename(os.path.abspath(target)))
-    # A link (save_last="link") or a torch.save file at the path is replaced, not written
-    # through; a directory must be a checkpoint (or empty) to be replaced.
-    replaced = os.path.islink(target) or os.path.isfile(target)
-    if not replaced:
-        check_replaceable(target, storage, (CHECKPOINT_FILE, MANIFEST_FILE))
+    target = os.path.abspath(target.rstrip("/"))
+    _clean_leftovers(storage, target)
+    if os.path.isdir(target) and not os.path.islink(target):
+        _check_replaceable(storage, target)
     staging = storage.staging_dir(target)
     try:
         save(checkpoint, os.path.join(staging, CHECKPOINT_FILE), metadata=metadata)
-        if replaced:
-            storage.remove_file(target)
-        storage.commit_dir(staging, target)
+        # One step swaps the new directory in for the checkpoint, torch.save file or link at
+        # the path (the link itself): removing the old entry first would leave nothing there,
+        # and Lightning's ckpt_path="last" would start a crashed run afresh.
+        storage.commit_dir(staging, target, replace_entry=True)
     except BaseException:
-        storage.remove_dir(staging)
+        # A failed commit may have left the old entry at the staging name (after the exchange)
+        # or moved aside to "….old" (between the two renames): remove the one, put back the other.
+        for leftover in (staging, f"{staging}.old"):
+            if os.path.lexists(leftover):
+                restore_or_remove(leftover, target, _whole)
         raise
 
 
-def _remove_stale(storage: Storage, parent: str, name: str) -> None:
-    """Remove the staging directories an interrupted save of ``name`` left in ``parent``."""
-    # LocalStorage.staging_dir's names: ".<name>.tmp-<12 hex>", and "….old" from its commit.
-    stale = re.compile(rf"\.{re.escape(name)}\.tmp-[0-9a-f]{{12}}(\.old)?")
+def _check_replaceable(storage: LocalStorage, target: str) -> None:
+    """Refuse to replace a directory that holds anything but one checkpoint: replacing it would
+    delete the rest (``remove_checkpoint`` keeps it too)."""
+    names = storage.list_dir(target)
+    if CHECKPOINT_FILE not in names:
+        # Empty, the shards of a save that never committed, or a torchkeep directory save.
+        check_replaceable(target, storage, (MANIFEST_FILE,))
+        return
+    others = _others(names)
+    if others:
+        raise StorageError(
+            errno.EEXIST,
+            f"{target}: holds files besides the checkpoint's {CHECKPOINT_FILE} "
+            f"({', '.join(others[:5])}); saving there would delete them, so nothing was saved. "
+            "Move them out of the directory, or save under another name",
+        )
+
+
+def _others(names: list[str]) -> list[str]:
+    return [n for n in names if n != CHECKPOINT_FILE]
+
+
+def _clean_leftovers(storage: LocalStorage, target: str) -> None:
+    """Put back or remove what interrupted saves and removals left beside ``target``: the hidden
+    entries of its name, and of every name with its suffix (the other ``.ckpt`` checkpoints,
+    whose names Lightning may never save again)."""
+    parent, name = os.path.split(target)
+    suffix = os.path.splitext(name)[1]
     for entry in storage.list_dir(parent):
-        if stale.fullmatch(entry):
-            log.info("removing %s, left by an interrupted save", os.path.join(parent, entry))
-            storage.remove_dir(os.path.join(parent, entry))
+        match = _LEFTOVER.fullmatch(entry)
+        if match is None:
+            continue
+        of = match.group("name")
+        if of != name and not (suffix and of.endswith(suffix)):
+            continue  # not a checkpoint's: another writer's temporary file, say
+        leftover, path = os.path.join(parent, entry), os.path.join(parent, of)
+        if restore_or_remove(leftover, path, _whole):
+            log.warning(
+                "%s: put the previous checkpoint back, left aside by an interrupted save", path
+            )
+        else:
+            log.info("removed %s, left by an interrupted save or removal", leftover)
+
+
+def _put_back(storage: LocalStorage, target: str) -> None:
+    """Put back the previous version of the missing ``target`` that an interrupted two-rename
+    replacement left aside. Nothing else is touched: a save may be in flight."""
+    target = os.path.abspath(target.rstrip("/"))
+    parent, name = os.path.split(target)
+    for entry in storage.list_dir(parent):
+        match = _LEFTOVER.fullmatch(entry)
+        if not (match and match.group("old") and match.group("name") == name):
+            continue
+        if restore_or_remove(os.path.join(parent, entry), target, _whole):
+            log.warning(
+                "%s: put the previous checkpoint back, left aside by an interrupted save", target
+            )
+            return
+
+
+def _whole(leftover: str) -> bool:
+    """Whether a previous version moved aside is worth putting back: a torch.save file or a
+    link as it was, or a directory whose checkpoint's header reads."""
+    if os.path.islink(leftover) or not os.path.isdir(leftover):
+        return os.path.lexists(leftover)
+    inner = os.path.join(leftover, CHECKPOINT_FILE)
+    describe(inner if os.path.exists(inner) else leftover)  # raises if it is not a checkpoint
+    return True
+
+
+def _hide(target: str) -> str:
+    """Rename ``target`` to a hidden name beside it, which the next save removes if the caller
+    cannot; return that name."""
+    target = os.path.abspath(target.rstrip("/"))
+    parent, name = os.path.split(target)
+    hidden = os.path.join(parent, f".{name}.tmp-{uuid.uuid4().hex[:12]}")
+    try:
+        os.rename(target, hidden)
+        fsync_dir(parent)  # out of sight for good before anything in it is deleted
+    except OSError as e:
+        raise StorageError(
+            e.errno, f"{target}: cannot remove the checkpoint: {e.strerror or e}"
+        ) from e
+    return hidden
 
 
 def _refuse_objects(obj: Any, path: tuple[str, ...]) -> None:
@@ -341,24 +461,69 @@ def _hint(message: str) -> str:
 
 
 def _lightning_metadata(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
-    """What the tree cannot hold: the ``_metadata`` attribute of the model's state dict (each
-    module's version, read by ``load_state_dict`` to upgrade old states)."""
-    versions = getattr(checkpoint.get("state_dict"), "_metadata", None)
-    if not isinstance(versions, Mapping):
-        return {}
-    entries = {str(k): dict(v) for k, v in versions.items() if isinstance(v, Mapping)}
-    return {"state_dict_metadata": entries}
+    """What the tree cannot hold: the ``_metadata`` attribute of each module state dict (each
+    module's version, read by ``load_state_dict`` to upgrade old states), by its place."""
+    found: list[dict[str, Any]] = []
+    _find_module_metadata(checkpoint, [], found)
+    return {"module_metadata": found} if found else {}
 
 
-def _restore_state_dict_metadata(checkpoint: dict[str, Any], saved: Any) -> None:
-    if not isinstance(saved, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+def _find_module_metadata(obj: Any, at: list[str | int], found: list[dict[str, Any]]) -> None:
+    if isinstance(obj, torch.Tensor) or len(at) > MAX_TREE_DEPTH:
         return
-    versions = saved.get("state_dict_metadata")
-    if not isinstance(versions, dict):
-        return
-    state_dict: Any = OrderedDict(checkpoint["state_dict"])
-    state_dict._metadata = OrderedDict(versions)
-    checkpoint["state_dict"] = state_dict
+    if isinstance(obj, Mapping):
+        versions = getattr(obj, "_metadata", None)
+        if isinstance(versions, Mapping):
+            entries = {
+                str(k): {n: x for n, x in v.items() if isinstance(n, str) and _json_scalar(x)}
+                for k, v in versions.items()
+                if isinstance(v, Mapping)
+            }
+            found.append({"at": list(at), "versions": entries})
+        for key, value in obj.items():
+            if isinstance(key, (str, int)) and not isinstance(key, bool):
+                _find_module_metadata(value, [*at, key], found)
+    elif isinstance(obj, list):
+        for i, value in enumerate(obj):
+            _find_module_metadata(value, [*at, i], found)
+
+
+def _json_scalar(value: Any) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return value is None or isinstance(value, (str, int))
+
+
+def _restore_module_metadata(checkpoint: dict[str, Any], saved: Any) -> dict[str, Any]:
+    """Make each module state dict recorded in ``saved`` an ``OrderedDict`` with its
+    ``_metadata`` again; return the checkpoint (itself one, when it was saved as one)."""
+    root: Any = {"": checkpoint}  # so that the checkpoint has a parent like every other value
+    found = saved.get("module_metadata") if isinstance(saved, dict) else None
+    for entry in found if isinstance(found, list) else []:
+        at = entry.get("at") if isinstance(entry, dict) else None
+        versions = entry.get("versions") if isinstance(entry, dict) else None
+        if not (isinstance(at, list) and isinstance(versions, dict)):
+            continue
+        at = ["", *at]
+        parent = root
+        for key in at[:-1]:
+            parent = _child(parent, key)
+        value = _child(parent, at[-1])
+        if not isinstance(value, dict):
+            continue  # the checkpoint does not have the saved shape: leave it as it is
+        state_dict: Any = OrderedDict(value)
+        state_dict._metadata = OrderedDict(versions)
+        parent[at[-1]] = state_dict
+    result: dict[str, Any] = root[""]
+    return result
+
+
+def _child(obj: Any, key: Any) -> Any:
+    if isinstance(obj, dict) and key in obj:
+        return obj[key]
+    if isinstance(obj, list) and isinstance(key, int) and 0 <= key < len(obj):
+        return obj[key]
+    return None
 
 
 def _device(map_location: Any) -> str | torch.device | None:

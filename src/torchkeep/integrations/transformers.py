@@ -21,14 +21,21 @@ What changes from the stock Trainer:
   back with ``torch.load``; here their tensors are in the step's shards and everything else
   is typed JSON in its manifest.
 - A step appears whole or not at all. It is built in a hidden directory beside the others
-  (``.checkpoint-<step>.tmp-…``, which neither ``get_last_checkpoint`` nor the rotation's
-  ``checkpoint-*`` pattern matches), its manifest written last, and renamed into place; a
-  kill during the save leaves the previous checkpoints as they were. Rotation
-  (``save_total_limit``) renames a step out of the way before deleting it, so no
-  ``checkpoint-<step>`` is ever half deleted. A step's leftovers are removed at the next save.
+  (``.checkpoint-<step>.tmp-…``, which neither ``get_last_checkpoint`` nor the Trainer's
+  ``checkpoint-*`` pattern matches), its manifest written last, and renamed into place. A step
+  the Trainer deletes (by rotation, ``save_total_limit``; at the end of training with
+  ``save_total_limit=1``, every step but the best) is first renamed out of those names, so no
+  ``checkpoint-<step>`` is ever half deleted. ``train()`` and every save first deal with what a
+  kill left: hidden directories are removed, except a step's previous version that a
+  replacement in two renames (where the file system cannot swap two directories at once, as on
+  macOS) left moved aside (``….old``) in place of its step: it goes back if its manifest reads,
+  before the Trainer looks for the last checkpoint.
 - Every tensor and member file is checked against its checksum when training resumes (and by
-  ``tk.verify``): a damaged checkpoint raises ``CorruptCheckpointError`` and training does not
-  start (the member files are checked before the Trainer reads ``trainer_state.json``).
+  ``tk.verify``), before a byte is read into the model: a damaged step raises
+  ``CorruptCheckpointError``, training does not start and the model keeps its weights (the
+  member files are checked before the Trainer reads ``trainer_state.json``). Resuming thus
+  reads the step twice. The best step (``load_best_model_at_end``) is checked the same way
+  before it is loaded and before the other steps are deleted.
 - ``from_pretrained`` does not read a checkpoint directory: its weights lie in torchkeep shards,
   beside the optimizer's state. Build the model from the checkpoint's ``config.json`` and load
   them with torchkeep (the final ``trainer.save_model()`` directory is the stock one)::
@@ -39,7 +46,13 @@ What changes from the stock Trainer:
 - Checkpoints the stock Trainer wrote still resume: their model through torchkeep's safetensors
   reader, their optimizer and scheduler through its restricted unpickler, which runs no code.
   Their ``rng_state.pth`` pickles numpy arrays, which that unpickler refuses, so the random
-  generators go on from their current state and a warning says so.
+  generators go on from their current state and a warning says so. The resumed run's steps
+  are torchkeep saves; one the stock Trainer also wrote in that output directory
+  (``checkpoint-4`` after resuming from ``checkpoint-2``) is replaced, as the stock Trainer
+  would: moved aside whole, and put back if the new save fails or is killed. Only a directory
+  that is clearly the stock Trainer's step is replaced (``trainer_state.json``,
+  ``training_args.bin``, model or optimizer files, nothing but plain files); any other directory
+  in the way stays as it is and the save fails with a ``StorageError``.
 
 Why a ``Trainer`` subclass and not a ``TrainerCallback``: a callback's ``on_save`` runs after the
 Trainer has written its pickles, and no callback hook runs when it reads them back. The
@@ -47,10 +60,12 @@ subclass replaces ``_save_checkpoint`` as a whole (the step must be one commit, 
 by piece through ``_save_optimizer_and_scheduler`` and friends into the final directory cannot
 work) and the hooks the Trainer's ``train()`` calls to restore each piece
 (``_load_from_checkpoint``, ``_load_optimizer_and_scheduler``, ``_load_scaler``,
-``_load_rng_state``, ``_load_best_model``); it keeps the Trainer's own bookkeeping (the best
-checkpoint, stateful callbacks, ``TrainerState``) and its ``checkpoint-<step>`` names. To add
-this to another Trainer subclass, put it first: ``class MyTrainer(TorchkeepTrainer,
-Seq2SeqTrainer)``.
+``_load_rng_state``, ``_load_best_model``). It wraps ``train()``, to clean the output directory
+before the Trainer looks for the last checkpoint, and ``_finalize_training``, to delete the
+steps it deletes with a plain ``shutil.rmtree`` the safe way first. It keeps the Trainer's own
+bookkeeping (the best checkpoint, stateful callbacks, ``TrainerState``) and its
+``checkpoint-<step>`` names. To add this to another Trainer subclass, put it first:
+``class MyTrainer(TorchkeepTrainer, Seq2SeqTrainer)``.
 
 Supported: one process, on the CPU or on one or more GPUs of one machine (DataParallel).
 Refused with a ``ValueError`` at construction: several processes (DDP, FSDP, DeepSpeed),
@@ -63,6 +78,7 @@ SageMaker model parallelism, TPUs and ``push_to_hub=True``, whose checkpoint pus
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import logging
 import os
@@ -74,14 +90,16 @@ from pathlib import Path
 from typing import Any
 
 from torchkeep.checkpoint import load_from
-from torchkeep.container import SaveInfo, open_container, write_container
+from torchkeep.container import Container, SaveInfo, open_container, read_manifest, write_container
 from torchkeep.errors import (
+    CorruptCheckpointError,
     MissingDependencyError,
     StateMismatchError,
+    StorageError,
     UnsupportedFormatError,
 )
 from torchkeep.format import MANIFEST_FILE
-from torchkeep.storage import DEFAULT_STORAGE, Sink, Storage, fsync_dir
+from torchkeep.storage import DEFAULT_STORAGE, Sink, Storage, fsync_dir, restore_or_remove
 from torchkeep.tree import RNGState, flatten
 from torchkeep.weights import load_state_dict, load_weights, save_weights
 
@@ -116,8 +134,10 @@ _STOCK_SCHEDULER = "scheduler.pt"
 _STOCK_SCALER = "scaler.pt"
 _STOCK_RNG = re.compile(r"rng_state(_\d+)?\.pth")
 _STOCK_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+_STOCK_ARGS = "training_args.bin"
+_BEST_REFUSED = "The best model is not loaded and no step was deleted; load another step"
 # Directories a step leaves when its process dies: a staging directory (``.name.tmp-<hex>``),
-# the previous copy of a step being replaced (``….old``), or a step being deleted.
+# the previous version of a step being replaced (``….old``), or a step being deleted.
 _LEFTOVER = re.compile(rf"\.{PREFIX_CHECKPOINT_DIR}-\d+\.(tmp|deleted)-[0-9a-f]{{12}}(\.old)?")
 
 
@@ -190,6 +210,14 @@ class TorchkeepTrainer(Trainer):
             )
         super().init_hf_repo(*args, **kwargs)
 
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """``Trainer.train``, after dealing with what an interrupted run left in the output
+        directory: before the Trainer looks for the last checkpoint, so that
+        ``resume_from_checkpoint=True`` finds a step put back from ``….old``."""
+        if self.args.should_save and self.args.output_dir is not None:
+            self._clean_leftovers(self.args.output_dir)
+        return super().train(*args, **kwargs)
+
     # -- saving
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
@@ -213,9 +241,41 @@ class TorchkeepTrainer(Trainer):
                     stateful[name].append(saved)
                 else:
                     stateful[name] = saved
-        self._remove_leftovers(run_dir)
-        self.write_checkpoint(output_dir)
+        self._clean_leftovers(run_dir)
+        if _is_stock_step(output_dir):
+            self._replace_stock_step(output_dir)
+        else:
+            self.write_checkpoint(output_dir)
         self._rotate(run_dir)
+
+    def _replace_stock_step(self, path: str) -> None:
+        """Write the step over one the stock Trainer wrote, as the stock Trainer would: the old
+        directory is moved aside whole (under the name of a two-rename replacement's previous
+        version, which the next clean-up puts back if this process dies before the new step is
+        in place), and deleted once the new one is."""
+        parent, name = os.path.split(os.path.abspath(path))
+        aside = os.path.join(parent, f".{name}.tmp-{uuid.uuid4().hex[:12]}.old")
+        try:
+            os.rename(path, aside)
+            fsync_dir(parent)
+        except OSError as e:
+            raise StorageError(
+                e.errno or errno.EIO,
+                f"{path}: could not move the stock Trainer's checkpoint aside to replace it "
+                f"({e}); remove it, or resume from a later step",
+            ) from e
+        try:
+            self.write_checkpoint(path)
+        except BaseException:
+            try:
+                if not os.path.lexists(path):
+                    os.rename(aside, path)
+                    fsync_dir(parent)
+            except OSError as e:  # the save's own error matters more; the next clean-up retries
+                log.warning("could not put %s back in place: %s", path, e)
+            raise
+        log.info("replaced %s, a checkpoint of the stock Trainer, with a torchkeep save", path)
+        self._storage.remove_dir(aside)
 
     def write_checkpoint(self, path: str | os.PathLike[str]) -> SaveInfo:
         """Write the whole training state to the directory ``path`` as one atomic save.
@@ -365,12 +425,48 @@ class TorchkeepTrainer(Trainer):
         log.info("deleted %s (save_total_limit=%s)", path, self.args.save_total_limit)
         self._storage.remove_dir(doomed)
 
-    def _remove_leftovers(self, run_dir: str) -> None:
-        """Remove what saves killed in the middle left behind (one save at a time per run)."""
+    def _clean_leftovers(self, run_dir: str) -> None:
+        """Deal with what saves and deletions killed in the middle left behind (one run writes
+        a directory at a time): a step's previous version moved aside (``….old``) goes back
+        when its step is missing and it is whole, everything else is removed."""
+
+        def whole(leftover: str) -> bool:
+            if _is_stock_step(leftover):
+                return True
+            read_manifest(leftover, self._storage)
+            return True
+
         for name in self._storage.list_dir(run_dir):
-            if _LEFTOVER.fullmatch(name):
-                log.info("removing %s, left by an interrupted save", name)
-                self._storage.remove_dir(os.path.join(run_dir, name))
+            if not _LEFTOVER.fullmatch(name):
+                continue
+            path = os.path.join(run_dir, name)
+            target = os.path.join(run_dir, name[1:].partition(".")[0])
+            if restore_or_remove(path, target, whole, self._storage.remove_dir):
+                log.info("restored %s from %s, left by an interrupted replacement", target, name)
+            else:
+                log.info("removed %s, left by an interrupted save or deletion", name)
+
+    def _finalize_training(self, trial: Any, num_train_samples: Any, start_time: Any) -> Any:
+        """``Trainer._finalize_training``, with the steps it deletes deleted the safe way
+        first: with ``save_total_limit=1`` and a best step, every other step goes."""
+        best = self.state.best_model_checkpoint
+        if (
+            self.args.should_save
+            and self.args.save_total_limit == 1
+            and best is not None
+            and os.path.isdir(best)
+        ):
+            if self.args.load_best_model_at_end and self._is_torchkeep(best):
+                # It is about to be loaded, and will be the only step left: a damaged one is
+                # refused now, while the other steps are still there.
+                with open_container(best, storage=self._storage) as container:
+                    self._check_checksums(container, _BEST_REFUSED)
+            for step in sort_checkpoints(self._get_output_dir(trial)):
+                if not os.path.samefile(step, best):
+                    self._delete_step(step)
+        return super()._finalize_training(  # type: ignore[no-untyped-call]
+            trial, num_train_samples, start_time
+        )
 
     # -- resuming: the Trainer calls these in this order
 
@@ -420,6 +516,8 @@ class TorchkeepTrainer(Trainer):
             return
         log.info("loading the best model from %s (score: %s)", best, self.state.best_metric)
         if self._is_torchkeep(best):
+            with open_container(best, storage=self._storage) as container:
+                self._check_checksums(container, _BEST_REFUSED)
             load_weights(self._unwrapped_model(), best)
         else:
             self._load_stock_weights(best, self._unwrapped_model())
@@ -439,8 +537,8 @@ class TorchkeepTrainer(Trainer):
     def _read_checkpoint(self, path: str, model: Any) -> _Resumed:
         if not self._is_torchkeep(path) and _is_stock(path):
             return self._read_stock_checkpoint(path, model)
-        # Every member first (the Trainer reads trainer_state.json itself, next), then every
-        # tensor as it is read; the model is filled in place.
+        # Every member (the Trainer reads trainer_state.json itself, next) and every tensor is
+        # checked before the model, filled in place, receives a byte; the load checks again.
         with open_container(path, storage=self._storage) as container:
             members = container.manifest.files if container.manifest is not None else {}
             if TRAINER_STATE not in members:
@@ -448,8 +546,7 @@ class TorchkeepTrainer(Trainer):
                     f"{path}: a torchkeep save without {TRAINER_STATE}: not a checkpoint of a "
                     "Trainer. Load it with tk.load"
                 )
-            for name in members:
-                container.read_member(name)
+            self._check_checksums(container, "Resume from another checkpoint-<step>")
         loaded = load_from(self._storage, path, into=None if model is None else {"model": model})
         log.info("resuming from %s", path)
         return _Resumed(
@@ -459,6 +556,17 @@ class TorchkeepTrainer(Trainer):
             scaler=loaded.get("scaler"),
             rng=loaded.get("rng"),
         )
+
+    def _check_checksums(self, container: Container, then: str) -> None:
+        """Check every tensor and member file before anything is read into the model."""
+        problems = container.verify()
+        if problems:
+            more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+            raise CorruptCheckpointError(
+                f"{container.path}: damaged, nothing was loaded from it (the model keeps its "
+                f"weights): {'; '.join(problems[:3])}{more}. {then} (`torchkeep verify` "
+                "checks each)"
+            )
 
     def _read_stock_checkpoint(self, path: str, model: Any) -> _Resumed:
         """A checkpoint of ``transformers.Trainer``: no pickle runs, no checksum is checked."""
@@ -497,6 +605,23 @@ def _is_stock(path: str) -> bool:
     """Whether ``path`` looks like a checkpoint of the stock Trainer."""
     return os.path.isfile(os.path.join(path, TRAINER_STATE)) and any(
         os.path.isfile(os.path.join(path, name)) for name in (*_STOCK_WEIGHTS, _STOCK_OPTIMIZER)
+    )
+
+
+def _is_stock_step(path: str) -> bool:
+    """Whether ``path`` is, beyond doubt, a step directory the stock Trainer wrote (and so one
+    a save of the same step may replace): no manifest, and nothing but plain files, among them
+    the ones the stock Trainer always writes."""
+    if os.path.islink(path) or not os.path.isdir(path) or not _is_stock(path):
+        return False
+    names = os.listdir(path)
+    return (
+        _STOCK_ARGS in names
+        and MANIFEST_FILE not in names
+        and all(
+            os.path.isfile(p) and not os.path.islink(p)
+            for p in (os.path.join(path, n) for n in names)
+        )
     )
 
 

@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import torchkeep as tk
 from torchkeep.errors import MissingDependencyError
 from torchkeep.storage import LocalStorage, Sink
+from torchkeep.tree import flatten
 
 EPOCHS = 12
 KILLED_AT = 8  # the step whose save the training process is killed in the middle of
@@ -301,42 +302,27 @@ def _final_state(root: Path) -> dict[str, Any]:
         mgr.close()
 
 
-def _tensors(tree: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
-    if isinstance(tree, torch.Tensor):
-        yield prefix, tree
-    elif isinstance(tree, dict):
-        for k, v in tree.items():
-            yield from _tensors(v, f"{prefix}.{k}" if prefix else str(k))
-    elif isinstance(tree, (list, tuple)):
-        for i, v in enumerate(tree):
-            yield from _tensors(v, f"{prefix}.{i}")
-
-
-def _scalars(tree: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    if isinstance(tree, dict):
-        for k, v in tree.items():
-            yield from _scalars(v, f"{prefix}.{k}" if prefix else str(k))
-    elif isinstance(tree, (list, tuple)):
-        for i, v in enumerate(tree):
-            yield from _scalars(v, f"{prefix}.{i}")
-    elif not isinstance(tree, torch.Tensor):
-        yield prefix, tree
-
-
 def _identical(a: dict[str, Any], b: dict[str, Any]) -> tuple[bool, int]:
-    """Whether two states are equal bit for bit (tensors by their bytes); the tensors compared."""
-    ta, tb = dict(_tensors(a)), dict(_tensors(b))
+    """Whether two states are equal bit for bit: the same skeleton and values (as a save would
+    write them), the same tensors byte for byte. Also the number of tensors compared."""
+    fa, fb = flatten(a), flatten(b)
 
     def bits(t: torch.Tensor) -> torch.Tensor:
         return t.reshape(-1).view(torch.uint8)
 
-    same = ta.keys() == tb.keys() and all(
-        ta[k].dtype == tb[k].dtype
-        and ta[k].shape == tb[k].shape
-        and torch.equal(bits(ta[k]), bits(tb[k]))
-        for k in ta
+    ta, tb = fa.tensors, fb.tensors
+    same = (
+        fa.tree == fb.tree
+        and fa.aliases == fb.aliases
+        and ta.keys() == tb.keys()
+        and all(
+            ta[k].dtype == tb[k].dtype
+            and ta[k].shape == tb[k].shape
+            and torch.equal(bits(ta[k]), bits(tb[k]))
+            for k in ta
+        )
     )
-    return same and dict(_scalars(a)) == dict(_scalars(b)), len(ta)
+    return same, len(ta)
 
 
 def _size(path: Path) -> int:

@@ -1024,3 +1024,16 @@ def test_a_manifest_changed_without_changing_its_values_is_refused(tmp_path):
     manifest.write_text(text.replace("1e-05", "1E-05"))
     assert json.loads(manifest.read_text()) == json.loads(text)
     _assert_rejected(path, match="does not match its checksum")
+
+
+def test_a_signed_manifest_with_an_out_of_range_number_is_corrupt(tmp_path):
+    """``1e400`` parses as infinity, which torchkeep never writes: refused as corrupt, even with
+    a checksum made to match, never a ValueError."""
+    path = tmp_path / "ckpt"
+    tk.save({"w": torch.ones(2), "lr": 0.5}, path)
+    manifest = path / "manifest.json"
+    body = json.loads(manifest.read_text())
+    body.pop("manifest_checksum")
+    text = _compact({**body, "manifest_checksum": _body_checksum({**body, "extra": float("inf")})})
+    manifest.write_text(text.replace('"manifest_checksum"', '"extra":1e400,"manifest_checksum"'))
+    _assert_rejected(path, match="does not match its checksum")

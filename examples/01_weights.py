@@ -5,7 +5,7 @@ model.load_state_dict(torch.load(PATH))    ->  tk.load_weights(model, PATH)
 """
 
 import torch
-from _common import TheModelClass, same_weights, workdir
+from _tutorial import TheModelClass, same_weights, workdir
 
 import torchkeep as tk
 

@@ -5,7 +5,7 @@ torch.save({"epoch": ..., "model_state_dict": ..., "optimizer_state_dict": ...},
 """
 
 import torch
-from _common import TheModelClass, batches, same_weights, workdir
+from _tutorial import TheModelClass, batches, same_weights, workdir
 from torch import nn
 
 import torchkeep as tk

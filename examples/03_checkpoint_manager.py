@@ -3,7 +3,7 @@
 from pathlib import Path
 
 import torch
-from _common import same_weights, workdir
+from _tutorial import same_weights, workdir
 from torch import nn
 
 import torchkeep as tk

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import torch
-from _common import TheModelClass, workdir
+from _tutorial import TheModelClass, workdir
 
 import torchkeep as tk
 

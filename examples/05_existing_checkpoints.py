@@ -3,7 +3,7 @@
 import os
 
 import torch
-from _common import TheModelClass, workdir
+from _tutorial import TheModelClass, workdir
 
 import torchkeep as tk
 

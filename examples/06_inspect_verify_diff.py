@@ -1,7 +1,7 @@
 """Look inside checkpoints, check them and compare them, from Python (the CLI does the same)."""
 
 import torch
-from _common import TheModelClass, workdir
+from _tutorial import TheModelClass, workdir
 
 import torchkeep as tk
 

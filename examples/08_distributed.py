@@ -11,7 +11,7 @@ import sys
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from _common import workdir
+from _tutorial import workdir
 from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
 
 import torchkeep as tk

@@ -5,7 +5,7 @@ Needs the extra: pip install 'torchkeep[lightning]'.
 
 import lightning.pytorch as pl
 import torch
-from _common import workdir
+from _tutorial import workdir
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 

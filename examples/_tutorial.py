@@ -1,4 +1,4 @@
-"""What the examples share: a working directory and the tutorials' small network."""
+"""What the examples share: a working directory, the tutorials' network and a weight comparison."""
 
 from __future__ import annotations
 

@@ -376,3 +376,24 @@ def test_dcp_directory_through_the_public_api(tmp_path: Path) -> None:
     assert tk.verify(path).ok
     tk.convert(path, tmp_path / "converted")
     assert tk.load(tmp_path / "converted")["epoch"] == 2
+
+
+def test_optimizer_state_saved_plainly_with_dcp_loads_into_an_optimizer(tmp_path: Path) -> None:
+    """``dcp.save({"optimizer": optimizer.state_dict()})`` stores the int state keys as strings;
+    loading into an optimizer must still give every parameter its state, not silently none."""
+    import torchkeep as tk
+
+    model = SimpleNet()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    model(torch.randn(4, 10)).sum().backward()
+    optimizer.step()
+    path = save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, tmp_path / "ck")
+    fresh = SimpleNet()
+    fresh_optimizer = torch.optim.Adam(fresh.parameters(), lr=0.5)
+    tk.load(path, into={"model": fresh, "optimizer": fresh_optimizer})
+    assert all(p in fresh_optimizer.state for p in fresh.parameters())
+    saved, restored = optimizer.state_dict(), fresh_optimizer.state_dict()
+    assert restored["param_groups"] == saved["param_groups"]  # lr 0.01, from the checkpoint
+    for k, entry in saved["state"].items():
+        for name, value in entry.items():
+            assert torch.equal(restored["state"][k][name], value)

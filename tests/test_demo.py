@@ -28,7 +28,8 @@ def test_demo_runs_end_to_end(tmp_path):
     assert "bit for bit (34 tensors: weights, optimizer moments, every RNG state): True" in text
     assert f"in the middle of saving step {demo.KILLED_AT}" in text
     assert f"committed steps [{demo.KILLED_AT - 2}, {demo.KILLED_AT - 1}]" in text
-    assert "DigitsMLP defined: False" in text and "exported program" in text
+    assert "DigitsMLP was never imported" in text and "exported program" in text
+    assert "hostile-pickle-ran was never created" in text
     assert "(float16)" in text
     assert "UNSAFE" in text and "posix.system" in text and "UnsafeFileError" in text
     assert text.count("CORRUPT") == 1 and "does not match its checksum" in text

@@ -390,13 +390,30 @@ def _restore(tree: Any, value: Any, into: Any, path: tuple[str, ...]) -> Any:
     return value
 
 
+def _int_state_keys(state: Any) -> Any:
+    """An optimizer's state whose per-parameter keys came back as strings ("0": a
+    torch.distributed.checkpoint save stores every key as a string) gets them back as the ints
+    its param_groups name; the optimizer would otherwise drop that state without a word."""
+    if not isinstance(state, dict):
+        return state
+    inner, groups = state.get("state"), state.get("param_groups")
+    if not isinstance(inner, dict) or not inner or not isinstance(groups, list):
+        return state
+    ids = {
+        p for g in groups if isinstance(g, dict) for p in g.get("params", ()) if type(p) is int
+    }
+    if not all(isinstance(k, str) and k.isascii() and k.isdigit() and int(k) in ids for k in inner):
+        return state
+    return {**state, "state": {int(k): v for k, v in inner.items()}}
+
+
 def _load_stateful(obj: Stateful, state: Any, where: str) -> None:
     try:
         if isinstance(obj, torch.nn.Module):
             if not distributed.fill_module(obj, state):
                 obj.load_state_dict(state, strict=True)
         elif isinstance(obj, torch.optim.Optimizer):
-            obj.load_state_dict(distributed.place_optimizer_state(obj, state))
+            obj.load_state_dict(distributed.place_optimizer_state(obj, _int_state_keys(state)))
         else:
             obj.load_state_dict(state)
     except (RuntimeError, KeyError, ValueError, TypeError) as e:

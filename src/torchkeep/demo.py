@@ -470,8 +470,9 @@ def run_demo(out_dir: Path, *, report: Callable[[Step], None], progress: Progres
     add(
         Step(
             "Saved the whole model and loaded it in a fresh process without its class",
-            f"the process imported torchkeep only (DigitsMLP defined: "
-            f"{loaded['class_imported']}); rebuilt as {loaded['rebuilt_as']} from the exported "
+            f"the process imported torchkeep only (the class DigitsMLP "
+            f"{'was imported there' if loaded['class_imported'] else 'was never imported'}); "
+            f"rebuilt as {loaded['rebuilt_as']} from the exported "
             f"program; test accuracy {loaded['accuracy']:.1%} (in this process: {accuracy:.1%})",
             ok=not loaded["class_imported"] and loaded["accuracy"] == accuracy,
         )
@@ -529,7 +530,8 @@ def run_demo(out_dir: Path, *, report: Callable[[Step], None], progress: Progres
     add(
         Step(
             "torchkeep scan on a hostile torch.save file (it calls os.system when unpickled)",
-            f"{refused}; nothing ran (no {canary.name}: {not canary.exists()})",
+            f"{refused}; nothing ran ({canary.name} "
+            f"{'EXISTS: the pickle ran' if canary.exists() else 'was never created'})",
             code == 1 and refused != "loaded" and not canary.exists(),
             text,
         )

@@ -159,8 +159,8 @@ def dtype_name(dtype: torch.dtype, *, where: str) -> str:
         from torchkeep.errors import UnsupportedObjectError
 
         raise UnsupportedObjectError(
-            f"{where}: tensors of dtype {dtype} cannot be stored in safetensors; "
-            "convert it first (complex tensors: torch.view_as_real)"
+            f"{where}: torchkeep does not store tensors of dtype {dtype}; convert it first "
+            "(complex tensors: torch.view_as_real)"
         ) from None
 
 

@@ -188,7 +188,7 @@ def _add_tensor(
         raise UnsupportedObjectError(f"{where}: a meta tensor has no data to save")
     if t.is_complex():
         raise UnsupportedObjectError(
-            f"{where}: complex tensors cannot be stored in safetensors; save "
+            f"{where}: torchkeep does not store complex tensors; save "
             "torch.view_as_real(t) and rebuild with torch.view_as_complex"
         )
     identity = _tensor_identity(t) if t.numel() else None

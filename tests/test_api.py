@@ -27,9 +27,10 @@ def test_error_tree():
 
 def test_import_stays_light():
     code = (
-        "import sys, torchkeep; "
-        "heavy = {'rich', 'fsspec', 's3fs', 'safetensors', 'numpy.random'} & set(sys.modules); "
-        "print(sorted(heavy))"
+        "import sys, torchkeep, torchkeep.integrations; "
+        "heavy = {'rich', 'fsspec', 's3fs', 'safetensors', 'numpy.random', 'sklearn', "
+        "'lightning', 'lightning_fabric', 'pytorch_lightning', 'transformers', 'accelerate'}; "
+        "print(sorted(heavy & set(sys.modules)))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import torchkeep as tk
-from conftest import SimpleNet, assert_same_state, run_script, small_filesystem
+from conftest import SimpleNet, assert_same_state, assert_same_tree, run_script, small_filesystem
 from torchkeep.format import FORMAT_VERSION, signed_manifest_text
 from torchkeep.manager import LOCK_FILE
 from torchkeep.storage import LocalStorage, Sink
@@ -42,23 +42,6 @@ def _trained(seed: int) -> tuple[SimpleNet, torch.optim.Optimizer]:
         model(torch.randn(4, 10)).pow(2).mean().backward()
         optimizer.step()
     return model, optimizer
-
-
-def _assert_same_tree(a: Any, b: Any, where: str = "") -> None:
-    assert type(a) is type(b), where
-    if isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and a.shape == b.shape, where
-        assert torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert list(a) == list(b), where
-        for k in a:
-            _assert_same_tree(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            _assert_same_tree(x, y, f"{where}.{i}")
-    else:
-        assert a == b, where
 
 
 def _w(step: int) -> dict[str, torch.Tensor]:
@@ -234,8 +217,8 @@ def test_round_trip_of_a_training_state_is_bitwise(tmp_path, async_save):
     with tk.CheckpointManager(tmp_path, async_save=async_save) as mgr:
         assert mgr.restore(fresh) == 100
     assert_same_state(fresh_model, model)
-    _assert_same_tree(fresh_optimizer.state_dict(), expected_optimizer)
-    _assert_same_tree(fresh_model.state_dict(), expected_model)
+    assert_same_tree(fresh_optimizer.state_dict(), expected_optimizer)
+    assert_same_tree(fresh_model.state_dict(), expected_model)
     assert (fresh_sampler.epoch, fresh_sampler.index) == (1, 17)
     assert list(iter(fresh_sampler)) == expected_rest
     draws = (random.random(), float(np.random.rand()), torch.rand(3))
@@ -673,9 +656,9 @@ def test_async_save_copies_the_state_before_returning(tmp_path):
             fresh_big = torch.nn.Linear(512, 512)
             fresh = {"model": fresh_model, "optimizer": fresh_optimizer, "big": fresh_big}
             assert mgr.restore(fresh, step=step) == step
-            _assert_same_tree(fresh_model.state_dict(), expected["model"])
-            _assert_same_tree(fresh_optimizer.state_dict(), expected["optimizer"])
-            _assert_same_tree(fresh_big.state_dict(), expected["big"])
+            assert_same_tree(fresh_model.state_dict(), expected["model"])
+            assert_same_tree(fresh_optimizer.state_dict(), expected["optimizer"])
+            assert_same_tree(fresh_big.state_dict(), expected["big"])
 
 
 def test_one_async_save_in_flight_and_only_committed_steps_listed(tmp_path):

@@ -1,0 +1,252 @@
+"""The shape of the code: layers in data-flow order, imports that only go down, no cycles.
+
+Every module under src/torchkeep is parsed with `ast` (nothing is imported), and each
+`import`/`from … import` of torchkeep, at module level or inside a function, is checked:
+
+- a module may import only its own layer or a lower one (ARCHITECTURE.md's table, below);
+- the import graph has no cycle (a lazy import inside a function counts: it only hides one);
+- no module imports another module's underscore name (`from torchkeep.x import _name`).
+
+`KNOWN` lists the breaches that the move into layers has not removed yet. It may only shrink
+(a cycle's line names its modules, so it changes as they move): a listed breach that no longer
+exists fails the test too, so the list stays true. `LONG` does the same for modules over the
+size limit.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+# The layer of each module, by the longest matching dotted prefix (ARCHITECTURE.md).
+LAYERS: dict[str, int] = {
+    "torchkeep.errors": 0,
+    "torchkeep._version": 0,
+    "torchkeep._types": 0,
+    "torchkeep._optional": 0,
+    "torchkeep.storage": 1,
+    "torchkeep.remote": 1,
+    "torchkeep.io": 2,
+    "torchkeep.format": 3,
+    "torchkeep.container": 4,
+    "torchkeep.tree": 5,
+    "torchkeep.retention": 5,
+    "torchkeep.sampler": 5,
+    "torchkeep.legacy": 6,
+    "torchkeep.unpickler": 6,
+    "torchkeep.dcp": 6,
+    "torchkeep.distributed": 7,
+    "torchkeep.weights": 8,
+    "torchkeep.checkpoint": 8,
+    "torchkeep.model": 8,
+    "torchkeep.program": 8,
+    "torchkeep.recipe": 8,
+    "torchkeep.manager": 8,
+    "torchkeep.inspection": 8,
+    "torchkeep.inspect": 8,
+    "torchkeep.diff": 8,
+    "torchkeep.convert": 8,
+    "torchkeep.cli": 9,
+    "torchkeep.demo": 9,
+    "torchkeep.bench": 9,
+    "torchkeep.testing": 9,
+    "torchkeep.integrations": 9,
+    "torchkeep.__main__": 9,
+    # The package root only re-exports the public API: above everything but the front ends.
+    "torchkeep": 8,
+}
+FRONT_ENDS = (
+    "torchkeep.cli",
+    "torchkeep.demo",
+    "torchkeep.bench",
+    "torchkeep.integrations",
+    "torchkeep.__main__",
+)
+
+KNOWN: set[str] = {
+    "cycle among: torchkeep, torchkeep.checkpoint, torchkeep.container, torchkeep.convert, torchkeep.dcp, torchkeep.distributed, torchkeep.format, torchkeep.inspect, torchkeep.io, torchkeep.io.checksum, torchkeep.io.reader, torchkeep.io.writer, torchkeep.legacy, torchkeep.manager, torchkeep.model, torchkeep.program, torchkeep.remote, torchkeep.tree, torchkeep.weights",
+    "private: torchkeep.__main__ -> torchkeep.cli._run",
+    "private: torchkeep.dcp -> torchkeep.unpickler._Refused",
+    "private: torchkeep.dcp -> torchkeep.unpickler._Storage",
+    "private: torchkeep.dcp -> torchkeep.unpickler._modern_name",
+    "private: torchkeep.dcp -> torchkeep.unpickler._scan_pickles",
+    "private: torchkeep.dcp -> torchkeep.unpickler._storage_pid",
+    "private: torchkeep.dcp -> torchkeep.unpickler._unpickle",
+    "private: torchkeep.distributed -> torchkeep.container._Hooks",
+    "private: torchkeep.distributed -> torchkeep.container._layout",
+    "private: torchkeep.distributed -> torchkeep.container._remove_replaced",
+    "private: torchkeep.distributed -> torchkeep.container._write_items",
+    "private: torchkeep.legacy -> torchkeep.unpickler._Refused",
+    "private: torchkeep.legacy -> torchkeep.unpickler._RestrictedUnpickler",
+    "private: torchkeep.legacy -> torchkeep.unpickler._Storage",
+    "private: torchkeep.legacy -> torchkeep.unpickler._scan_pickles",
+    "private: torchkeep.legacy -> torchkeep.unpickler._storage_pid",
+    "private: torchkeep.legacy -> torchkeep.unpickler._unpickle",
+    "private: torchkeep.legacy -> torchkeep.unpickler._unsafe",
+    "up: torchkeep.format -> torchkeep",
+    "up: torchkeep.io.checksum -> torchkeep.format",
+    "up: torchkeep.io.reader -> torchkeep.format",
+    "up: torchkeep.io.writer -> torchkeep.format",
+    "up: torchkeep.remote -> torchkeep.format",
+    "up: torchkeep.tree -> torchkeep.distributed",
+}
+
+# Modules still over the size limit; the list may only shrink.
+LONG: set[str] = {
+    "torchkeep.checkpoint",
+    "torchkeep.cli",
+    "torchkeep.container",
+    "torchkeep.dcp",
+    "torchkeep.demo",
+    "torchkeep.distributed",
+    "torchkeep.format",
+    "torchkeep.integrations.lightning",
+    "torchkeep.integrations.transformers",
+    "torchkeep.manager",
+    "torchkeep.model",
+    "torchkeep.recipe",
+    "torchkeep.remote",
+}
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(SRC).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _layer(module: str) -> int | None:
+    """The layer of `module`; a module the table does not place (other than the root) has none."""
+    best = max((p for p in LAYERS if module == p or module.startswith(p + ".")), key=len)
+    return LAYERS[best] if best != "torchkeep" or module == "torchkeep" else None
+
+
+def _resolve(module: str, is_package: bool, node: ast.ImportFrom) -> str:
+    if not node.level:
+        return node.module or ""
+    base = module.split(".")
+    if not is_package:
+        base.pop()
+    base = base[: len(base) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def _modules() -> dict[str, Path]:
+    return {_module_name(p): p for p in sorted((SRC / "torchkeep").rglob("*.py"))}
+
+
+def _imports() -> dict[str, list[tuple[str, str, int]]]:
+    """Each module's imports of torchkeep: (imported module, imported name or '', line)."""
+    modules = _modules()
+    found: dict[str, list[tuple[str, str, int]]] = {}
+    for module, path in modules.items():
+        edges: list[tuple[str, str, int]] = []
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                edges += [
+                    (a.name, "", node.lineno)
+                    for a in node.names
+                    if a.name.split(".")[0] == "torchkeep"
+                ]
+            elif isinstance(node, ast.ImportFrom):
+                target = _resolve(module, path.name == "__init__.py", node)
+                if target.split(".")[0] != "torchkeep":
+                    continue
+                for alias in node.names:
+                    # `from torchkeep import distributed` imports a module, not a name.
+                    sub = f"{target}.{alias.name}"
+                    if sub in modules:
+                        edges.append((sub, "", node.lineno))
+                    else:
+                        edges.append((target, alias.name, node.lineno))
+        found[module] = edges
+    return found
+
+
+def _breaches() -> set[str]:
+    breaches: set[str] = set()
+    imports = _imports()
+    for module, edges in imports.items():
+        for target, name, _line in edges:
+            if target == module:
+                continue
+            if (_layer(target) or 0) > (_layer(module) or 0):
+                breaches.add(f"up: {module} -> {target}")
+            if target.startswith(FRONT_ENDS) and not module.startswith(FRONT_ENDS):
+                breaches.add(f"front end: {module} -> {target}")
+            if name.startswith("_") and not name.startswith("__"):
+                breaches.add(f"private: {module} -> {target}.{name}")
+    for cycle in _cycles(
+        {m: {t for t, _, _ in e if t != m and t in imports} for m, e in imports.items()}
+    ):
+        breaches.add("cycle among: " + ", ".join(cycle))
+    return breaches
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One cycle for each strongly connected component with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    components: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                components.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return components
+
+
+def test_every_module_has_a_layer() -> None:
+    for module in _modules():
+        assert _layer(module) is not None, module
+
+
+def test_imports_only_go_down_without_cycles_or_private_names() -> None:
+    breaches = _breaches()
+    new = sorted(breaches - KNOWN)
+    gone = sorted(KNOWN - breaches)
+    assert not new, "imports that break the layers (ARCHITECTURE.md):\n" + "\n".join(new)
+    assert not gone, "no longer true, remove from KNOWN:\n" + "\n".join(gone)
+
+
+MAX_LINES = 520  # ARCHITECTURE.md: "no module over ~500 lines"
+
+
+def test_no_module_is_two_ideas_long() -> None:
+    long = {m: len(p.read_text().splitlines()) for m, p in _modules().items()}
+    long = {m: n for m, n in long.items() if n > MAX_LINES}
+    assert not set(long) - LONG, f"modules over {MAX_LINES} lines: {sorted(set(long) - LONG)}"
+    assert not LONG - set(long), f"no longer long, remove from LONG: {sorted(LONG - set(long))}"
+
+
+def test_the_checker_sees_a_breach() -> None:
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert _cycles(graph) == [["a", "b", "c"]]
+    assert _layer("torchkeep.storage.local") == 1
+    assert _layer("torchkeep.format.names") == 3
+    assert _layer("torchkeep.integrations.lightning") == 9

@@ -219,7 +219,7 @@ def _staged(tmp_path, name: str = "new") -> str:
 @pytest.mark.parametrize("exchange", [True, False], ids=["exchange", "two-renames"])
 @pytest.mark.parametrize("entry", ["file", "link", "directory"])
 def test_commit_dir_replaces_a_file_or_a_link_only_when_asked(tmp_path, monkeypatch, exchange, entry):
-    import torchkeep.storage as storage
+    import torchkeep.storage.local as storage
 
     if not exchange:
         monkeypatch.setattr(storage, "_exchange", lambda a, b: False)
@@ -245,9 +245,15 @@ def test_commit_dir_replaces_a_file_or_a_link_only_when_asked(tmp_path, monkeypa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "target"]
 
 
-def test_restore_or_remove_puts_back_an_intact_previous_version_only(tmp_path):
-    from torchkeep.storage import restore_or_remove
+def restore_or_remove(leftover: str, target: str, whole) -> bool:
+    """Recover one entry a crash left beside ``target``, as ``recover_leftovers`` does."""
+    from torchkeep.storage import Leftover, LocalStorage
 
+    moved_aside = leftover.endswith(".old")
+    return LocalStorage().recover(Leftover(leftover, target, moved_aside), whole)
+
+
+def test_restore_or_remove_puts_back_an_intact_previous_version_only(tmp_path):
     target = tmp_path / "ckpt"
     old = tmp_path / ".ckpt.tmp-0123456789ab.old"
     old.mkdir()
@@ -275,3 +281,64 @@ def test_restore_or_remove_puts_back_an_intact_previous_version_only(tmp_path):
     staging.mkdir()
     assert not restore_or_remove(str(staging), str(target), lambda p: True)
     assert not staging.exists() and target.exists()
+
+
+def test_a_previous_version_that_cannot_go_back_is_kept(tmp_path, monkeypatch):
+    import torchkeep.storage.local as local
+
+    old = tmp_path / ".ckpt.tmp-0123456789ab.old"
+    old.mkdir()
+    (old / "payload").write_text("previous")
+
+    def refused(a, b):
+        raise OSError(errno.EACCES, "injected rename refusal")
+
+    monkeypatch.setattr(local.os, "rename", refused)
+    assert not restore_or_remove(str(old), str(tmp_path / "ckpt"), lambda p: True)
+    # Not removed: it is the only copy of that checkpoint, and the next recovery retries.
+    assert (old / "payload").read_text() == "previous"
+
+
+def test_leftovers_are_recognised_by_name_and_dealt_with_for_their_owner(tmp_path):
+    from torchkeep.storage import LocalStorage, hidden_target, recover_leftovers
+
+    for name in (".a.tmp-0123456789ab", ".a.tmp-0123456789ab.old", ".b.deleted-0123456789ab"):
+        (tmp_path / name).mkdir()
+    for name in ("a", ".a.tmp-xyz", ".a.tmp-0123456789abc", "a.tmp-0123456789ab"):
+        (tmp_path / name).write_text("not a leftover")
+    assert hidden_target(".a.tmp-0123456789ab.old") == "a"
+    assert hidden_target(".a.tmp-xyz") is None
+    storage = LocalStorage()
+    found = storage.leftovers(str(tmp_path))
+    assert [(Path(x.path).name, Path(x.target).name, x.moved_aside) for x in found] == [
+        (".a.tmp-0123456789ab", "a", False),
+        (".a.tmp-0123456789ab.old", "a", True),
+        (".b.deleted-0123456789ab", "b", False),
+    ]
+    done = recover_leftovers(
+        storage, str(tmp_path), lambda p: True, belongs=lambda x: x.target.endswith("a")
+    )
+    assert [restored for _, restored in done] == [False, False]  # "a" exists: the old goes
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".a.tmp-0123456789abc",
+        ".a.tmp-xyz",
+        ".b.deleted-0123456789ab",
+        "a",
+        "a.tmp-0123456789ab",
+    ]
+
+
+def test_retiring_a_directory_hides_it_durably_or_says_why_not(tmp_path):
+    from torchkeep.storage import LocalStorage
+
+    storage = LocalStorage()
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "payload").write_text("data")
+    remains = storage.retire_dir(str(tmp_path / "ckpt"))
+    assert not (tmp_path / "ckpt").exists()
+    assert Path(remains).parent == tmp_path and Path(remains).name.startswith(".ckpt.tmp-")
+    assert [x.path for x in storage.leftovers(str(tmp_path))] == [remains]
+    storage.remove_dir(remains)
+    with pytest.raises(tk.StorageError, match="ckpt: cannot remove the checkpoint") as caught:
+        storage.retire_dir(str(tmp_path / "ckpt"))
+    assert caught.value.errno == errno.ENOENT

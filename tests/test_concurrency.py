@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import torchkeep as tk
-from torchkeep import storage as storage_module
+import torchkeep.storage.local as storage_module
 
 
 def _state(value: float, mib: int = 1) -> dict:

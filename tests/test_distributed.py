@@ -188,7 +188,7 @@ def test_two_ranks_save_to_object_storage(tmp_path, s3):
     _spawn(tmp_path, 2, "save", path=url, storage_options=opts, seed=4)  # replaced in place
     state = tk.load(url, storage_options=opts)
     assert torch.equal(state["model"]["w"], full(seed=4)["w"])
-    from torchkeep.remote import storage_for
+    from torchkeep.storage import storage_for
 
     storage, _ = storage_for(url, opts)
     names = storage.list_dir(url)

@@ -178,10 +178,10 @@ def test_retention_delete_failing_on_an_object_store(caplog, failing):
     committed and whole; after, the step no longer lists (its data objects stay)."""
     import uuid
 
-    from torchkeep import remote
     from torchkeep.errors import StorageError
+    from torchkeep.storage import storage_for
 
-    storage, root = remote.storage_for(f"memory://faults-{uuid.uuid4().hex}/run", None)
+    storage, root = storage_for(f"memory://faults-{uuid.uuid4().hex}/run", None)
     with tk.CheckpointManager(root, keep_last=1, async_save=False, storage=storage) as mgr:
         mgr.save(1, {"w": torch.full((64,), 1.0)})
 

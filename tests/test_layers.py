@@ -27,7 +27,6 @@ LAYERS: dict[str, int] = {
     "torchkeep._types": 0,
     "torchkeep._optional": 0,
     "torchkeep.storage": 1,
-    "torchkeep.remote": 1,
     "torchkeep.io": 2,
     "torchkeep.format": 3,
     "torchkeep.container": 4,
@@ -66,7 +65,6 @@ FRONT_ENDS = (
 )
 
 KNOWN: set[str] = {
-    "cycle among: torchkeep, torchkeep.checkpoint, torchkeep.container, torchkeep.convert, torchkeep.dcp, torchkeep.distributed, torchkeep.format, torchkeep.inspect, torchkeep.io, torchkeep.io.checksum, torchkeep.io.reader, torchkeep.io.writer, torchkeep.legacy, torchkeep.manager, torchkeep.model, torchkeep.program, torchkeep.remote, torchkeep.tree, torchkeep.weights",
     "private: torchkeep.__main__ -> torchkeep.cli._run",
     "private: torchkeep.dcp -> torchkeep.unpickler._Refused",
     "private: torchkeep.dcp -> torchkeep.unpickler._Storage",
@@ -85,12 +83,6 @@ KNOWN: set[str] = {
     "private: torchkeep.legacy -> torchkeep.unpickler._storage_pid",
     "private: torchkeep.legacy -> torchkeep.unpickler._unpickle",
     "private: torchkeep.legacy -> torchkeep.unpickler._unsafe",
-    "up: torchkeep.format -> torchkeep",
-    "up: torchkeep.io.checksum -> torchkeep.format",
-    "up: torchkeep.io.reader -> torchkeep.format",
-    "up: torchkeep.io.writer -> torchkeep.format",
-    "up: torchkeep.remote -> torchkeep.format",
-    "up: torchkeep.tree -> torchkeep.distributed",
 }
 
 # Modules still over the size limit; the list may only shrink.
@@ -107,7 +99,6 @@ LONG: set[str] = {
     "torchkeep.manager",
     "torchkeep.model",
     "torchkeep.recipe",
-    "torchkeep.remote",
 }
 
 

@@ -437,7 +437,7 @@ COMMITTED = {"exchanged", "renamed"}  # the new checkpoint is in place
 _CRASH = """
 import json, os, sys, traceback
 import torch
-import torchkeep.storage as storage
+import torchkeep.storage.local as storage
 from torchkeep.integrations.lightning import TorchkeepCheckpointIO
 
 job = json.loads(sys.argv[1])
@@ -603,7 +603,7 @@ def test_a_top_k_save_killed_before_its_commit_is_removed_by_the_next_save(crash
 def test_a_commit_failing_between_the_two_renames_puts_the_previous_entry_back(
     tmp_path, monkeypatch, entry
 ):
-    import torchkeep.storage as storage
+    import torchkeep.storage.local as storage
 
     plugin = TorchkeepCheckpointIO()
     ckpts = tmp_path / "ckpts"

@@ -41,11 +41,11 @@ from torchkeep.container import open_container, write_container
 from torchkeep.format import (
     MANIFEST_FILE,
     FileEntry,
-    checksum_data,
     manifest_from_json,
     manifest_to_json,
     signed_manifest_text,
 )
+from torchkeep.io.checksum import checksum_data
 from torchkeep.model import assign
 from torchkeep.program import PROGRAM_FILE, check_program
 from torchkeep.recipe import Recipe, Trust, decode_recipe, encode_recipe, resolve

@@ -31,10 +31,10 @@ import torchkeep as tk
 from torchkeep.format import (
     MANIFEST_FILE,
     FileEntry,
-    checksum_data,
     manifest_from_json,
     manifest_to_json,
 )
+from torchkeep.io.checksum import checksum_data
 from torchkeep.program import PROGRAM_FILE, check_program, export_program
 
 GRAPH = "models/model.json"

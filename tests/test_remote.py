@@ -19,12 +19,13 @@ import torch
 from torch import nn
 
 import torchkeep as tk
+import torchkeep.storage.fsspec as fsspec_storage
+import torchkeep.storage.s3 as s3_storage
 from conftest import SimpleNet, TiedLM, assert_same_state
 from s3server import FailingProxy, free_port, options, silent_server
-from torchkeep import remote
 from torchkeep.container import open_container, write_container
 from torchkeep.format import MANIFEST_FILE
-from torchkeep.storage import LocalStorage
+from torchkeep.storage import FsspecStorage, LocalStorage, storage_for
 
 MiB = 1 << 20
 
@@ -32,8 +33,8 @@ MiB = 1 << 20
 @pytest.fixture
 def small_parts(monkeypatch):
     """S3's smallest part size, so that a few MiB make a multipart upload of several parts."""
-    monkeypatch.setattr(remote, "PART_BYTES", 5 * MiB)
-    monkeypatch.setattr(remote, "READ_PIECE", 3 * MiB)
+    monkeypatch.setattr(s3_storage, "PART_BYTES", 5 * MiB)
+    monkeypatch.setattr(s3_storage, "READ_PIECE", 3 * MiB)
 
 
 @pytest.fixture(params=["local", "memory", "s3"])
@@ -42,9 +43,9 @@ def backend(request, tmp_path):
     if request.param == "local":
         return LocalStorage(), str(tmp_path)
     if request.param == "memory":
-        return remote.storage_for(f"memory://tk-{uuid.uuid4().hex[:12]}")
+        return storage_for(f"memory://tk-{uuid.uuid4().hex[:12]}")
     root, opts = request.getfixturevalue("s3")
-    return remote.storage_for(root, opts)
+    return storage_for(root, opts)
 
 
 @pytest.fixture(params=["memory", "s3"])
@@ -135,7 +136,7 @@ def test_contract_failed_write_keeps_the_previous_file(backend, small_parts):
     source = storage.open(path)
     assert source.read(0, source.size) == old
     source.close()
-    if isinstance(storage, remote.FsspecStorage) and storage.s3:
+    if isinstance(storage, FsspecStorage) and storage.s3:
         bucket = root.removeprefix("s3://")
         uploads = storage.fs.call_s3("list_multipart_uploads", Bucket=bucket)
         assert not uploads.get("Uploads"), "the aborted upload was left behind"
@@ -191,7 +192,7 @@ def test_training_state_round_trip(url):
 
 def test_sharded_directory_reads_by_ranges(s3, small_parts):
     root, opts = s3
-    storage, path = remote.storage_for(f"{root}/big", opts)
+    storage, path = storage_for(f"{root}/big", opts)
     tensors = {f"t{i}": torch.randn(MiB // 4 + i) for i in range(9)}
     info = write_container(path, tensors, kind="state", storage=storage, shard_bytes=3 * MiB)
     assert len([f for f in info.files if f.startswith("shard-")]) == 5
@@ -206,7 +207,7 @@ def test_sharded_directory_reads_by_ranges(s3, small_parts):
 
 def test_saving_over_a_remote_directory_replaces_it_whole(url):
     root, opts = url
-    storage, path = remote.storage_for(f"{root}/ckpt", opts)
+    storage, path = storage_for(f"{root}/ckpt", opts)
     tk.save({"w": torch.ones(5)}, path, storage_options=opts)
     first = storage.list_dir(path)
 
@@ -225,7 +226,7 @@ def test_saving_over_a_remote_directory_replaces_it_whole(url):
 
 def test_leftovers_of_an_interrupted_save_do_not_count_and_are_cleaned(url):
     root, opts = url
-    storage, path = remote.storage_for(f"{root}/ckpt", opts)
+    storage, path = storage_for(f"{root}/ckpt", opts)
     # What a save killed before its manifest leaves: a shard, no manifest.
     _write(storage, f"{path}/shard-00000-0123456789ab.safetensors", b"\0" * 64)
     with pytest.raises(tk.IncompleteCheckpointError, match="never committed"):
@@ -266,7 +267,7 @@ def test_manager_on_object_storage(url):
         for step in (10, 20, 30, 40):
             mgr.save(step, {"w": torch.full((3,), float(step))}, metrics={"loss": 1 / step})
         assert mgr.steps() == [30, 40]
-    storage, _ = remote.storage_for(run, opts)
+    storage, _ = storage_for(run, opts)
     assert storage.list_dir(run) == ["step_000000030", "step_000000040"]
     # A step whose save never committed: data without a manifest.
     _write(storage, f"{run}/step_000000050/shard-00000-0123456789ab.safetensors", b"\0" * 8)
@@ -284,7 +285,7 @@ def test_manager_on_object_storage(url):
 
 def test_foreign_formats_are_downloaded_then_read(url, tmp_path):
     root, opts = url
-    storage, _ = remote.storage_for(root, opts)
+    storage, _ = storage_for(root, opts)
     model = SimpleNet()
     torch.save({"model_state_dict": model.state_dict(), "epoch": 2}, tmp_path / "old.pt")
     _write(storage, f"{root}/old.pt", (tmp_path / "old.pt").read_bytes())
@@ -362,7 +363,7 @@ def _closed_port() -> int:
 
 
 def test_endpoint_that_never_answers_times_out(monkeypatch):
-    monkeypatch.setattr(remote, "REQUEST_SECONDS", 3.0)
+    monkeypatch.setattr(fsspec_storage, "REQUEST_SECONDS", 3.0)
     with silent_server() as endpoint:
         opts = options(endpoint, fast_fail=True)
         started = time.monotonic()
@@ -459,7 +460,7 @@ def test_sigkill_mid_upload_leaves_nothing_committed(s3, moto_server, tmp_path):
 # unclear outcomes, cancelled requests, paths that are not what they look like
 
 
-class _ManifestLandsThenFails(remote.FsspecStorage):
+class _ManifestLandsThenFails(FsspecStorage):
     """The manifest's upload reaches the store, then the answer is lost (a timeout)."""
 
     def write_file(self, path, size, fill):
@@ -470,7 +471,7 @@ class _ManifestLandsThenFails(remote.FsspecStorage):
 
 def test_a_manifest_stored_before_its_error_keeps_its_shards():
     root = f"memory://tk-{uuid.uuid4().hex[:12]}"
-    storage, path = remote.storage_for(f"{root}/ckpt")
+    storage, path = storage_for(f"{root}/ckpt")
     tk.save({"w": torch.ones(3)}, path)
     flaky = _ManifestLandsThenFails(storage.fs, storage.protocol)
     with pytest.raises(tk.StorageError, match="either this save or the previous one, whole"):
@@ -481,7 +482,7 @@ def test_a_manifest_stored_before_its_error_keeps_its_shards():
 
 def test_a_failed_ranged_read_stops_writing_into_the_destination(s3, moto_server, monkeypatch):
     root, opts = s3
-    monkeypatch.setattr(remote, "READ_PIECE", 1 * MiB)
+    monkeypatch.setattr(s3_storage, "READ_PIECE", 1 * MiB)
     path = f"{root}/w.safetensors"
     tk.save_weights({"w": torch.randn(4 * MiB)}, path, storage_options=opts)  # 16 MiB
     gets = []
@@ -508,7 +509,7 @@ def test_a_cancelled_request_is_abandoned(s3):
     import asyncio
 
     root, opts = s3
-    storage, _ = remote.storage_for(root, opts)
+    storage, _ = storage_for(root, opts)
     finished = threading.Event()
 
     async def slow():
@@ -524,7 +525,7 @@ def test_a_cancelled_request_is_abandoned(s3):
 
 def test_uncommitted_remote_directory_is_named_by_its_url(url):
     root, opts = url
-    storage, path = remote.storage_for(f"{root}/ckpt", opts)
+    storage, path = storage_for(f"{root}/ckpt", opts)
     _write(storage, f"{path}/shard-00000-0123456789ab.safetensors", b"\0" * 64)
     for load in (tk.load, tk.load_state_dict, tk.describe):
         with pytest.raises(tk.IncompleteCheckpointError, match=rf"^{path}: no manifest"):
@@ -535,7 +536,7 @@ def test_convert_scan_and_diff_with_urls(url, tmp_path):
     root, opts = url
     model = SimpleNet()
     torch.save(model.state_dict(), tmp_path / "model.pt")
-    storage, _ = remote.storage_for(root, opts)
+    storage, _ = storage_for(root, opts)
     _write(storage, f"{root}/model.pt", (tmp_path / "model.pt").read_bytes())
     report = tk.scan(f"{root}/model.pt", storage_options=opts)
     assert report.safe and report.path == f"{root}/model.pt"
@@ -640,3 +641,16 @@ def test_command_line_reads_urls_with_the_environment(s3, moto_server, monkeypat
     assert main(["inspect", f"{root}/ckpt", "--json"]) == 0
     assert '"w"' in capsys.readouterr().out
     assert main(["verify", f"{root}/missing"]) == 2
+
+
+def test_an_object_store_retires_a_directory_by_removing_its_commit_marker():
+    storage, root = storage_for(f"memory://tk-{uuid.uuid4().hex[:12]}")
+    for name in ("manifest.json", "shard-00000.safetensors"):
+        storage.write_file(f"{root}/ckpt/{name}", 3, lambda sink: sink.pwrite(memoryview(b"abc"), 0))
+    assert storage.retire_dir(f"{root}/ckpt", commit_marker="manifest.json") == f"{root}/ckpt"
+    assert storage.list_dir(f"{root}/ckpt") == ["shard-00000.safetensors"]
+    with pytest.raises(ValueError, match="commit marker"):
+        storage.retire_dir(f"{root}/ckpt")
+    with pytest.raises(ValueError, match="none is kept aside"):
+        storage.retire_dir(f"{root}/ckpt", commit_marker="manifest.json", previous=True)
+    assert storage.leftovers(root) == []

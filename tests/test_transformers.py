@@ -425,7 +425,7 @@ def test_damaged_best_model_is_refused_and_the_other_steps_kept(tmp_path, limit)
 _KILLED_RUN = """
 import os, shutil, sys
 
-import torchkeep.storage
+import torchkeep.storage.local
 from faults import EXIT_CODE
 from test_transformers import BEST, _after_stock, _model, _trainer
 from torchkeep.storage import LocalStorage
@@ -445,7 +445,7 @@ if point == "commit":
 elif point == "between-renames":
     # Without the atomic exchange (macOS), checkpoint-4, written again, replaces the previous
     # version in two renames: the process ends after the first.
-    torchkeep.storage._exchange = lambda a, b: False
+    torchkeep.storage.local._exchange = lambda a, b: False
     rename = os.rename
 
     def rename_then_end(src, dst):

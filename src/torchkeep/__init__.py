@@ -8,6 +8,7 @@ Example:
     ```
 """
 
+from torchkeep._version import __version__
 from torchkeep.checkpoint import Checkpoint, load, load_checkpoint, save, save_checkpoint
 from torchkeep.container import SaveInfo
 from torchkeep.convert import convert
@@ -41,8 +42,6 @@ from torchkeep.retention import Policy, Record
 from torchkeep.sampler import ResumableSampler
 from torchkeep.tree import RNGState, Stateful
 from torchkeep.weights import LoadResult, load_state_dict, load_weights, save_weights
-
-__version__ = "0.1.0"
 
 __all__ = [
     "Change",

@@ -13,12 +13,21 @@ import torch
 from torchkeep import distributed
 from torchkeep.container import WRITE_THREADS, SaveInfo, open_container, write_container
 from torchkeep.dcp import is_dcp_dir, load_dcp
-from torchkeep.distributed import is_dtensor, read_sharded
+from torchkeep.distributed import read_sharded
 from torchkeep.errors import StateMismatchError, UnsupportedObjectError
+from torchkeep.format.detect import readable
 from torchkeep.legacy import load_pickle_file, sniff
-from torchkeep.remote import is_url, readable, storage_for
-from torchkeep.storage import Storage
-from torchkeep.tree import STATEFUL, TENSOR, RNGState, Stateful, decode, flatten, path_name
+from torchkeep.storage import Storage, is_url, storage_for
+from torchkeep.tree import (
+    STATEFUL,
+    TENSOR,
+    RNGState,
+    Stateful,
+    decode,
+    flatten,
+    is_dtensor,
+    path_name,
+)
 
 Device = str | torch.device
 

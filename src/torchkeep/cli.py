@@ -25,7 +25,7 @@ from rich.table import Table
 from rich.tree import Tree
 
 import torchkeep as tk
-from torchkeep.remote import is_url
+from torchkeep.storage import is_url
 
 OK, PROBLEM, USAGE = 0, 1, 2
 DTYPE_CHOICES = {

@@ -42,24 +42,20 @@ from torchkeep.format import (
     check_against_header,
     check_member_name,
     check_target_name,
-    checksum_bytes,
-    checksum_data,
-    chunk_spans,
-    combine_digests,
     dtype_name,
     encode_header,
     is_single_file,
     manifest_from_json,
     manifest_to_json,
     parse_header,
-    paused_gc,
     read_header_length,
 )
 from torchkeep.io import ReadItem, WriteItem, read_tensors, write_tensors
+from torchkeep.io.checksum import checksum_bytes, checksum_data, chunk_spans, combine_digests
+from torchkeep.io.gc import paused_gc
 from torchkeep.io.pool import run_jobs
 from torchkeep.io.reader import MAX_STAGING_BYTES
-from torchkeep.remote import is_url
-from torchkeep.storage import DEFAULT_STORAGE, LocalStorage, Sink, Source, Storage
+from torchkeep.storage import DEFAULT_STORAGE, LocalStorage, Sink, Source, Storage, is_url
 
 log = logging.getLogger(__name__)
 

@@ -17,10 +17,10 @@ from torchkeep.container import SaveInfo, check_replaceable, write_container
 from torchkeep.dcp import is_dcp_dir
 from torchkeep.errors import StorageError, UnsupportedFormatError
 from torchkeep.format import MANIFEST_FILE, check_target_name, is_single_file
+from torchkeep.format.detect import readable
 from torchkeep.legacy import PendingLoad, sniff
 from torchkeep.model import convert_model, is_saved_model
-from torchkeep.remote import is_url, join, readable, storage_for
-from torchkeep.storage import Sink, Storage
+from torchkeep.storage import Sink, Storage, is_url, join, storage_for
 from torchkeep.tree import dedupe, flatten
 from torchkeep.weights import load_state_dict
 

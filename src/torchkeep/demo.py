@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import torchkeep as tk
 from torchkeep.errors import MissingDependencyError
-from torchkeep.storage import LocalStorage, Sink
+from torchkeep.storage import LocalStorage, Sink, hidden_target
 from torchkeep.tree import flatten
 
 EPOCHS = 12
@@ -151,11 +151,12 @@ class _PausingStorage(LocalStorage):
     """Local storage that stops halfway through the largest file of one step's save."""
 
     def __init__(self, step: int, emit: Emit) -> None:
-        self._marker = f".step_{step:09d}.tmp-"
+        self._step = f"step_{step:09d}"
         self._emit = emit
 
     def write_file(self, path: str, size: int, fill: Callable[[Sink], None]) -> None:
-        if self._marker in path and not path.endswith("manifest.json") and size > 64 << 10:
+        staging = hidden_target(os.path.basename(os.path.dirname(path)))
+        if staging == self._step and not path.endswith("manifest.json") and size > 64 << 10:
             super().write_file(
                 path, size, lambda sink: fill(_PausingSink(sink, path, size, self._emit))
             )

@@ -55,6 +55,7 @@ from torchkeep.format import (
     manifest_to_json,
 )
 from torchkeep.storage import Sink, Storage
+from torchkeep.tree import decode, is_dtensor
 
 log = logging.getLogger(__name__)
 
@@ -64,14 +65,6 @@ Box = tuple[tuple[int, ...], tuple[int, ...]]  # offsets, shape
 def active() -> bool:
     """Whether this process is a rank of an initialized process group."""
     return bool(torch.distributed.is_available() and torch.distributed.is_initialized())
-
-
-def is_dtensor(t: Any) -> bool:
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
 
 
 def local_box(t: Any) -> Box:
@@ -613,7 +606,6 @@ def plan_optimizer(
     """Destinations for the sharded state of ``optimizer``'s DTensor parameters (Adam's moments
     under FSDP2): new DTensors placed like each parameter, so that every rank reads only its part.
     A fresh optimizer has no state yet to read into, and one that has is replaced by the load."""
-    from torchkeep.tree import decode
 
     saved = decode(state_tree, _Named)
     if not isinstance(saved, dict) or not isinstance(saved.get("state"), dict):

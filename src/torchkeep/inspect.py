@@ -20,10 +20,10 @@ from torchkeep.errors import (
     UnsupportedFormatError,
 )
 from torchkeep.format import DTYPE_NAMES, MANIFEST_FILE
+from torchkeep.format.detect import readable
 from torchkeep.legacy import load_pickle_file, sniff
 from torchkeep.model import model_summary
-from torchkeep.remote import is_url, readable, storage_for
-from torchkeep.storage import Storage
+from torchkeep.storage import Storage, is_url, storage_for
 from torchkeep.tree import decode
 from torchkeep.weights import MODEL_KEYS, WeightsSource
 

@@ -26,10 +26,10 @@ from torchkeep.errors import (
     UnsupportedFormatError,
 )
 from torchkeep.format import pickle_kind
+from torchkeep.format.detect import readable
 from torchkeep.io import ReadItem, read_tensors
 from torchkeep.io.checksum import ZIP_CRC32
-from torchkeep.remote import readable, storage_for
-from torchkeep.storage import LocalSource
+from torchkeep.storage import LocalSource, storage_for
 from torchkeep.unpickler import (
     ALLOWED_GLOBALS,
     _Refused,

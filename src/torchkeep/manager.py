@@ -20,7 +20,6 @@ import signal
 import threading
 import time
 import types
-import uuid
 from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -40,18 +39,14 @@ from torchkeep.errors import (
     TorchkeepError,
 )
 from torchkeep.format import MANIFEST_FILE
-from torchkeep.remote import is_url, join, storage_for
 from torchkeep.retention import Policy, Record, best, retained
-from torchkeep.storage import Storage, fsync_dir, restore_or_remove
-from torchkeep.tree import Flat, flatten
+from torchkeep.storage import Leftover, Storage, is_url, join, recover_leftovers, storage_for
+from torchkeep.tree import Flat, flatten, is_dtensor
 
 log = logging.getLogger(__name__)
 
 STEP_DIGITS = 9
 _STEP_DIR = re.compile(r"step_(\d{9,})")
-# The staging directories of LocalStorage (".step_000000010.tmp-<12 hex>", and "….old" of its
-# two-rename fallback): the only things the manager deletes besides its own old steps.
-_STALE_DIR = re.compile(r"\.step_\d{9,}\.tmp-[0-9a-f]{12}(\.old)?")
 METADATA_KEY = "checkpoint_manager"
 BACKGROUND_NICE = 10
 LOCK_FILE = ".torchkeep-writer.lock"
@@ -172,10 +167,7 @@ class CheckpointManager:
         # Temporary directories left by interrupted saves go first (one may put a step back),
         # unless another manager is writing now (known only where the writer lock exists).
         if self._lock_file is not None:
-            for name in self._storage.list_dir(self.root):
-                path = os.path.join(self.root, name)
-                if _STALE_DIR.fullmatch(name) and os.path.isdir(path):
-                    self._clean_stale(name, path)
+            self._clean_stale()
         for name in self._storage.list_dir(self.root):
             path = join(self.root, name)
             match = _STEP_DIR.fullmatch(name)
@@ -188,21 +180,30 @@ class CheckpointManager:
             if record is not None:
                 self._records[record.step] = record
 
-    def _clean_stale(self, name: str, path: str) -> None:
-        """Remove a temporary directory left by a crash. One exception: the previous version
-        of a step, moved aside by a two-rename replacement (where the atomic exchange is not
-        available) that was interrupted before the new version took its place, goes back."""
-        step_name = name[1:].partition(".tmp-")[0]
-        target = os.path.join(self.root, step_name)
+    def _clean_stale(self) -> None:
+        """Remove the directories of steps that interrupted saves and deletions left (the only
+        things the manager deletes besides its own old steps). One exception: the previous
+        version of a step, moved aside by a two-rename replacement (where the atomic exchange
+        is not available) that was interrupted before the new version took its place, goes
+        back."""
+
+        def ours(leftover: Leftover) -> bool:
+            name = os.path.basename(leftover.target)
+            return bool(_STEP_DIR.fullmatch(name)) and self._storage.is_dir(leftover.path)
 
         def whole(leftover: str) -> bool:
             read_manifest(leftover, self._storage)
             return True
 
-        if restore_or_remove(path, target, whole, self._storage.remove_dir):
-            log.info("restored %s from %s, left by an interrupted replacement", target, path)
-        else:
-            log.info("removed %s, left by an interrupted save", path)
+        for leftover, restored in recover_leftovers(self._storage, self.root, whole, belongs=ours):
+            if restored:
+                log.info(
+                    "restored %s from %s, left by an interrupted replacement",
+                    leftover.target,
+                    leftover.path,
+                )
+            else:
+                log.info("removed %s, left by an interrupted save", leftover.path)
 
     def _read_record(self, path: str, step: int) -> Record | None:
         try:
@@ -364,7 +365,7 @@ class CheckpointManager:
         try:
             write = (
                 partial(distributed.save, threads=WRITE_THREADS)
-                if any(distributed.is_dtensor(t) for t in tensors.values())
+                if any(is_dtensor(t) for t in tensors.values())
                 else write_container
             )
             info = write(
@@ -394,38 +395,25 @@ class CheckpointManager:
             self._delete(step)
 
     def _delete(self, step: int) -> None:
-        # Renamed first (atomic): a crash while deleting leaves a temporary directory, removed
-        # when the root is next opened, never a step that looks committed but is not whole.
-        # Object stores cannot rename: there the manifest goes first, so the step stops being
-        # committed before any of its data is deleted.
+        # Taken out of use first (renamed aside, or on an object store its manifest removed): a
+        # crash while deleting leaves a hidden directory, removed when the root is next opened,
+        # or data no manifest lists, never a step that looks committed but is not whole.
         path = self.path(step)
         with self._lock:
             self._records.pop(step, None)
         if self._rank:
             return  # rank 0 deletes for the group
-        if not self._storage.atomic_dirs:
-            try:
-                self._storage.remove_file(join(path, MANIFEST_FILE))
-            except TorchkeepError as e:
-                log.warning("could not delete old checkpoint %s: %s", path, e)
-                return
-            self._finish_delete(
-                path,
-                "it is no longer a checkpoint; its data stays until "
-                "a later save of that step replaces it",
-            )
-            return
-        doomed = os.path.join(
-            self.root, f".step_{step:0{STEP_DIGITS}d}.tmp-{uuid.uuid4().hex[:12]}"
-        )
         try:
-            os.rename(path, doomed)
-            fsync_dir(self.root)
-        except OSError as e:
+            remains = self._storage.retire_dir(path, commit_marker=MANIFEST_FILE)
+        except TorchkeepError as e:
             log.warning("could not delete old checkpoint %s: %s", path, e)
             return
         self._finish_delete(
-            doomed, "it is no longer a checkpoint and is removed when the root is next opened"
+            remains,
+            "it is no longer a checkpoint and is removed when the root is next opened"
+            if self._storage.atomic_dirs
+            else "it is no longer a checkpoint; its data stays until "
+            "a later save of that step replaces it",
         )
 
     def _finish_delete(self, path: str, state: str) -> None:

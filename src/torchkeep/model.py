@@ -33,6 +33,7 @@ from torchkeep.errors import (
     UnsupportedObjectError,
 )
 from torchkeep.format import is_single_file
+from torchkeep.format.detect import readable
 from torchkeep.legacy import scan, sniff
 from torchkeep.program import PROGRAM_FILE, export_program, load_program
 from torchkeep.recipe import (
@@ -49,8 +50,7 @@ from torchkeep.recipe import (
     recipe_modules,
     restore_attributes,
 )
-from torchkeep.remote import is_url, readable, storage_for
-from torchkeep.storage import DEFAULT_STORAGE, Storage
+from torchkeep.storage import DEFAULT_STORAGE, Storage, is_url, storage_for
 from torchkeep.tree import dedupe
 
 log = logging.getLogger(__name__)

@@ -158,7 +158,7 @@ def _add_tensor(
     t: torch.Tensor, path: tuple[str, ...], flat: Flat, seen: dict[tuple[Any, ...], str]
 ) -> str:
     where = path_name(path)
-    if flat.dtensors and _is_dtensor(t):
+    if flat.dtensors and is_dtensor(t):
         local: Any = t
         key = (*_tensor_identity(local.to_local()), tuple(t.shape), str(local.placements))
         if key in seen:
@@ -169,7 +169,7 @@ def _add_tensor(
         flat.tensors[name] = t.detach()
         seen[key] = name
         return name
-    if _is_dtensor(t):
+    if is_dtensor(t):
         raise UnsupportedObjectError(
             f"{where}: a DTensor; DTensor state is saved under an initialized process group, "
             "every rank writing its part (not by asynchronous saves: use async_save=False), or "
@@ -345,7 +345,10 @@ def dedupe(named: Mapping[str, torch.Tensor]) -> Flat:
     return flat
 
 
-def _is_dtensor(t: torch.Tensor) -> bool:
-    from torchkeep.distributed import is_dtensor
+def is_dtensor(t: Any) -> bool:
+    """Whether ``t`` is a DTensor (never, where torch has no distributed package)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
 
-    return is_dtensor(t)
+    return isinstance(t, DTensor)

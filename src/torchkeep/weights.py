@@ -14,7 +14,7 @@ import torch
 from torchkeep.checkpoint import Device, check_metadata, convert
 from torchkeep.container import Container, SaveInfo, open_container, write_container
 from torchkeep.dcp import is_dcp_dir, load_dcp
-from torchkeep.distributed import is_dtensor, read_sharded
+from torchkeep.distributed import read_sharded
 from torchkeep.errors import (
     CorruptCheckpointError,
     StateMismatchError,
@@ -22,9 +22,10 @@ from torchkeep.errors import (
     UnsupportedObjectError,
 )
 from torchkeep.format import MANIFEST_FILE, Manifest, Sharded, check_member_name, load_json
+from torchkeep.format.detect import readable
 from torchkeep.legacy import load_pickle_file, sniff
-from torchkeep.remote import is_url, readable, storage_for
-from torchkeep.tree import STATEFUL, TENSOR, dedupe
+from torchkeep.storage import is_url, storage_for
+from torchkeep.tree import STATEFUL, TENSOR, dedupe, is_dtensor
 
 # Where a checkpoint keeps its model, in the order they are looked for.
 MODEL_KEYS = ("model_state_dict", "model", "state_dict", "module")

@@ -93,8 +93,6 @@ import errno
 import logging
 import math
 import os
-import re
-import uuid
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -112,8 +110,14 @@ from torchkeep.errors import (
 )
 from torchkeep.format import MANIFEST_FILE, MAX_TREE_DEPTH
 from torchkeep.inspect import describe
-from torchkeep.remote import is_url, join, storage_for
-from torchkeep.storage import LocalStorage, fsync_dir, restore_or_remove
+from torchkeep.storage import (
+    Leftover,
+    LocalStorage,
+    is_url,
+    join,
+    recover_leftovers,
+    storage_for,
+)
 from torchkeep.tree import Stateful, path_name
 
 INSTALL = "pip install 'torchkeep[lightning]'"
@@ -136,8 +140,6 @@ CHECKPOINT_FILE = "checkpoint.safetensors"
 _HPARAMS_KEY = "hyper_parameters"
 _METADATA_KEY = "lightning"
 # Hidden names beside a checkpoint: LocalStorage.staging_dir's and a removal's,
-# ".<name>.tmp-<12 hex>", and LocalStorage.commit_dir's "….old" for an entry moved aside.
-_LEFTOVER = re.compile(r"\.(?P<name>.+)\.tmp-[0-9a-f]{12}(?P<old>\.old)?")
 
 
 def _checkpoint_io_bases() -> tuple[type, ...]:
@@ -300,14 +302,10 @@ class TorchkeepCheckpointIO(_Base):
                 ", ".join(others[:5]),
             )
             return
-        if local:
-            # Out of sight first: a removal cut short leaves a hidden directory, which the next
-            # save removes, not an empty checkpoint directory that Lightning counts as taken.
-            storage.remove_dir(_hide(target))
-        else:
-            # The file first: from then on the path no longer holds a checkpoint.
-            storage.remove_file(join(target, CHECKPOINT_FILE))
-            storage.remove_dir(target)
+        # Out of use first (locally renamed to a hidden name, on an object store its file
+        # removed): a removal cut short leaves a hidden directory, which the next save removes,
+        # not an empty checkpoint directory that Lightning counts as taken.
+        storage.remove_dir(storage.retire_dir(target, commit_marker=CHECKPOINT_FILE))
         log.debug("removed Lightning checkpoint %s", target)
 
     def _options(self, path: str | os.PathLike[str], given: Any | None) -> Mapping[str, Any] | None:
@@ -338,10 +336,10 @@ def _save_local(
         storage.commit_dir(staging, target, replace_entry=True)
     except BaseException:
         # A failed commit may have left the old entry at the staging name (after the exchange)
-        # or moved aside to "….old" (between the two renames): remove the one, put back the other.
-        for leftover in (staging, f"{staging}.old"):
-            if os.path.lexists(leftover):
-                restore_or_remove(leftover, target, _whole)
+        # or moved aside (between the two renames): remove the one, put back the other.
+        recover_leftovers(
+            storage, os.path.dirname(target), _whole, belongs=lambda x: x.path.startswith(staging)
+        )
         raise
 
 
@@ -371,34 +369,38 @@ def _clean_leftovers(storage: LocalStorage, target: str) -> None:
     """Put back or remove what interrupted saves and removals left beside ``target``: the hidden
     entries of its name, and of every name with its suffix (the other ``.ckpt`` checkpoints,
     whose names Lightning may never save again)."""
-    parent, name = os.path.split(target)
+    name = os.path.basename(target)
     suffix = os.path.splitext(name)[1]
-    for entry in storage.list_dir(parent):
-        match = _LEFTOVER.fullmatch(entry)
-        if match is None:
-            continue
-        of = match.group("name")
-        if of != name and not (suffix and of.endswith(suffix)):
-            continue  # not a checkpoint's: another writer's temporary file, say
-        leftover, path = os.path.join(parent, entry), os.path.join(parent, of)
-        if restore_or_remove(leftover, path, _whole):
+
+    def ours(leftover: Leftover) -> bool:
+        # Not another writer's temporary file beside the checkpoints.
+        of = os.path.basename(leftover.target)
+        return of == name or bool(suffix and of.endswith(suffix))
+
+    for leftover, restored in recover_leftovers(
+        storage, os.path.dirname(target), _whole, belongs=ours
+    ):
+        if restored:
             log.warning(
-                "%s: put the previous checkpoint back, left aside by an interrupted save", path
+                "%s: put the previous checkpoint back, left aside by an interrupted save",
+                leftover.target,
             )
         else:
-            log.info("removed %s, left by an interrupted save or removal", leftover)
+            log.info("removed %s, left by an interrupted save or removal", leftover.path)
 
 
 def _put_back(storage: LocalStorage, target: str) -> None:
     """Put back the previous version of the missing ``target`` that an interrupted two-rename
     replacement left aside. Nothing else is touched: a save may be in flight."""
     target = os.path.abspath(target.rstrip("/"))
-    parent, name = os.path.split(target)
-    for entry in storage.list_dir(parent):
-        match = _LEFTOVER.fullmatch(entry)
-        if not (match and match.group("old") and match.group("name") == name):
-            continue
-        if restore_or_remove(os.path.join(parent, entry), target, _whole):
+
+    def aside(leftover: Leftover) -> bool:
+        return leftover.moved_aside and leftover.target == target
+
+    for _, restored in recover_leftovers(
+        storage, os.path.dirname(target), _whole, belongs=aside
+    ):
+        if restored:
             log.warning(
                 "%s: put the previous checkpoint back, left aside by an interrupted save", target
             )
@@ -413,22 +415,6 @@ def _whole(leftover: str) -> bool:
     inner = os.path.join(leftover, CHECKPOINT_FILE)
     describe(inner if os.path.exists(inner) else leftover)  # raises if it is not a checkpoint
     return True
-
-
-def _hide(target: str) -> str:
-    """Rename ``target`` to a hidden name beside it, which the next save removes if the caller
-    cannot; return that name."""
-    target = os.path.abspath(target.rstrip("/"))
-    parent, name = os.path.split(target)
-    hidden = os.path.join(parent, f".{name}.tmp-{uuid.uuid4().hex[:12]}")
-    try:
-        os.rename(target, hidden)
-        fsync_dir(parent)  # out of sight for good before anything in it is deleted
-    except OSError as e:
-        raise StorageError(
-            e.errno, f"{target}: cannot remove the checkpoint: {e.strerror or e}"
-        ) from e
-    return hidden
 
 
 def _refuse_objects(obj: Any, path: tuple[str, ...]) -> None:

@@ -84,7 +84,6 @@ import logging
 import os
 import re
 import tempfile
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,7 +98,7 @@ from torchkeep.errors import (
     UnsupportedFormatError,
 )
 from torchkeep.format import MANIFEST_FILE
-from torchkeep.storage import DEFAULT_STORAGE, Sink, Storage, fsync_dir, restore_or_remove
+from torchkeep.storage import DEFAULT_STORAGE, Leftover, Sink, Storage, recover_leftovers
 from torchkeep.tree import RNGState, flatten
 from torchkeep.weights import load_state_dict, load_weights, save_weights
 
@@ -136,9 +135,7 @@ _STOCK_RNG = re.compile(r"rng_state(_\d+)?\.pth")
 _STOCK_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 _STOCK_ARGS = "training_args.bin"
 _BEST_REFUSED = "The best model is not loaded and no step was deleted; load another step"
-# Directories a step leaves when its process dies: a staging directory (``.name.tmp-<hex>``),
-# the previous version of a step being replaced (``….old``), or a step being deleted.
-_LEFTOVER = re.compile(rf"\.{PREFIX_CHECKPOINT_DIR}-\d+\.(tmp|deleted)-[0-9a-f]{{12}}(\.old)?")
+_STEP = re.compile(rf"{PREFIX_CHECKPOINT_DIR}-\d+")
 
 
 @dataclass
@@ -253,26 +250,20 @@ class TorchkeepTrainer(Trainer):
         directory is moved aside whole (under the name of a two-rename replacement's previous
         version, which the next clean-up puts back if this process dies before the new step is
         in place), and deleted once the new one is."""
-        parent, name = os.path.split(os.path.abspath(path))
-        aside = os.path.join(parent, f".{name}.tmp-{uuid.uuid4().hex[:12]}.old")
         try:
-            os.rename(path, aside)
-            fsync_dir(parent)
-        except OSError as e:
+            aside = self._storage.retire_dir(path, previous=True)
+        except StorageError as e:
             raise StorageError(
                 e.errno or errno.EIO,
                 f"{path}: could not move the stock Trainer's checkpoint aside to replace it "
-                f"({e}); remove it, or resume from a later step",
+                f"({e.__cause__ or e}); remove it, or resume from a later step",
             ) from e
         try:
             self.write_checkpoint(path)
         except BaseException:
-            try:
-                if not os.path.lexists(path):
-                    os.rename(aside, path)
-                    fsync_dir(parent)
-            except OSError as e:  # the save's own error matters more; the next clean-up retries
-                log.warning("could not put %s back in place: %s", path, e)
+            # Back in place if the new step is not; the save's own error matters more, and the
+            # next clean-up retries what fails here.
+            self._storage.recover(Leftover(aside, path, moved_aside=True), lambda _: True)
             raise
         log.info("replaced %s, a checkpoint of the stock Trainer, with a torchkeep save", path)
         self._storage.remove_dir(aside)
@@ -414,13 +405,10 @@ class TorchkeepTrainer(Trainer):
                 remaining -= 1
 
     def _delete_step(self, path: str) -> None:
-        parent, name = os.path.split(os.path.abspath(path))
-        doomed = os.path.join(parent, f".{name}.deleted-{uuid.uuid4().hex[:12]}")
         try:
-            os.rename(path, doomed)
-            fsync_dir(parent)
-        except OSError as e:  # the new step is committed: only space is lost
-            log.warning("could not delete %s: %s", path, e)
+            doomed = self._storage.retire_dir(path)
+        except StorageError as e:  # the new step is committed: only space is lost
+            log.warning("could not delete %s: %s", path, e.__cause__ or e)
             return
         log.info("deleted %s (save_total_limit=%s)", path, self.args.save_total_limit)
         self._storage.remove_dir(doomed)
@@ -436,13 +424,17 @@ class TorchkeepTrainer(Trainer):
             read_manifest(leftover, self._storage)
             return True
 
-        for name in self._storage.list_dir(run_dir):
-            if not _LEFTOVER.fullmatch(name):
-                continue
-            path = os.path.join(run_dir, name)
-            target = os.path.join(run_dir, name[1:].partition(".")[0])
-            if restore_or_remove(path, target, whole, self._storage.remove_dir):
-                log.info("restored %s from %s, left by an interrupted replacement", target, name)
+        def ours(leftover: Leftover) -> bool:
+            return bool(_STEP.fullmatch(os.path.basename(leftover.target)))
+
+        for leftover, restored in recover_leftovers(self._storage, run_dir, whole, belongs=ours):
+            name = os.path.basename(leftover.path)
+            if restored:
+                log.info(
+                    "restored %s from %s, left by an interrupted replacement",
+                    leftover.target,
+                    name,
+                )
             else:
                 log.info("removed %s, left by an interrupted save or deletion", name)
 

@@ -5,10 +5,37 @@ from __future__ import annotations
 
 import functools
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from torchkeep.format import checksum_bytes, chunk_spans, combine_digests
+import xxhash
+
+
+def checksum_bytes(data: memoryview | bytes) -> int:
+    """Return the 64-bit digest of one piece of data (at most one checksum chunk)."""
+    return int(xxhash.xxh3_64_intdigest(data))
+
+
+def combine_digests(digests: Iterable[int]) -> str:
+    """Return a tensor's checksum from the digests of its consecutive chunks."""
+    parts = list(digests)
+    if len(parts) == 1:
+        return f"{parts[0]:016x}"
+    packed = b"".join(d.to_bytes(8, "big") for d in parts)
+    return f"{xxhash.xxh3_64_intdigest(packed):016x}"
+
+
+def checksum_data(data: bytes | memoryview, chunk: int) -> str:
+    """Return the checksum of a whole piece of data, computed chunk by chunk as tensors are."""
+    view = memoryview(data)
+    return combine_digests(checksum_bytes(view[b:e]) for b, e in chunk_spans(len(view), chunk))
+
+
+def chunk_spans(nbytes: int, chunk: int) -> list[tuple[int, int]]:
+    """Split ``nbytes`` into consecutive ``[begin, end)`` pieces of at most ``chunk`` bytes."""
+    if nbytes == 0:
+        return [(0, 0)]
+    return [(b, min(b + chunk, nbytes)) for b in range(0, nbytes, chunk)]
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 
 from torchkeep.errors import CorruptCheckpointError
-from torchkeep.format import paused_gc
 from torchkeep.io.checksum import XXH3, Checksum
+from torchkeep.io.gc import paused_gc
 from torchkeep.io.memory import tensor_bytes
 from torchkeep.io.pool import BATCH_BYTES, SMALL_TENSOR_BYTES, run_jobs
 from torchkeep.storage import Source

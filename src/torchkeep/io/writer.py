@@ -10,7 +10,8 @@ from functools import partial
 
 import torch
 
-from torchkeep.format import checksum_bytes, chunk_spans, combine_digests, paused_gc
+from torchkeep.io.checksum import checksum_bytes, chunk_spans, combine_digests
+from torchkeep.io.gc import paused_gc
 from torchkeep.io.memory import tensor_bytes
 from torchkeep.io.pool import BATCH_BYTES, SMALL_TENSOR_BYTES, run_jobs
 from torchkeep.storage import Sink

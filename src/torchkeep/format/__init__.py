@@ -13,21 +13,20 @@ from __future__ import annotations
 import base64
 import binascii
 import bisect
-import contextlib
-import gc
 import itertools
 import json
 import math
 import re
 import struct
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import xxhash
 
+from torchkeep import _version
 from torchkeep.errors import CorruptCheckpointError, UnsupportedFormatError
 
 FORMAT_NAME = "torchkeep"
@@ -223,20 +222,6 @@ def read_header_length(prefix: bytes, *, file_size: int, where: str) -> int:
     return int(length)
 
 
-@contextlib.contextmanager
-def paused_gc() -> Iterator[None]:
-    """Pause the cyclic garbage collector while many small objects are made (a header of
-    thousands of tensors): they hold no cycles, and collections triggered by their number
-    would walk the whole heap, doubling the time to open such a file."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
 def parse_header(raw: bytes, *, file_size: int, where: str) -> Header:
     """Parse and validate a safetensors header (``raw`` is the JSON text after the prefix).
 
@@ -385,37 +370,6 @@ def load_json(text: str, *, where: str) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------
-# checksums
-
-
-def checksum_bytes(data: memoryview | bytes) -> int:
-    """Return the 64-bit digest of one piece of data (at most one checksum chunk)."""
-    return int(xxhash.xxh3_64_intdigest(data))
-
-
-def combine_digests(digests: Iterable[int]) -> str:
-    """Return a tensor's checksum from the digests of its consecutive chunks."""
-    parts = list(digests)
-    if len(parts) == 1:
-        return f"{parts[0]:016x}"
-    packed = b"".join(d.to_bytes(8, "big") for d in parts)
-    return f"{xxhash.xxh3_64_intdigest(packed):016x}"
-
-
-def checksum_data(data: bytes | memoryview, chunk: int) -> str:
-    """Return the checksum of a whole piece of data, computed chunk by chunk as tensors are."""
-    view = memoryview(data)
-    return combine_digests(checksum_bytes(view[b:e]) for b, e in chunk_spans(len(view), chunk))
-
-
-def chunk_spans(nbytes: int, chunk: int) -> list[tuple[int, int]]:
-    """Split ``nbytes`` into consecutive ``[begin, end)`` pieces of at most ``chunk`` bytes."""
-    if nbytes == 0:
-        return [(0, 0)]
-    return [(b, min(b + chunk, nbytes)) for b in range(0, nbytes, chunk)]
-
-
-# ---------------------------------------------------------------------------------------------
 # the manifest
 
 
@@ -488,9 +442,7 @@ def _body_checksum(body: Mapping[str, Any]) -> str:
 
 
 def _package_version() -> str:
-    from torchkeep import __version__
-
-    return __version__
+    return _version.__version__
 
 
 def manifest_from_json(text: str, *, where: str) -> Manifest:

@@ -1,9 +1,9 @@
-"""Where bytes go: the ``Storage`` seam and ``LocalStorage``, the atomic local implementation.
+"""Local files: ``LocalStorage``, atomic on any POSIX file system.
 
-A ``Storage`` writes whole files atomically (``write_file``), opens files for positional reads
-(``open``), and commits directories built under a temporary name (``commit_dir``). The engine in
-``torchkeep.io`` only sees ``Sink`` and ``Source`` objects, so tests inject faults by wrapping a
-storage rather than patching internals.
+A file is written beside its target under a hidden temporary name, fsynced, renamed over the
+target and its directory fsynced; a directory is built under a hidden name and swapped in whole.
+This module alone makes and recognises those hidden names (``.<name>.tmp-<12 hex>``, and
+``….old`` for a previous version moved aside), so it alone can tell what a crash left behind.
 """
 
 from __future__ import annotations
@@ -15,89 +15,31 @@ import errno
 import logging
 import mmap
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Protocol
 
 from torchkeep.errors import CheckpointNotFoundError, StorageError, TorchkeepError
+from torchkeep.storage.base import Leftover, Sink
 
 log = logging.getLogger(__name__)
 
 _SYNC_FILE_RANGE_WRITE = 2
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
+# ".<name>.tmp-<12 hex>", with ".old" for a previous version moved aside; ".deleted-" is how
+# earlier versions of the transformers integration hid a step it was deleting.
+_HIDDEN = re.compile(r"\.(?P<name>.+)\.(?:tmp|deleted)-[0-9a-f]{12}(?P<old>\.old)?")
 
 
-class Sink(Protocol):
-    """A file being written: positional writes from any thread."""
-
-    def pwrite(self, data: memoryview, offset: int) -> None:
-        """Write all of ``data`` at ``offset``."""
-
-    def written(self, offset: int, nbytes: int) -> None:
-        """Hint that a range is complete, so the storage may start flushing it."""
-
-
-class Source(Protocol):
-    """A file being read: positional reads from any thread."""
-
-    name: str
-    size: int
-
-    def readinto(self, buffers: list[memoryview], offset: int) -> None:
-        """Fill ``buffers`` with consecutive bytes from ``offset``; raise on a short read."""
-
-    def read(self, offset: int, nbytes: int) -> bytes:
-        """Return ``nbytes`` bytes from ``offset``; raise on a short read."""
-
-    def map(self) -> mmap.mmap:
-        """Return a private copy-on-write mapping of the whole file."""
-
-    def close(self) -> None:
-        """Release the file."""
-
-
-class Storage(Protocol):
-    """The operations torchkeep needs from a file system or object store.
-
-    ``atomic_dirs`` says whether ``commit_dir`` swaps a whole directory in at once (a local
-    rename); where it does not (object stores), a directory save is built in place under
-    object names no earlier save used, and its manifest, written last, commits it.
-    """
-
-    atomic_dirs: bool
-
-    def write_file(self, path: str, size: int, fill: Callable[[Sink], None]) -> None:
-        """Create ``path`` holding ``size`` bytes written by ``fill``, atomically and durably."""
-
-    def open(self, path: str) -> Source:
-        """Open ``path`` for reading."""
-
-    def exists(self, path: str) -> bool:
-        """Return whether ``path`` exists."""
-
-    def is_dir(self, path: str) -> bool:
-        """Return whether ``path`` is a directory."""
-
-    def staging_dir(self, path: str) -> str:
-        """Create and return an empty directory beside ``path`` to build it in."""
-
-    def commit_dir(self, staging: str, path: str) -> None:
-        """Make the staging directory ``path`` atomically, replacing any previous one."""
-
-    def remove_dir(self, path: str) -> None:
-        """Remove a directory and everything in it."""
-
-    def remove_file(self, path: str) -> None:
-        """Remove one file, if it exists."""
-
-    def make_dirs(self, path: str) -> None:
-        """Create directory ``path`` and its parents, if missing."""
-
-    def list_dir(self, path: str) -> list[str]:
-        """The names in directory ``path``, sorted (none if it does not exist)."""
+def hidden_name(path: str, *, old: bool = False) -> str:
+    """A fresh hidden name beside ``path`` (``….old`` for a previous version moved aside)."""
+    target = os.path.abspath(path.rstrip("/"))
+    parent, name = os.path.split(target)
+    suffix = ".old" if old else ""
+    return os.path.join(parent, f".{name}.tmp-{uuid.uuid4().hex[:12]}{suffix}")
 
 
 def _libc() -> ctypes.CDLL | None:
@@ -207,7 +149,7 @@ class LocalStorage:
         directory = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(directory):
             raise StorageError(errno.ENOENT, f"{path}: the directory {directory} does not exist")
-        tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:12]}")
+        tmp = hidden_name(path)
         try:
             with _storage_errors(path):
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
@@ -261,9 +203,7 @@ class LocalStorage:
         parent = os.path.dirname(target)
         with _storage_errors(path):
             os.makedirs(parent, exist_ok=True)
-            staging = os.path.join(
-                parent, f".{os.path.basename(target)}.tmp-{uuid.uuid4().hex[:12]}"
-            )
+            staging = hidden_name(target)
             os.mkdir(staging)
         return staging
 
@@ -271,7 +211,7 @@ class LocalStorage:
         """Make the staging directory ``path`` atomically, replacing any previous directory;
         with ``replace_entry``, also a file or a link there (the link itself, never what it
         points to). Where the atomic exchange is unavailable the previous entry is first moved
-        aside to ``<staging>.old``, which ``restore_or_remove`` puts back after a crash."""
+        aside to ``<staging>.old``, which ``recover`` puts back after a crash."""
         target = os.path.abspath(path.rstrip("/"))
         parent = os.path.dirname(target)
         with _storage_errors(path):
@@ -314,6 +254,62 @@ class LocalStorage:
         except OSError as e:
             raise _storage_error(path, e) from e
 
+    # -- taking directories out of use, and what crashes leave
+
+    def retire_dir(
+        self, path: str, *, commit_marker: str | None = None, previous: bool = False
+    ) -> str:
+        """Rename ``path`` to a hidden name beside it, durably, and return that name. With
+        ``previous``, the name is that of a replacement's previous version, which ``recover``
+        puts back if nothing takes ``path``'s place. (``commit_marker`` is for object stores.)"""
+        target = os.path.abspath(path.rstrip("/"))
+        hidden = hidden_name(target, old=previous)
+        try:
+            os.rename(target, hidden)
+            fsync_dir(os.path.dirname(target))  # out of sight for good before any deletion
+        except OSError as e:
+            raise StorageError(
+                e.errno, f"{path}: cannot remove the checkpoint: {e.strerror or e}"
+            ) from e
+        return hidden
+
+    def leftovers(self, directory: str) -> list[Leftover]:
+        found = []
+        for name in self.list_dir(directory):
+            target = hidden_target(name)
+            if target is not None:
+                found.append(
+                    Leftover(
+                        os.path.join(directory, name),
+                        os.path.join(directory, target),
+                        moved_aside=name.endswith(".old"),
+                    )
+                )
+        return found
+
+    def recover(self, leftover: Leftover, whole: Callable[[str], bool]) -> bool:
+        """Put the previous version back where its target is missing and ``whole`` says it is
+        intact, or remove the leftover; an entry that should go back but cannot stays where it
+        is, for the next try. Errors are not raised: this runs while dealing with others."""
+        if leftover.moved_aside and not os.path.lexists(leftover.target):
+            try:
+                intact = whole(leftover.path)
+            except (TorchkeepError, OSError):
+                intact = False
+            if intact:
+                try:
+                    os.rename(leftover.path, leftover.target)
+                    fsync_dir(os.path.dirname(os.path.abspath(leftover.target)))
+                except OSError as e:
+                    log.warning(
+                        "could not put %s back at %s: %s", leftover.path, leftover.target, e
+                    )
+                    return False
+                return True
+        with contextlib.suppress(OSError):
+            _remove_entry(leftover.path)
+        return False
+
 
 def _remove_entry(path: str) -> None:
     """Remove a directory tree, or a file or a link (not what it points to)."""
@@ -323,27 +319,10 @@ def _remove_entry(path: str) -> None:
         os.unlink(path)
 
 
-def restore_or_remove(
-    leftover: str,
-    target: str,
-    whole: Callable[[str], bool],
-    remove: Callable[[str], None] = _remove_entry,
-) -> bool:
-    """Deal with an entry a crash left beside ``target`` while replacing it: the previous
-    version, moved aside (``….old``) by a two-rename replacement that was interrupted before the
-    new one took its place, goes back when ``target`` is missing and ``whole(leftover)`` says it
-    is intact; anything else is removed. Returns True when it was put back."""
-    if leftover.endswith(".old") and not os.path.lexists(target):
-        try:
-            if whole(leftover):
-                os.rename(leftover, target)
-                fsync_dir(os.path.dirname(os.path.abspath(target)))
-                return True
-        except (TorchkeepError, OSError):
-            pass
-    with contextlib.suppress(OSError):
-        remove(leftover)
-    return False
+def hidden_target(name: str) -> str | None:
+    """The name whose hidden temporary, moved-aside or deleted entry ``name`` is, or None."""
+    match = _HIDDEN.fullmatch(name)
+    return match.group("name") if match else None
 
 
 def _exchange(a: str, b: str) -> bool:

@@ -1,0 +1,37 @@
+"""Where bytes go: the ``Storage`` seam and its implementations.
+
+``base`` holds the protocols and the operations written once over any storage; ``local`` the
+atomic local files (and the only code that makes or recognises temporary names); ``fsspec`` and
+``s3`` the object stores; ``route`` picks the storage of a path or URL.
+"""
+
+from torchkeep.storage.base import Leftover, Sink, Source, Storage, recover_leftovers
+from torchkeep.storage.fsspec import FsspecSource, FsspecStorage
+from torchkeep.storage.local import (
+    DEFAULT_STORAGE,
+    LocalSource,
+    LocalStorage,
+    fsync_dir,
+    hidden_target,
+)
+from torchkeep.storage.route import is_url, join, storage_for
+from torchkeep.storage.s3 import S3Storage
+
+__all__ = [
+    "DEFAULT_STORAGE",
+    "FsspecSource",
+    "FsspecStorage",
+    "Leftover",
+    "LocalSource",
+    "LocalStorage",
+    "S3Storage",
+    "Sink",
+    "Source",
+    "Storage",
+    "fsync_dir",
+    "hidden_target",
+    "is_url",
+    "join",
+    "recover_leftovers",
+    "storage_for",
+]

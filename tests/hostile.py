@@ -19,7 +19,7 @@ import torch
 import torchkeep as tk
 from conftest import SimpleNet
 from torchkeep.container import write_container
-from torchkeep.format import _body_checksum
+from torchkeep.format import body_checksum
 
 
 @dataclass(frozen=True)
@@ -223,7 +223,7 @@ def _signed(manifest: dict, edit: Callable[[dict], None]) -> dict:
     so that the edit itself must be caught."""
     body = {k: v for k, v in manifest.items() if k != "manifest_checksum"}
     edit(body)
-    return {**body, "manifest_checksum": _body_checksum(body)}
+    return {**body, "manifest_checksum": body_checksum(body)}
 
 
 def _edit_manifest(path: Path, edit: Callable[[dict], None], *, sign: bool = True) -> None:

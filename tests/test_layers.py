@@ -65,24 +65,10 @@ FRONT_ENDS = (
 )
 
 KNOWN: set[str] = {
-    "private: torchkeep.__main__ -> torchkeep.cli._run",
-    "private: torchkeep.dcp -> torchkeep.unpickler._Refused",
-    "private: torchkeep.dcp -> torchkeep.unpickler._Storage",
-    "private: torchkeep.dcp -> torchkeep.unpickler._modern_name",
-    "private: torchkeep.dcp -> torchkeep.unpickler._scan_pickles",
-    "private: torchkeep.dcp -> torchkeep.unpickler._storage_pid",
-    "private: torchkeep.dcp -> torchkeep.unpickler._unpickle",
     "private: torchkeep.distributed -> torchkeep.container._Hooks",
     "private: torchkeep.distributed -> torchkeep.container._layout",
     "private: torchkeep.distributed -> torchkeep.container._remove_replaced",
     "private: torchkeep.distributed -> torchkeep.container._write_items",
-    "private: torchkeep.legacy -> torchkeep.unpickler._Refused",
-    "private: torchkeep.legacy -> torchkeep.unpickler._RestrictedUnpickler",
-    "private: torchkeep.legacy -> torchkeep.unpickler._Storage",
-    "private: torchkeep.legacy -> torchkeep.unpickler._scan_pickles",
-    "private: torchkeep.legacy -> torchkeep.unpickler._storage_pid",
-    "private: torchkeep.legacy -> torchkeep.unpickler._unpickle",
-    "private: torchkeep.legacy -> torchkeep.unpickler._unsafe",
 }
 
 # Modules still over the size limit; the list may only shrink.
@@ -93,7 +79,6 @@ LONG: set[str] = {
     "torchkeep.dcp",
     "torchkeep.demo",
     "torchkeep.distributed",
-    "torchkeep.format",
     "torchkeep.integrations.lightning",
     "torchkeep.integrations.transformers",
     "torchkeep.manager",

@@ -27,7 +27,7 @@ from torchkeep.format import (
     MANIFEST_KEY,
     MAX_HEADER_BYTES,
     MAX_RANK,
-    _body_checksum,
+    body_checksum,
     signed_manifest_text,
 )
 
@@ -111,7 +111,7 @@ def _compact(body: dict) -> str:
 def _reseal(body: dict[str, Any]) -> None:
     """Recompute a manifest's own checksum after an edit, so a later rule is what fails."""
     body.pop("manifest_checksum", None)
-    body["manifest_checksum"] = _body_checksum(body)
+    body["manifest_checksum"] = body_checksum(body)
 
 
 def _save_state(tmp_path: Path) -> Path:
@@ -1034,6 +1034,6 @@ def test_a_signed_manifest_with_an_out_of_range_number_is_corrupt(tmp_path):
     manifest = path / "manifest.json"
     body = json.loads(manifest.read_text())
     body.pop("manifest_checksum")
-    text = _compact({**body, "manifest_checksum": _body_checksum({**body, "extra": float("inf")})})
+    text = _compact({**body, "manifest_checksum": body_checksum({**body, "extra": float("inf")})})
     manifest.write_text(text.replace('"manifest_checksum"', '"extra":1e400,"manifest_checksum"'))
     _assert_rejected(path, match="does not match its checksum")

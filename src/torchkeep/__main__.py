@@ -1,5 +1,7 @@
 """``python -m torchkeep``: the command line."""
 
-from torchkeep.cli import _run
+import sys
 
-_run()
+from torchkeep.cli import main
+
+sys.exit(main())

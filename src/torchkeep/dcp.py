@@ -37,14 +37,14 @@ from torchkeep.io import ReadItem, read_tensors
 from torchkeep.io.memory import tensor_bytes
 from torchkeep.storage import LocalSource
 from torchkeep.unpickler import (
-    _modern_name,
-    _Refused,
-    _scan_pickles,
-    _Storage,
-    _storage_pid,
+    FileStorage,
+    Refused,
     check_memo,
+    modern_name,
+    scan_pickles,
+    storage_pid,
 )
-from torchkeep.unpickler import _unpickle as _unpickle_payload
+from torchkeep.unpickler import unpickle as unpickle_payload
 
 METADATA_NAME = ".metadata"
 MAX_METADATA_BYTES = 256 << 20
@@ -191,9 +191,9 @@ METADATA_GLOBALS = _metadata_globals()
 
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
-        found = METADATA_GLOBALS.get(_modern_name(module, name))
+        found = METADATA_GLOBALS.get(modern_name(module, name))
         if found is None:
-            raise _Refused(module, name)
+            raise Refused(module, name)
         return found
 
     def persistent_load(self, pid: Any) -> Any:
@@ -212,8 +212,8 @@ def _read_metadata(root: str) -> _Metadata:
     check_memo(stream, path)
     try:
         metadata = _MetadataUnpickler(stream).load()
-    except _Refused:
-        bad = {n for n in _scan_pickles(data) if tuple(n.rsplit(".", 1)) not in METADATA_GLOBALS}
+    except Refused:
+        bad = {n for n in scan_pickles(data) if tuple(n.rsplit(".", 1)) not in METADATA_GLOBALS}
         raise UnsafeFileError(
             f"{path}: loading it would import and call {', '.join(sorted(bad)[:12])}; refused, "
             "nothing was run. DCP writes only its own dataclasses there: the file is not DCP's"
@@ -437,16 +437,16 @@ def _zip_records(source: LocalSource, piece: _Piece, what: str) -> dict[str, tup
 
 def _read_payload(source: LocalSource, piece: _Piece, what: str, verify: bool) -> Any:
     records = _zip_records(source, piece, what)
-    storages: dict[str, tuple[_Storage, tuple[int, int, int]]] = {}
+    storages: dict[str, tuple[FileStorage, tuple[int, int, int]]] = {}
 
-    def storage(pid: Any) -> _Storage:
-        dtype, key, numel = _storage_pid(pid, what)
+    def storage(pid: Any) -> FileStorage:
+        dtype, key, numel = storage_pid(pid, what)
         if key not in storages:
             record = records.get(f"data/{key}")
             if record is None or numel * dtype.itemsize != record[1]:
                 raise CorruptCheckpointError(f"{what}: storage {key} is missing or mis-sized")
             # Bounded before allocating: the record lies inside the payload, inside the file.
-            storages[key] = (_Storage(key, torch.empty(numel, dtype=dtype)), record)
+            storages[key] = (FileStorage(key, torch.empty(numel, dtype=dtype)), record)
         return storages[key][0]
 
     offset, size, crc = records["data.pkl"]
@@ -454,7 +454,7 @@ def _read_payload(source: LocalSource, piece: _Piece, what: str, verify: bool) -
     if verify and zlib.crc32(pickled) != crc:
         raise CorruptCheckpointError(f"{what}: data.pkl does not match its CRC-32; corrupt")
     try:
-        obj = _unpickle_payload(pickled, storage, what)
+        obj = unpickle_payload(pickled, storage, what)
     except UnsafeFileError as e:  # its `torchkeep scan` hint fits whole files only
         raise UnsafeFileError(str(e).split(". If you trust")[0]) from None
     items = [ReadItem(s.key, record[0], s.data, None) for s, record in storages.values()]

@@ -32,14 +32,14 @@ from torchkeep.io.checksum import ZIP_CRC32
 from torchkeep.storage import LocalSource, storage_for
 from torchkeep.unpickler import (
     ALLOWED_GLOBALS,
-    _Refused,
-    _RestrictedUnpickler,
-    _scan_pickles,
-    _Storage,
-    _storage_pid,
-    _unpickle,
-    _unsafe,
+    FileStorage,
+    Refused,
+    RestrictedUnpickler,
     check_memo,
+    scan_pickles,
+    storage_pid,
+    unpickle,
+    unsafe_error,
 )
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -165,7 +165,7 @@ def _read_record(archive: _Archive, record: _Record) -> bytes:
 @dataclass
 class _Loaded:
     obj: Any
-    storages: list[tuple[_Storage, int, int, int | None]] = field(default_factory=list)
+    storages: list[tuple[FileStorage, int, int, int | None]] = field(default_factory=list)
 
 
 def _load_zip(path: str, *, meta: bool) -> _Loaded:
@@ -173,10 +173,10 @@ def _load_zip(path: str, *, meta: bool) -> _Loaded:
     or on the meta device with ``meta``."""
     archive = _open_zip(path)
     loaded = _Loaded(None)
-    storages: dict[str, _Storage] = {}
+    storages: dict[str, FileStorage] = {}
 
-    def storage(pid: Any) -> _Storage:
-        dtype, key, numel = _storage_pid(pid, path)
+    def storage(pid: Any) -> FileStorage:
+        dtype, key, numel = storage_pid(pid, path)
         if key in storages:
             return storages[key]
         record = archive.records.get(f"{archive.prefix}data/{key}")
@@ -188,12 +188,12 @@ def _load_zip(path: str, *, meta: bool) -> _Loaded:
                 f"{record.size} bytes"
             )
         data = torch.empty(numel, dtype=dtype, device="meta" if meta else "cpu")
-        storages[key] = _Storage(key, data)
+        storages[key] = FileStorage(key, data)
         loaded.storages.append((storages[key], record.offset, record.size, record.crc))
         return storages[key]
 
     pickled = archive.records[archive.prefix + "data.pkl"]
-    loaded.obj = _unpickle(_read_record(archive, pickled), storage, path)
+    loaded.obj = unpickle(_read_record(archive, pickled), storage, path)
     return loaded
 
 
@@ -211,16 +211,16 @@ def _load_stream(path: str, *, meta: bool) -> _Loaded:
 
 def _read_stream(path: str, stream: io.BufferedReader, file_size: int, *, meta: bool) -> _Loaded:
     loaded = _Loaded(None)
-    storages: dict[str, _Storage] = {}
+    storages: dict[str, FileStorage] = {}
 
-    def next_pickle(storage: Callable[[Any], _Storage]) -> Any:
+    def next_pickle(storage: Callable[[Any], FileStorage]) -> Any:
         start = stream.tell()
         check_memo(stream, path)
         try:
-            return _RestrictedUnpickler(stream, storage).load()
-        except _Refused:
+            return RestrictedUnpickler(stream, storage).load()
+        except Refused:
             stream.seek(start)
-            raise _unsafe(path, stream.read(MAX_SCANNED_BYTES)) from None
+            raise unsafe_error(path, stream.read(MAX_SCANNED_BYTES)) from None
         except (CorruptCheckpointError, UnsupportedFormatError, UnsafeFileError):
             raise
         except Exception as e:
@@ -228,7 +228,7 @@ def _read_stream(path: str, stream: io.BufferedReader, file_size: int, *, meta: 
                 f"{path}: malformed pickle ({type(e).__name__}: {e})"
             ) from e
 
-    def no_storage(pid: Any) -> _Storage:
+    def no_storage(pid: Any) -> FileStorage:
         raise CorruptCheckpointError(f"{path}: a storage reference outside the main object")
 
     if next_pickle(no_storage) != LEGACY_MAGIC:
@@ -241,8 +241,8 @@ def _read_stream(path: str, stream: io.BufferedReader, file_size: int, *, meta: 
     wanted: dict[str, tuple[torch.dtype, int]] = {}
     claimed = [0]
 
-    def storage(pid: Any) -> _Storage:
-        dtype, key, numel = _storage_pid(pid, path)
+    def storage(pid: Any) -> FileStorage:
+        dtype, key, numel = storage_pid(pid, path)
         if key not in storages:
             # Bounded before allocating: the bytes must fit in what is left of the file.
             claimed[0] += numel * dtype.itemsize
@@ -250,7 +250,7 @@ def _read_stream(path: str, stream: io.BufferedReader, file_size: int, *, meta: 
                 raise CorruptCheckpointError(
                     f"{path}: its storages claim more bytes than the file holds (at {key})"
                 )
-            storages[key] = _Storage(
+            storages[key] = FileStorage(
                 key, torch.empty(numel, dtype=dtype, device="meta" if meta else "cpu")
             )
             wanted[key] = (dtype, numel)
@@ -444,7 +444,7 @@ def _scan(path: str) -> ScanReport:
         try:
             archive = _open_zip(path)
             for _, data in _iter_zip_pickles(archive):
-                names += _scan_pickles(data, problems)
+                names += scan_pickles(data, problems)
         except UnsafeFileError as e:
             return ScanReport(path, "torchscript", (), (), False, f"unsafe: {e}")
         except (CorruptCheckpointError, UnsupportedFormatError) as e:
@@ -452,7 +452,7 @@ def _scan(path: str) -> ScanReport:
     elif kind == "torch-legacy":
         with open(path, "rb") as f:
             # The pickles come first; the storage bytes after them need not be read.
-            names = _scan_pickles(f.read(MAX_SCANNED_BYTES), problems)
+            names = scan_pickles(f.read(MAX_SCANNED_BYTES), problems)
     else:
         with open(path, "rb") as f:
             head = f.read(16)

@@ -1,7 +1,7 @@
 """The restricted unpickler that reads ``torch.save`` pickles without running code.
 
 A ``torch.save`` file is a pickle: loading it with ``pickle`` runs whatever code it names. Here
-it is unpickled by ``_RestrictedUnpickler``, whose ``find_class`` never imports anything: it
+it is unpickled by ``RestrictedUnpickler``, whose ``find_class`` never imports anything: it
 returns torchkeep's own stand-ins from a fixed table of plain types (tensor rebuilders that
 validate bounds, containers, numbers, dtypes, ``torch.Size``, numpy scalars, argparse
 namespaces). Any other global ends the load with ``UnsafeFileError`` listing every global the
@@ -65,7 +65,7 @@ class _TensorType(metaclass=_Sealed):
 
 
 @dataclass(frozen=True, slots=True)
-class _Storage:
+class FileStorage:
     """A storage the file holds: a flat tensor of ``numel`` elements, filled after unpickling."""
 
     key: str
@@ -98,7 +98,7 @@ def _check_shape(values: Any, what: str) -> tuple[int, ...]:
 def _view(
     storage: Any, offset: Any, size: Any, stride: Any, dtype: torch.dtype | None
 ) -> torch.Tensor:
-    if not isinstance(storage, _Storage):
+    if not isinstance(storage, FileStorage):
         raise CorruptCheckpointError("a tensor is rebuilt from something that is not a storage")
     data = storage.data
     if dtype is not None and dtype != data.dtype:
@@ -286,12 +286,12 @@ ALLOWED_GLOBALS = _allowed_globals()
 # the unpicklers
 
 
-class _Refused(Exception):
+class Refused(Exception):
     def __init__(self, module: str, name: str) -> None:
         super().__init__(f"{module}.{name}")
 
 
-def _modern_name(module: str, name: str) -> tuple[str, str]:
+def modern_name(module: str, name: str) -> tuple[str, str]:
     """Map a Python 2 name (protocol 0-2 pickles say ``__builtin__.set``) to Python 3's."""
     if (module, name) in _compat_pickle.NAME_MAPPING:
         mapped: tuple[str, str] = _compat_pickle.NAME_MAPPING[(module, name)]
@@ -299,16 +299,16 @@ def _modern_name(module: str, name: str) -> tuple[str, str]:
     return _compat_pickle.IMPORT_MAPPING.get(module, module), name
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    def __init__(self, file: io.BufferedIOBase, storage: Callable[[Any], _Storage]) -> None:
+class RestrictedUnpickler(pickle.Unpickler):
+    def __init__(self, file: io.BufferedIOBase, storage: Callable[[Any], FileStorage]) -> None:
         super().__init__(file)
         self._storage = storage
 
     def find_class(self, module: str, name: str) -> Any:
-        module, name = _modern_name(module, name)
+        module, name = modern_name(module, name)
         found = ALLOWED_GLOBALS.get((module, name))
         if found is None:
-            raise _Refused(module, name)
+            raise Refused(module, name)
         return found
 
     def persistent_load(self, pid: Any) -> Any:
@@ -343,7 +343,7 @@ class _RecordingUnpickler(pickle.Unpickler):
         self._seen = seen
 
     def find_class(self, module: str, name: str) -> Any:
-        module, name = _modern_name(module, name)
+        module, name = modern_name(module, name)
         self._seen.append(f"{module}.{name}")
         return _Inert
 
@@ -381,7 +381,7 @@ def check_memo(stream: IO[bytes], where: str) -> None:
         stream.seek(start)
 
 
-def _scan_pickles(data: bytes, problems: list[str] | None = None) -> list[str]:
+def scan_pickles(data: bytes, problems: list[str] | None = None) -> list[str]:
     """The globals the pickles at the start of ``data`` name, none of them run. If the first
     pickle is malformed, why is added to ``problems`` (what follows the first, as the storage
     bytes of the pre-1.6 format, may well not be a pickle)."""
@@ -399,7 +399,7 @@ def _scan_pickles(data: bytes, problems: list[str] | None = None) -> list[str]:
     return seen
 
 
-def _storage_pid(pid: Any, where: str) -> tuple[torch.dtype, str, int]:
+def storage_pid(pid: Any, where: str) -> tuple[torch.dtype, str, int]:
     if (
         not isinstance(pid, tuple)
         or len(pid) not in (5, 6)
@@ -417,13 +417,13 @@ def _storage_pid(pid: Any, where: str) -> tuple[torch.dtype, str, int]:
     return pid[1].dtype, pid[2], pid[4]
 
 
-def _unpickle(data: bytes, storage: Callable[[Any], _Storage], where: str) -> Any:
+def unpickle(data: bytes, storage: Callable[[Any], FileStorage], where: str) -> Any:
     stream = io.BytesIO(data)
     check_memo(stream, where)
     try:
-        obj = _RestrictedUnpickler(stream, storage).load()
-    except _Refused:
-        raise _unsafe(where, data) from None
+        obj = RestrictedUnpickler(stream, storage).load()
+    except Refused:
+        raise unsafe_error(where, data) from None
     except (CorruptCheckpointError, UnsupportedFormatError, UnsafeFileError) as e:
         if str(e).startswith(where):
             raise
@@ -439,8 +439,8 @@ def _unpickle(data: bytes, storage: Callable[[Any], _Storage], where: str) -> An
     return obj
 
 
-def _unsafe(where: str, data: bytes) -> UnsafeFileError:
-    names = _scan_pickles(data)
+def unsafe_error(where: str, data: bytes) -> UnsafeFileError:
+    names = scan_pickles(data)
     bad = sorted({n for n in names if tuple(n.rsplit(".", 1)) not in ALLOWED_GLOBALS})
     return UnsafeFileError(
         f"{where}: loading it would import and call {', '.join(bad[:12])}"

@@ -1,0 +1,83 @@
+"""Every on-disk name and constant of the format: its name and version, the manifest's file and
+key, shard names, the checksum's parameters and limits, pickle suffixes and the recognition of
+pickles, and the checks of target and member names.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from torchkeep.errors import CorruptCheckpointError, UnsupportedFormatError
+
+FORMAT_NAME = "torchkeep"
+FORMAT_VERSION = 2
+# Version 2 added the "distributed" section (tensors sharded across the ranks of a distributed
+# save); a save without one is written as version 1, readable by every torchkeep.
+DISTRIBUTED_FORMAT_VERSION = 2
+MANIFEST_KEY = "torchkeep"
+MANIFEST_FILE = "manifest.json"
+CHECKSUM_ALGORITHM = "xxh3_64"
+# Tensors larger than this are hashed in pieces (in parallel); their checksum is the hash of the
+# pieces' digests. Recorded in every manifest, so a reader never guesses it.
+CHECKSUM_CHUNK = 16 << 20
+HEADER_ALIGN = 64
+MAX_HEADER_BYTES = 100 << 20
+MAX_RANK = 64
+SAVE_ID = re.compile(r"[0-9a-f]{32}")
+MAX_MANIFEST_BYTES = 256 << 20
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle", ".tar")
+
+# Opcodes a pickle of protocol 0 or 1 (no PROTO opcode) starts with: GLOBAL, MARK, the empty
+# containers, None and the scalars.
+_OLD_PICKLE_STARTS = b"c(}]).NILFSVXKJMUTG"
+
+
+def pickle_kind(head: bytes) -> str | None:
+    """Return ``"zip"`` or ``"torch-legacy"`` for the first bytes of a ``torch.save`` file or
+    another pickle, None for anything else (a safetensors file's header starts with ``{`` at
+    byte 8)."""
+    if head[:4] == b"PK\x03\x04":
+        return "zip"
+    if head[:1] and head[:1] in b"\x80" + _OLD_PICKLE_STARTS and head[8:9] != b"{":
+        return "torch-legacy"
+    return None
+
+
+def check_member_name(name: Any, *, where: str) -> str:
+    """Return ``name`` if it is a plain file name inside a checkpoint directory, else raise."""
+    if (
+        not isinstance(name, str)
+        or not name
+        or "/" in name
+        or "\\" in name
+        or name in (".", "..")
+        or "\x00" in name
+    ):
+        raise CorruptCheckpointError(
+            f"{where}: the manifest names a file {name!r} outside the checkpoint directory; "
+            "refusing to read it"
+        )
+    return name
+
+
+def check_target_name(path: str) -> None:
+    """Refuse targets named like pickle files (users migrating from torch.save type them)."""
+    lowered = path.lower().rstrip("/")
+    for suffix in PICKLE_SUFFIXES:
+        if lowered.endswith(suffix):
+            suggestion = path.rstrip("/")[: -len(suffix)] + ".safetensors"
+            raise UnsupportedFormatError(
+                f"{path}: torchkeep writes safetensors, never pickle; name the file "
+                f"'{suggestion}' (or give a directory path without a suffix)"
+            )
+
+
+# The data files of a directory save: "shard-00000.safetensors", or with the save's id where
+# the save was built in place (object stores).
+SHARD_NAME = re.compile(r"shard-\d{5}(-[0-9a-f]{12})?\.safetensors")
+
+
+def is_single_file(path: str) -> bool:
+    """Return whether ``path`` names one safetensors file (else it names a directory)."""
+    return path.lower().endswith(".safetensors")

@@ -1,0 +1,273 @@
+"""The manifest's sections beyond the tensor table: the distributed section (sharded tensors,
+with the one check that their chunks tile each tensor exactly), the model section's shape, and
+the state tree's typed-JSON check.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import bisect
+import itertools
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from torchkeep.errors import CorruptCheckpointError
+from torchkeep.format.header import DTYPES, TensorEntry, is_int
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One stored piece of a sharded tensor: the stored tensor ``tensor`` holds the box at
+    ``offsets`` (its shape is the stored tensor's)."""
+
+    tensor: str
+    offsets: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Sharded:
+    """A tensor saved in chunks by the ranks of a distributed save."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    chunks: tuple[Chunk, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPES[self.dtype].itemsize
+
+
+def parse_distributed(
+    raw: Any, tensors: Mapping[str, TensorEntry], *, where: str
+) -> dict[str, Sharded]:
+    """Validate the sharded tensors: each chunk a stored tensor of the same dtype and rank,
+    inside the tensor, the chunks tiling it exactly (no gap, no overlap)."""
+
+    def bad(why: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(
+            f"{where}: the manifest's distributed section {why}"
+        )
+
+    if not isinstance(raw, dict):
+        raise bad("is not a table")
+    result: dict[str, Sharded] = {}
+    used: set[str] = set()
+    for name, spec in raw.items():
+        if not isinstance(spec, dict) or set(spec) != {"dtype", "shape", "chunks"}:
+            raise bad(f"entry {name!r} is malformed")
+        dtype, shape, chunks = spec["dtype"], spec["shape"], spec["chunks"]
+        if dtype not in DTYPES or not _is_shape(shape) or not isinstance(chunks, list):
+            raise bad(f"entry {name!r} has an invalid dtype, shape or chunk list")
+        if name in tensors:
+            raise bad(f"names {name!r} as a stored tensor and as a sharded one")
+        parsed: list[Chunk] = []
+        covered = 0
+        for chunk in chunks:
+            if not isinstance(chunk, dict) or set(chunk) != {"tensor", "offsets"}:
+                raise bad(f"entry {name!r} has a malformed chunk")
+            stored, offsets = chunk["tensor"], chunk["offsets"]
+            entry = tensors.get(stored) if isinstance(stored, str) else None
+            if entry is None or stored in used:
+                raise bad(
+                    f"chunk {stored!r} of {name!r} is not a stored tensor, or is used twice"
+                )
+            used.add(stored)
+            if (
+                not _is_shape(offsets)
+                or len(offsets) != len(shape)
+                or entry.dtype != dtype
+                or len(entry.shape) != len(shape)
+                or any(
+                    o + n > s
+                    for o, n, s in zip(offsets, entry.shape, shape, strict=True)
+                )
+            ):
+                raise bad(
+                    f"chunk {stored!r} does not lie inside {name!r} ({dtype}{shape})"
+                )
+            parsed.append(Chunk(stored, tuple(offsets)))
+            covered += math.prod(entry.shape)
+        boxes = [(c.offsets, tensors[c.tensor].shape) for c in parsed]
+        if covered != math.prod(shape) or _overlapping(boxes):
+            raise bad(f"the chunks of {name!r} do not cover it exactly once")
+        result[name] = Sharded(dtype, tuple(shape), tuple(parsed))
+    return result
+
+
+def _is_shape(value: Any) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 1 << 62
+        for n in value
+    )
+
+
+MAX_GRID_CELLS = 1 << 22
+
+
+def _overlapping(boxes: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> bool:
+    """Whether any two non-empty boxes overlap. The boxes' edges cut each dimension into
+    segments; each box covers a block of the grid they make, and two boxes overlap exactly
+    when they share a cell. A sharding makes a grid of about one cell per chunk."""
+    live = [(o, n) for o, n in boxes if math.prod(n)]
+    if not live:
+        return False
+    cuts = [
+        sorted({o[d] for o, _ in live} | {o[d] + n[d] for o, n in live})
+        for d in range(len(live[0][0]))
+    ]
+    if math.prod(len(c) - 1 for c in cuts) > MAX_GRID_CELLS:
+        return True  # far more fragments than any sharding makes: refused as malformed
+    taken: set[tuple[int, ...]] = set()
+    for offsets, shape in live:
+        ranges = [
+            range(bisect.bisect_left(c, o), bisect.bisect_left(c, o + n))
+            for c, o, n in zip(cuts, offsets, shape, strict=True)
+        ]
+        for cell in itertools.product(*ranges):
+            if cell in taken:
+                return True
+            taken.add(cell)
+    return False
+
+
+def model_section_problem(model: Any) -> str | None:
+    """What is wrong with a saved model's section of the manifest (types only: the recipe's
+    contents are checked when it is decoded), or None."""
+    if not isinstance(model, dict):
+        return "is not an object"
+    if not isinstance(model.get("class"), str):
+        return "names no class"
+    if model.get("recipe_problem") is not None and not isinstance(
+        model["recipe_problem"], str
+    ):
+        return "has a malformed recipe_problem"
+    if model.get("recipe") is not None and not isinstance(model["recipe"], dict):
+        return "has a malformed recipe"
+    for key in ("buffers", "frozen"):
+        names = model.get(key, [])
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            return f"has a malformed {key} list"
+    program = model.get("program")
+    if program is not None:
+        inputs = program.get("inputs") if isinstance(program, dict) else None
+        if not isinstance(inputs, list) or not all(
+            isinstance(i, dict)
+            and isinstance(i.get("dtype"), str)
+            and isinstance(i.get("shape"), list)
+            and all(d is None or is_int(d) for d in i["shape"])
+            for i in inputs
+        ):
+            return "has a malformed program description"
+    attributes = model.get("attributes", {})
+    if not isinstance(attributes, dict) or not all(
+        isinstance(v, dict) for v in attributes.values()
+    ):
+        return "has malformed attributes"
+    converted = model.get("converted")
+    if converted is not None and not isinstance(converted, dict):
+        return "has a malformed conversion record"
+    if "architecture" in model and not _plain_architecture(model["architecture"], 0):
+        return "has a malformed architecture"
+    return None
+
+
+def _plain_architecture(node: Any, depth: int) -> bool:
+    if depth > 64 or not isinstance(node, dict):
+        return False
+    children = node.get("children", {})
+    return (
+        isinstance(node.get("type"), str)
+        and is_int(node.get("parameters"))
+        and isinstance(children, dict)
+        and all(_plain_architecture(c, depth + 1) for c in children.values())
+    )
+
+
+MAX_TREE_DEPTH = 200
+
+
+def _is_key_json(key: Any, depth: int) -> bool:
+    """Whether typed JSON ``key`` decodes to a hashable dict key (a scalar or nested tuples)."""
+    if depth > MAX_TREE_DEPTH:
+        return False
+    if key is None or isinstance(key, (str, int, float, bool)):
+        return True
+    if isinstance(key, dict) and len(key) == 1:
+        ((tag, value),) = key.items()
+        if tag in ("$float", "$bytes"):
+            return isinstance(value, str)
+        if tag == "$tuple" and isinstance(value, list):
+            return all(_is_key_json(k, depth + 1) for k in value)
+    return False
+
+
+def check_tree(tree: Any, names: set[str]) -> None:
+    """Raise TypeError/ValueError unless ``tree`` is a skeleton ``tree.decode`` can rebuild."""
+    stack: list[tuple[Any, int]] = [(tree, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_TREE_DEPTH:
+            raise ValueError(f"nested deeper than {MAX_TREE_DEPTH}")
+        if isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node)
+            continue
+        if not isinstance(node, dict):
+            continue
+        if len(node) == 1:
+            ((tag, value),) = node.items()
+            if tag == "$tensor":
+                if not isinstance(value, str) or value not in names:
+                    raise ValueError(
+                        f"it refers to tensor {value!r}, which the manifest lacks"
+                    )
+                continue
+            if tag == "$float":
+                if value not in ("inf", "-inf", "nan"):
+                    raise ValueError(f"$float {value!r}")
+                continue
+            if tag == "$bytes":
+                if not isinstance(value, str):
+                    raise TypeError("$bytes must be base64 text")
+                try:
+                    base64.b64decode(value, validate=True)
+                except binascii.Error as e:
+                    raise ValueError(f"$bytes: {e}") from e
+                continue
+            if tag == "$dtype":
+                if not isinstance(getattr(torch, str(value), None), torch.dtype):
+                    raise ValueError(f"unknown dtype {value!r}")
+                continue
+            if tag == "$device":
+                try:
+                    torch.device(value)
+                except (RuntimeError, TypeError) as e:
+                    raise ValueError(f"$device {value!r}") from e
+                continue
+            if tag == "$size":
+                if not isinstance(value, list) or not all(
+                    is_int(d) and d >= 0 for d in value
+                ):
+                    raise ValueError(f"$size {value!r}")
+                continue
+            if tag == "$tuple":
+                if not isinstance(value, list):
+                    raise TypeError("$tuple must hold a list")
+                stack.extend((v, depth + 1) for v in value)
+                continue
+            if tag == "$dict":
+                if not isinstance(value, list) or not all(
+                    isinstance(p, list) and len(p) == 2 for p in value
+                ):
+                    raise TypeError("$dict must hold [key, value] pairs")
+                for key, v in value:
+                    if not _is_key_json(key, depth):
+                        raise TypeError(f"dict key {key!r:.100} is not a valid key")
+                    stack.append((key, depth + 1))
+                    stack.append((v, depth + 1))
+                continue
+        stack.extend((v, depth + 1) for v in node.values())

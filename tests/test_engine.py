@@ -179,7 +179,7 @@ def test_staged_reads_refuse_pieces_larger_than_their_buffers(tmp_path: Path) ->
 
 
 def test_tied_destinations_are_read_once_and_copied(tmp_path: Path) -> None:
-    from torchkeep.container import _disjoint
+    from torchkeep.container.read import _disjoint
 
     base = torch.zeros(100)
     into = {"a": base, "b": base, "c": base[50:], "d": torch.zeros(10)}

@@ -12,12 +12,12 @@ import torch
 
 from torchkeep import distributed
 from torchkeep.container import WRITE_THREADS, SaveInfo, open_container, write_container
-from torchkeep.dcp import is_dcp_dir, load_dcp
+from torchkeep.dcp import load_dcp
 from torchkeep.distributed import read_sharded
 from torchkeep.errors import StateMismatchError, UnsupportedObjectError
-from torchkeep.format.detect import readable
-from torchkeep.legacy import load_pickle_file, sniff
-from torchkeep.storage import Storage, is_url, storage_for
+from torchkeep.format.detect import Kind, detect, readable
+from torchkeep.legacy import load_pickle_file
+from torchkeep.storage import Storage, storage_for
 from torchkeep.tree import (
     STATEFUL,
     TENSOR,
@@ -152,9 +152,15 @@ def load(
         ```
     """
     storage, target = storage_for(path, storage_options)
-    with readable(storage, target) as (storage, target):
+    with readable(storage, target) as (storage, target, kind):
         return load_from(
-            storage, target, into=into, map_location=map_location, dtype=dtype, verify=verify
+            storage,
+            target,
+            into=into,
+            map_location=map_location,
+            dtype=dtype,
+            verify=verify,
+            kind=kind,
         )
 
 
@@ -166,14 +172,15 @@ def load_from(
     map_location: Device | None = None,
     dtype: torch.dtype | None = None,
     verify: bool = True,
+    kind: Kind | None = None,
 ) -> Any:
-    """``load`` from ``path`` in ``storage``."""
+    """``load`` from ``path`` in ``storage`` (holding a checkpoint of ``kind``, when known)."""
+    kind = kind or detect(storage, path)
     foreign = None
-    if not is_url(path):
-        if is_dcp_dir(path):
-            foreign = load_dcp(path, verify=verify)
-        elif not os.path.isdir(path) and sniff(path) != "safetensors":
-            foreign = load_pickle_file(path, verify=verify)
+    if kind is Kind.DCP:
+        foreign = load_dcp(path, verify=verify)
+    elif kind.pickled:
+        foreign = load_pickle_file(path, verify=verify)
     if foreign is not None:
         obj = _convert_tree(foreign, map_location, dtype)
         return obj if into is None else _restore(None, obj, into, ())

@@ -13,25 +13,20 @@ from typing import Any
 import torch
 
 from torchkeep.checkpoint import load
-from torchkeep.container import SaveInfo, check_replaceable, write_container
-from torchkeep.dcp import is_dcp_dir
+from torchkeep.container import DirectoryWrite, SaveInfo, write_container
 from torchkeep.errors import StorageError, UnsupportedFormatError
-from torchkeep.format import MANIFEST_FILE, check_target_name, is_single_file
-from torchkeep.format.detect import readable
-from torchkeep.legacy import PendingLoad, sniff
+from torchkeep.format import HF_SAFETENSORS_INDEX, check_target_name, is_single_file
+from torchkeep.format.detect import Kind, readable
+from torchkeep.legacy import PendingLoad
 from torchkeep.model import convert_model, is_saved_model
-from torchkeep.storage import Sink, Storage, is_url, join, storage_for
+from torchkeep.storage import Storage, is_url, join, storage_for
 from torchkeep.tree import dedupe, flatten
 from torchkeep.weights import load_state_dict
 
-HF_INDEX = "model.safetensors.index.json"
 
-
-def _read(src: str) -> Any:
-    if is_dcp_dir(src):
-        return load(src)
-    if os.path.isdir(src) and not os.path.exists(os.path.join(src, MANIFEST_FILE)):
-        return load_state_dict(src)  # a Hugging Face directory: its weights
+def _read(src: str, kind: Kind) -> Any:
+    if kind is Kind.HUGGINGFACE:
+        return load_state_dict(src)  # its weights
     return load(src)
 
 
@@ -93,12 +88,13 @@ def convert(
     """
     source, src = storage_for(src, storage_options if is_url(os.fspath(src)) else None)
     storage, dst = storage_for(dst, storage_options if is_url(os.fspath(dst)) else None)
-    with readable(source, src, download=True) as (_, local):
-        return _convert(local, dst, storage, dtype=dtype, max_shard_size=max_shard_size)
+    with readable(source, src, download=True) as (_, local, kind):
+        return _convert(local, kind, dst, storage, dtype=dtype, max_shard_size=max_shard_size)
 
 
 def _convert(
     src: str,
+    kind: Kind,
     dst: str,
     storage: Storage,
     *,
@@ -113,9 +109,9 @@ def _convert(
                 "dst))"
             )
         return convert_model(src, dst, dtype=dtype, storage=storage)
-    if max_shard_size is None and not os.path.isdir(src) and sniff(src) != "safetensors":
+    if max_shard_size is None and kind.pickled:
         return _stream_pickle(src, dst, storage, dtype=dtype)
-    obj = _read(src)
+    obj = _read(src, kind)
     if max_shard_size is not None:
         if not _is_weights(obj):
             raise UnsupportedFormatError(
@@ -209,21 +205,19 @@ def _write_hf(
         size += nbytes
     count = len(shards)
     files = [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
-    check_replaceable(dst, storage, (HF_INDEX,))
-    if not storage.atomic_dirs and storage.exists(join(dst, HF_INDEX)):
+    if not storage.atomic_dirs and storage.exists(join(dst, HF_SAFETENSORS_INDEX)):
         raise StorageError(
             errno.EEXIST,
             f"{dst}: holds a Hugging Face checkpoint; in object storage it cannot be replaced "
             "without a moment where neither is whole. Convert to a new path, or delete it first",
         )
-    staging = storage.staging_dir(dst)
-    written: list[str] = []
+    write = DirectoryWrite.begin(dst, storage, marker=HF_SAFETENSORS_INDEX)
     try:
         total = 0
         for file, names in zip(files, shards, strict=True):
-            written.append(join(staging, file))
+            write.wrote([file])
             info = write_container(
-                join(staging, file),
+                join(write.staging, file),
                 {n: flat.tensors[n] for n in names},
                 aliases={a: t for a, t in flat.aliases.items() if t in names},
                 kind="weights",
@@ -237,21 +231,12 @@ def _write_hf(
             "weight_map": {**file_of, **{a: file_of[t] for a, t in flat.aliases.items()}},
         }
         text = json.dumps(index, indent=2, sort_keys=True).encode()
-
-        def fill(sink: Sink) -> None:
-            sink.pwrite(memoryview(text), 0)
-
         # The index is written last: a reader never sees it before every shard it names.
-        storage.write_file(join(staging, HF_INDEX), len(text), fill)
-        storage.commit_dir(staging, dst)
+        write.commit(text, marker=HF_SAFETENSORS_INDEX)
     except BaseException:
-        if storage.atomic_dirs:
-            storage.remove_dir(staging)
-        else:  # built in place: only what this conversion wrote
-            for path in written:
-                storage.remove_file(path)
+        write.discard()
         raise
     return SaveInfo(
-        dst, (*files, HF_INDEX), len(flat.tensors), sum(sizes.values()), total + len(text),
-        time.perf_counter() - started,
+        dst, (*files, HF_SAFETENSORS_INDEX), len(flat.tensors), sum(sizes.values()),
+        total + len(text), time.perf_counter() - started,
     )  # fmt: skip

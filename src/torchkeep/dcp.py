@@ -33,6 +33,7 @@ from torchkeep.errors import (
     UnsafeFileError,
     UnsupportedFormatError,
 )
+from torchkeep.format import DCP_METADATA_FILE
 from torchkeep.io import ReadItem, read_tensors
 from torchkeep.io.memory import tensor_bytes
 from torchkeep.storage import LocalSource
@@ -46,7 +47,6 @@ from torchkeep.unpickler import (
 )
 from torchkeep.unpickler import unpickle as unpickle_payload
 
-METADATA_NAME = ".metadata"
 MAX_METADATA_BYTES = 256 << 20
 READ_THREADS = 2
 READ_CHUNK = 16 << 20
@@ -201,7 +201,7 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 
 def _read_metadata(root: str) -> _Metadata:
-    path = os.path.join(root, METADATA_NAME)
+    path = os.path.join(root, DCP_METADATA_FILE)
     if os.path.getsize(path) > MAX_METADATA_BYTES:
         raise CorruptCheckpointError(
             f"{path}: over {MAX_METADATA_BYTES} bytes, more than any DCP metadata; refused unread"
@@ -537,7 +537,7 @@ def _nest(values: dict[str, Any], mapping: Any) -> dict[str, Any] | None:
 
 def is_dcp_dir(path: str | os.PathLike[str]) -> bool:
     """Return True when ``path`` is a directory holding a DCP ``.metadata`` file."""
-    return os.path.isfile(os.path.join(os.fspath(path), METADATA_NAME))
+    return os.path.isfile(os.path.join(os.fspath(path), DCP_METADATA_FILE))
 
 
 def load_dcp(path: str | os.PathLike[str], *, verify: bool = True) -> dict[str, Any]:

@@ -18,7 +18,6 @@ come back whole.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import math
@@ -32,12 +31,12 @@ import torch
 
 from torchkeep import errors
 from torchkeep.container import (
+    DirectoryWrite,
     SaveInfo,
-    _Hooks,
-    _layout,
-    _remove_replaced,
-    _write_items,
-    check_replaceable,
+    WriteHooks,
+    layout,
+    uncertain_commit,
+    write_items,
 )
 from torchkeep.errors import StorageError, TorchkeepError, UnsupportedObjectError
 from torchkeep.format import (
@@ -114,6 +113,7 @@ class _Failure:
     rank: int
     kind: str
     message: str
+    committed: bool = False  # the path may hold this save: the commit's outcome is unknown
 
 
 def _failure(rank: int, e: BaseException) -> _Failure:
@@ -197,14 +197,14 @@ def save(
                     f"{path}: a distributed save is a directory (one file per rank); name it "
                     "without '.safetensors'"
                 )
-            check_replaceable(path, storage, (MANIFEST_FILE,))
-            setup[0] = (uuid.uuid4().hex, storage.staging_dir(path))
+            setup[0] = (uuid.uuid4().hex, DirectoryWrite.begin(path, storage).staging)
         except Exception as e:
             setup[0] = _failure(rank, e)
     dist.broadcast_object_list(setup, src=0)
     if isinstance(setup[0], _Failure):
         _raise(path, setup[0])
     save_id, staging = setup[0]
+    write = DirectoryWrite(path, storage, staging)
 
     # A chunk held by several ranks (replicated, or a sub-mesh repeated by data parallelism)
     # is written by the lowest rank holding it.
@@ -233,7 +233,7 @@ def save(
     try:
         if not failed_early:
             mine = _write_rank(
-                staging,
+                write,
                 save_id,
                 rank,
                 {n: t for n, t in owned.items() if writer.get(n) == rank},
@@ -241,7 +241,6 @@ def save(
                     n: (d, shape, chunk if chunk is None or writer.get(chunk[0]) == rank else None)
                     for n, (d, shape, chunk) in sharded.items()
                 },
-                storage,
                 threads,
             )
     except Exception as e:
@@ -250,54 +249,33 @@ def save(
     dist.gather_object(mine, gathered, dst=0)
 
     outcome: list[Any] = [None]
-    results: list[_RankResult] = []
-    committing: list[bool] = [False]
     if rank == 0:
         assert gathered is not None
         failures = [g for g in gathered if isinstance(g, _Failure)]
         results = [g for g in gathered if isinstance(g, _RankResult)]
+        write.wrote(r.file for r in results if r.file)
         try:
             if failures:
                 outcome[0] = failures[0]
             else:
-                files, count, nbytes, written = _commit(
-                    path,
-                    staging,
-                    save_id,
-                    results,
-                    kind,
-                    tree,
-                    aliases,
-                    metadata,
-                    storage,
-                    committing,
-                )
-                outcome[0] = (files, count, nbytes, written)
+                outcome[0] = _commit(write, save_id, results, kind, tree, aliases, metadata)
         except Exception as e:
             outcome[0] = _failure(rank, e)
-            if committing[0] and not storage.atomic_dirs:
+            if write.failed(e) is not e:
                 # The manifest may have been stored before its error: the path holds this
                 # save or the previous one, whole; the shards stay.
-                outcome[0] = _Failure(
-                    0,
-                    "StorageError",
-                    f"writing the manifest that commits this save failed ({e}); the path "
-                    "holds either this save or the previous one, whole",
-                )
-                committing[0] = False
-                results = []
+                outcome[0] = _Failure(0, "StorageError", uncertain_commit(e), committed=True)
     dist.broadcast_object_list(outcome, src=0)
     if rank == 0:  # after the broadcast: no rank waits for the cleaning
         try:
             if isinstance(outcome[0], _Failure):
-                _discard(path, staging, results, storage)
-            elif not storage.atomic_dirs:
-                kept = {r.file for r in results if r.file} | {MANIFEST_FILE}
-                _remove_replaced(path, kept, storage)
+                write.discard()
+            else:
+                write.finish()
         except TorchkeepError as e:
             log.warning("%s: cleaning up after the save: %s", path, e)
     if isinstance(outcome[0], _Failure):
-        _raise(path, outcome[0], committed="holds either" in outcome[0].message)
+        _raise(path, outcome[0], committed=outcome[0].committed)
     files, count, nbytes, written = outcome[0]
     return SaveInfo(path, files, count, nbytes, written, time.perf_counter() - started)
 
@@ -367,12 +345,11 @@ def _owned(
 
 
 def _write_rank(
-    staging: str,
+    write: DirectoryWrite,
     save_id: str,
     rank: int,
     owned: dict[str, torch.Tensor],
     sharded: ShardedInfo,
-    storage: Storage,
     threads: int,
 ) -> _RankResult:
     """Write the tensors this rank writes into its file; describe its sharded tensors' chunks."""
@@ -380,7 +357,7 @@ def _write_rank(
         return _RankResult(None, {}, sharded, 0)
     dtypes = {n: t.dtype for n, t in owned.items()}
     file = f"shard-{rank:05d}-{save_id[:12]}.safetensors"
-    entries = {n: replace(e, file=file) for n, e in _layout(owned, dtypes, 1 << 62)[0]}
+    entries = {n: replace(e, file=file) for n, e in layout(owned, dtypes, 1 << 62)[0]}
     header = encode_header(entries, {"torchkeep_save": save_id})
     size = len(header) + sum(e.nbytes for e in entries.values())
     checksums: dict[str, str] = {}
@@ -388,25 +365,22 @@ def _write_rank(
     def fill(sink: Sink) -> None:
         sink.pwrite(memoryview(header), 0)
         checksums.update(
-            _write_items(sink, entries, owned, dtypes, len(header), threads, _Hooks())
+            write_items(sink, entries, owned, dtypes, len(header), threads, WriteHooks())
         )
 
-    storage.write_file(f"{staging}/{file}", size, fill)
+    write.write(file, size, fill)
     entries = {n: replace(e, checksum=checksums[n]) for n, e in entries.items()}
     return _RankResult(file, entries, sharded, size)
 
 
 def _commit(
-    path: str,
-    staging: str,
+    write: DirectoryWrite,
     save_id: str,
     results: list[_RankResult],
     kind: str,
     tree: Any,
     aliases: Mapping[str, str],
     metadata: Mapping[str, Any],
-    storage: Storage,
-    committing: list[bool],
 ) -> tuple[tuple[str, ...], int, int, int]:
     entries: dict[str, TensorEntry] = {}
     for r in results:
@@ -437,27 +411,13 @@ def _commit(
     )
     text = manifest_to_json(manifest).encode()
     # Validate what was gathered exactly as a reader will (coverage of every tensor, names).
-    manifest_from_json(text.decode(), where=f"{path}/{MANIFEST_FILE}")
-    committing[0] = True
-    storage.write_file(
-        f"{staging}/{MANIFEST_FILE}", len(text), lambda sink: sink.pwrite(memoryview(text), 0)
-    )
-    storage.commit_dir(staging, path)
+    manifest_from_json(text.decode(), where=f"{write.path}/{MANIFEST_FILE}")
+    write.commit(text)
     files = (*sorted(r.file for r in results if r.file), MANIFEST_FILE)
     nbytes = sum(e.nbytes for e in entries.values())
     written = sum(r.file_bytes for r in results) + len(text)
     stored = {c.tensor for spec in distributed.values() for c in spec.chunks}
     return files, len(distributed) + len(set(entries) - stored), nbytes, written
-
-
-def _discard(path: str, staging: str, results: list[_RankResult], storage: Storage) -> None:
-    if storage.atomic_dirs:
-        storage.remove_dir(staging)
-        return
-    for r in results:
-        if r.file:
-            with contextlib.suppress(TorchkeepError):
-                storage.remove_file(f"{path}/{r.file}")
 
 
 # ---------------------------------------------------------------------------------------------

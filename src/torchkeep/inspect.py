@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from torchkeep.container import open_container
-from torchkeep.dcp import is_dcp_dir, load_dcp
+from torchkeep.dcp import load_dcp
 from torchkeep.errors import (
     CorruptCheckpointError,
     IncompleteCheckpointError,
@@ -19,9 +19,9 @@ from torchkeep.errors import (
     UnsafeFileError,
     UnsupportedFormatError,
 )
-from torchkeep.format import DTYPE_NAMES, MANIFEST_FILE
-from torchkeep.format.detect import readable
-from torchkeep.legacy import load_pickle_file, sniff
+from torchkeep.format import DTYPE_NAMES
+from torchkeep.format.detect import Kind, readable
+from torchkeep.legacy import load_pickle_file
 from torchkeep.model import model_summary
 from torchkeep.storage import Storage, is_url, storage_for
 from torchkeep.tree import decode
@@ -131,18 +131,16 @@ def describe(
         ```
     """
     storage, path = storage_for(source, storage_options)
-    with readable(storage, path) as (storage, path):
-        return _describe(storage, path)
+    with readable(storage, path) as (storage, path, kind):
+        return _describe(storage, path, kind)
 
 
-def _describe(storage: Storage, path: str) -> Description:
-    if is_url(path):
-        return _describe_container(storage, path)
-    if not os.path.isdir(path) and sniff(path) != "safetensors":
-        return _describe_pickle(path)
-    if is_dcp_dir(path):
+def _describe(storage: Storage, path: str, kind: Kind) -> Description:
+    if kind.pickled:
+        return _describe_pickle(path, kind)
+    if kind is Kind.DCP:
         return _describe_object(path, load_dcp(path), "torch.distributed.checkpoint directory")
-    if os.path.isdir(path) and not os.path.exists(os.path.join(path, MANIFEST_FILE)):
+    if kind is Kind.HUGGINGFACE:
         return _describe_weights_directory(path)
     return _describe_container(storage, path)
 
@@ -219,9 +217,8 @@ def _describe_weights_directory(path: str) -> Description:
     )
 
 
-def _describe_pickle(path: str) -> Description:
-    kind = "torch zip (pickle)" if sniff(path) == "zip" else "torch legacy (pickle)"
-    return _describe_object(path, load_pickle_file(path, meta=True), kind)
+def _describe_pickle(path: str, kind: Kind) -> Description:
+    return _describe_object(path, load_pickle_file(path, meta=True), f"{kind.value} (pickle)")
 
 
 def _size_on_disk(path: str) -> int:
@@ -313,25 +310,23 @@ def verify(
         ```
     """
     storage, where = storage_for(source, storage_options)
-    with readable(storage, where) as (storage, path):
-        return _verify(storage, path)
+    with readable(storage, where) as (storage, path, kind):
+        return _verify(storage, path, kind)
 
 
-def _verify(storage: Storage, path: str) -> VerifyReport:
+def _verify(storage: Storage, path: str, kind: Kind) -> VerifyReport:
     try:
-        if is_url(path):
-            pass  # a torchkeep save or safetensors file, checked in place
-        elif is_dcp_dir(path) or (not os.path.isdir(path) and sniff(path) != "safetensors"):
+        if kind is Kind.DCP or kind.pickled:
             # Read whole, every CRC-32 checked (a DCP directory's describe reads it so).
-            if is_dcp_dir(path):
-                described = describe(path)
+            if kind is Kind.DCP:
+                described = _describe(storage, path, kind)
             else:
                 obj = load_pickle_file(path, verify=True)
                 described = _describe_object(path, obj, "torch pickle")
             return VerifyReport(
                 path, True, (), len(described.tensors), described.tensor_bytes, checksummed=True
             )
-        elif os.path.isdir(path) and not os.path.exists(os.path.join(path, MANIFEST_FILE)):
+        if kind is Kind.HUGGINGFACE:
             return _verify_weights_directory(path)
         with open_container(path, storage=storage) as c:
             problems = c.verify()

@@ -20,16 +20,14 @@ from typing import Any
 import torch
 
 from torchkeep.errors import (
-    CheckpointNotFoundError,
     CorruptCheckpointError,
     UnsafeFileError,
     UnsupportedFormatError,
 )
-from torchkeep.format import pickle_kind
-from torchkeep.format.detect import readable
+from torchkeep.format.detect import Kind, detect, readable
 from torchkeep.io import ReadItem, read_tensors
 from torchkeep.io.checksum import ZIP_CRC32
-from torchkeep.storage import LocalSource, storage_for
+from torchkeep.storage import DEFAULT_STORAGE, LocalSource, storage_for
 from torchkeep.unpickler import (
     ALLOWED_GLOBALS,
     FileStorage,
@@ -46,16 +44,6 @@ LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
 MAX_SCANNED_BYTES = 64 << 20  # of a refused pickle stream, read again to list its globals
 READ_CHUNK = 16 << 20
-
-
-def sniff(path: str) -> str:
-    """Return the kind of file at ``path``: safetensors, torch-zip, torchscript, torch-legacy."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(16)
-    except FileNotFoundError as e:
-        raise CheckpointNotFoundError(f"{path}: no such file") from e
-    return pickle_kind(head) or "safetensors"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,10 +273,10 @@ def _read_stream(path: str, stream: io.BufferedReader, file_size: int, *, meta: 
 
 
 def _load(path: str, *, meta: bool) -> _Loaded:
-    kind = sniff(path)
-    if kind == "zip":
+    kind = detect(DEFAULT_STORAGE, path)
+    if kind is Kind.TORCH_ZIP:
         return _load_zip(path, meta=meta)
-    if kind == "torch-legacy":
+    if kind is Kind.TORCH_LEGACY:
         return _load_stream(path, meta=meta)
     raise UnsupportedFormatError(f"{path}: not a torch.save file")
 
@@ -430,17 +418,16 @@ def scan(
     storage, url = storage_for(source, storage_options)
     if storage.is_dir(url):
         raise UnsupportedFormatError(f"{url}: scan takes a file, not a directory")
-    with readable(storage, url, download=True) as (_, path):
-        report = _scan(path)
+    with readable(storage, url, download=True) as (_, path, kind):
+        report = _scan(path, kind)
         return replace(report, path=url, verdict=report.verdict.replace(path, url))
 
 
-def _scan(path: str) -> ScanReport:
-    kind = sniff(path)
+def _scan(path: str, kind: Kind) -> ScanReport:
     names: list[str] = []
     problems: list[str] = []
-    fmt = {"zip": "torch zip", "torch-legacy": "torch legacy"}.get(kind, "safetensors")
-    if kind == "zip":
+    fmt = kind.value if kind.pickled else "safetensors"
+    if kind is Kind.TORCH_ZIP:
         try:
             archive = _open_zip(path)
             for _, data in _iter_zip_pickles(archive):
@@ -449,7 +436,7 @@ def _scan(path: str) -> ScanReport:
             return ScanReport(path, "torchscript", (), (), False, f"unsafe: {e}")
         except (CorruptCheckpointError, UnsupportedFormatError) as e:
             return ScanReport(path, "zip", (), (), False, f"refused: {e}")
-    elif kind == "torch-legacy":
+    elif kind is Kind.TORCH_LEGACY:
         with open(path, "rb") as f:
             # The pickles come first; the storage bytes after them need not be read.
             names = scan_pickles(f.read(MAX_SCANNED_BYTES), problems)

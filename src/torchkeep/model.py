@@ -33,8 +33,8 @@ from torchkeep.errors import (
     UnsupportedObjectError,
 )
 from torchkeep.format import is_single_file
-from torchkeep.format.detect import readable
-from torchkeep.legacy import scan, sniff
+from torchkeep.format.detect import Kind, readable
+from torchkeep.legacy import scan
 from torchkeep.program import PROGRAM_FILE, export_program, load_program
 from torchkeep.recipe import (
     Recipe,
@@ -50,7 +50,7 @@ from torchkeep.recipe import (
     recipe_modules,
     restore_attributes,
 )
-from torchkeep.storage import DEFAULT_STORAGE, Storage, is_url, storage_for
+from torchkeep.storage import DEFAULT_STORAGE, Storage, storage_for
 from torchkeep.tree import dedupe
 
 log = logging.getLogger(__name__)
@@ -214,10 +214,11 @@ def load_model(
             f"dtype must be a floating-point dtype such as torch.bfloat16, not {dtype}"
         )
     storage, source = storage_for(path, storage_options)
-    with readable(storage, source) as (storage, source):
+    with readable(storage, source) as (storage, source, kind):
         return _load_model(
             storage,
             source,
+            kind,
             device=device,
             dtype=dtype,
             trust=Trust(tuple(allowed_modules), trust_code),
@@ -225,20 +226,25 @@ def load_model(
 
 
 def _load_model(
-    storage: Storage, source: str, *, device: Device, dtype: torch.dtype | None, trust: Trust
+    storage: Storage,
+    source: str,
+    kind: Kind,
+    *,
+    device: Device,
+    dtype: torch.dtype | None,
+    trust: Trust,
 ) -> nn.Module:
     trust_code = trust.trust_code
-    if not is_url(source) and os.path.isfile(source) and sniff(source) != "safetensors":
+    if kind.pickled:
         return _load_pickled(source, device=device, dtype=dtype, trust_code=trust_code)
     with open_container(source, storage=storage) as container:
         section = container.manifest.model if container.manifest is not None else None
-        kind = container.manifest.kind if container.manifest else "safetensors"
-        if kind == MODEL_KIND and not isinstance(section, dict):
+        saved = container.manifest.kind if container.manifest else "safetensors"
+        if saved == MODEL_KIND and not isinstance(section, dict):
             raise CorruptCheckpointError(f"{source}: a model save without its model section")
         if not isinstance(section, dict) or container.manifest is None:
-            kind = container.manifest.kind if container.manifest else "safetensors"
             raise UnsupportedFormatError(
-                f"{source}: holds {kind}, not a whole model (tk.save_model writes those). "
+                f"{source}: holds {saved}, not a whole model (tk.save_model writes those). "
                 "Build the model and load its weights: tk.load_weights(model, path)"
             )
         program = section.get("program")

@@ -13,7 +13,7 @@ import torch
 
 from torchkeep.checkpoint import Device, check_metadata, convert
 from torchkeep.container import Container, SaveInfo, open_container, write_container
-from torchkeep.dcp import is_dcp_dir, load_dcp
+from torchkeep.dcp import load_dcp
 from torchkeep.distributed import read_sharded
 from torchkeep.errors import (
     CorruptCheckpointError,
@@ -21,16 +21,21 @@ from torchkeep.errors import (
     UnsupportedFormatError,
     UnsupportedObjectError,
 )
-from torchkeep.format import MANIFEST_FILE, Manifest, Sharded, check_member_name, load_json
-from torchkeep.format.detect import readable
-from torchkeep.legacy import load_pickle_file, sniff
-from torchkeep.storage import is_url, storage_for
+from torchkeep.format import (
+    HF_INDEX_FILES,
+    HF_WEIGHT_FILES,
+    Manifest,
+    Sharded,
+    check_member_name,
+    load_json,
+)
+from torchkeep.format.detect import Kind, detect, readable
+from torchkeep.legacy import load_pickle_file
+from torchkeep.storage import storage_for
 from torchkeep.tree import STATEFUL, TENSOR, dedupe, is_dtensor
 
 # Where a checkpoint keeps its model, in the order they are looked for.
 MODEL_KEYS = ("model_state_dict", "model", "state_dict", "module")
-HF_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 MAX_INDEX_BYTES = 64 << 20
 
 
@@ -201,26 +206,22 @@ class WeightsSource:
         self.verify = verify
         self._local = contextlib.ExitStack()
         try:
-            self.storage, self._where = self._local.enter_context(readable(storage, self.path))
-            self._open()
+            self.storage, self._where, kind = self._local.enter_context(
+                readable(storage, self.path)
+            )
+            self._open(kind)
         except BaseException:
             self.close()
             raise
         self.part_of = {k: part for part in self.parts for k in part.shapes()}
 
-    def _open(self) -> None:
+    def _open(self, kind: Kind) -> None:
         path = self._where
-        if is_url(path):  # a torchkeep save or safetensors file, read in place
-            self._open_file(path)
-            return
-        if not os.path.isdir(path):
-            self._open_file(path)
-            return
-        if os.path.exists(os.path.join(path, MANIFEST_FILE)):
-            self._open_file(path)
-            return
-        if is_dcp_dir(path):
+        if kind is Kind.DCP:
             self.parts.append(_Part(loaded=weights_in(load_dcp(path, verify=self.verify), path)))
+            return
+        if kind is not Kind.HUGGINGFACE:
+            self._open_file(path, kind)
             return
         for index in HF_INDEX_FILES:
             if os.path.exists(os.path.join(path, index)):
@@ -233,8 +234,8 @@ class WeightsSource:
         # raises the error that explains what is missing
         open_container(path, storage=self.storage).close()
 
-    def _open_file(self, path: str, keys: set[str] | None = None) -> None:
-        if is_url(path) or os.path.isdir(path) or sniff(path) == "safetensors":
+    def _open_file(self, path: str, kind: Kind | None = None, keys: set[str] | None = None) -> None:
+        if not (kind or detect(self.storage, path)).pickled:
             container = open_container(path, storage=self.storage)
             self.parts.append(_Part(container=container, names=weight_names(container)))
         else:
@@ -265,7 +266,7 @@ class WeightsSource:
             member = os.path.join(self._where, file)
             if not os.path.isfile(member):
                 raise CorruptCheckpointError(f"{member}: named by {index} but missing")
-            self._open_file(member, keys)
+            self._open_file(member, keys=keys)
             found = set(self.parts[-1].shapes())
             if found != keys:
                 raise CorruptCheckpointError(

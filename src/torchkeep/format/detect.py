@@ -1,35 +1,95 @@
-"""What is at a path, and how to read it: the formats parsed from local files are downloaded
-from object stores first.
+"""What is at a path: the one answer that every reader and every command uses, and how to read
+it (the formats parsed from local files are downloaded from object stores first).
 """
 
 from __future__ import annotations
 
 import contextlib
+import enum
 import logging
 import os
 import tempfile
 from collections.abc import Iterator
 
 from torchkeep.errors import CheckpointNotFoundError, TorchkeepError
-from torchkeep.format import MANIFEST_FILE, SHARD_NAME, pickle_kind
+from torchkeep.format.names import (
+    DCP_METADATA_FILE,
+    HF_INDEX_FILES,
+    HF_WEIGHT_FILES,
+    MANIFEST_FILE,
+    pickle_kind,
+)
 from torchkeep.storage import DEFAULT_STORAGE, FsspecStorage, Storage
 
 log = logging.getLogger(__name__)
 
 
+class Kind(enum.Enum):
+    """The kinds of checkpoint torchkeep reads."""
+
+    SAFETENSORS = "safetensors"  # a torchkeep file, or a plain one another tool wrote
+    DIRECTORY = "torchkeep directory"  # committed, or not (reading it says what is missing)
+    TORCH_ZIP = "torch zip"  # torch.save since torch 1.6
+    TORCH_LEGACY = "torch legacy"  # torch.save before 1.6, or another pickle
+    DCP = "torch.distributed.checkpoint"
+    HUGGINGFACE = "Hugging Face directory"  # an index and its shards, or one weights file
+
+    @property
+    def pickled(self) -> bool:
+        """Whether it is a ``torch.save`` file (read by the restricted unpickler)."""
+        return self in (Kind.TORCH_ZIP, Kind.TORCH_LEGACY)
+
+    @property
+    def parsed_locally(self) -> bool:
+        """Whether torchkeep reads it from a local copy (downloaded first from object stores)."""
+        return self not in (Kind.SAFETENSORS, Kind.DIRECTORY)
+
+
+def detect(storage: Storage, path: str) -> Kind:
+    """Say what kind of checkpoint is at ``path``, from its names or its first bytes.
+
+    A directory holding ``manifest.json`` is torchkeep's, whatever else it holds; so is one
+    holding none of the names other writers use (reading it then says what is missing).
+
+    Raises:
+        CheckpointNotFoundError: nothing is at ``path``.
+    """
+    if storage.is_dir(path):
+        names = set(storage.list_dir(path))
+        if MANIFEST_FILE in names:
+            return Kind.DIRECTORY
+        if DCP_METADATA_FILE in names:
+            return Kind.DCP
+        if names & {*HF_INDEX_FILES, *HF_WEIGHT_FILES}:
+            return Kind.HUGGINGFACE
+        return Kind.DIRECTORY
+    try:
+        source = storage.open(path)
+    except CheckpointNotFoundError as e:
+        raise CheckpointNotFoundError(f"{path}: no such file or directory") from e
+    try:
+        head = source.read(0, min(16, source.size))
+    finally:
+        source.close()
+    return {"zip": Kind.TORCH_ZIP, "torch-legacy": Kind.TORCH_LEGACY}.get(
+        pickle_kind(head) or "", Kind.SAFETENSORS
+    )
+
+
 @contextlib.contextmanager
 def readable(
     storage: Storage, path: str, *, download: bool = False
-) -> Iterator[tuple[Storage, str]]:
-    """Yield the storage and path to read ``path`` through.
+) -> Iterator[tuple[Storage, str, Kind]]:
+    """Yield the storage and path to read ``path`` through, and what it holds.
 
     torchkeep's own saves and safetensors files are read from the store in place (unless
     ``download``). The formats parsed from local files (``torch.save`` pickles, Hugging Face
     and torch.distributed directories) are first downloaded to a temporary directory, removed
     afterwards.
     """
-    if not isinstance(storage, FsspecStorage) or (not download and _in_place(storage, path)):
-        yield storage, path
+    kind = detect(storage, path)
+    if not isinstance(storage, FsspecStorage) or not (download or kind.parsed_locally):
+        yield storage, path, kind
         return
     with tempfile.TemporaryDirectory(prefix="torchkeep-download-") as tmp:
         local = os.path.join(tmp, path.rstrip("/").rsplit("/", 1)[-1] or "download")
@@ -37,27 +97,10 @@ def readable(
         size = storage.call(path, "sizing", "du", path)
         storage.call(path, "downloading", "get", path, local, recursive=True, nbytes=size)
         try:
-            yield DEFAULT_STORAGE, local
+            yield DEFAULT_STORAGE, local, kind
         except TorchkeepError as e:
             # Errors name the object, not the temporary copy they were found in.
             if not any(isinstance(a, str) and local in a for a in e.args):
                 raise
             args = [a.replace(local, path) if isinstance(a, str) else a for a in e.args]
             raise type(e)(*args) from e
-
-
-def _in_place(storage: FsspecStorage, path: str) -> bool:
-    if storage.is_dir(path):
-        names = storage.list_dir(path)
-        # A torchkeep directory, committed or (shards only) not: read where it is, so that an
-        # uncommitted one is reported as such without downloading it.
-        return MANIFEST_FILE in names or all(SHARD_NAME.fullmatch(n) for n in names)
-    try:
-        source = storage.open(path)
-    except CheckpointNotFoundError:
-        return True  # reading it raises the error that says so
-    try:
-        head = source.read(0, min(16, source.size))
-    finally:
-        source.close()
-    return pickle_kind(head) is None

@@ -28,6 +28,12 @@ SAVE_ID = re.compile(r"[0-9a-f]{32}")
 MAX_MANIFEST_BYTES = 256 << 20
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle", ".tar")
 
+# Other writers' names, by which their directories are recognised.
+DCP_METADATA_FILE = ".metadata"  # torch.distributed.checkpoint's commit marker
+HF_SAFETENSORS_INDEX = "model.safetensors.index.json"
+HF_INDEX_FILES = (HF_SAFETENSORS_INDEX, "pytorch_model.bin.index.json")
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
 # Opcodes a pickle of protocol 0 or 1 (no PROTO opcode) starts with: GLOBAL, MARK, the empty
 # containers, None and the scalars.
 _OLD_PICKLE_STARTS = b"c(}]).NILFSVXKJMUTG"

@@ -14,7 +14,7 @@ from torchkeep.storage.local import (
     fsync_dir,
     hidden_target,
 )
-from torchkeep.storage.route import is_url, join, storage_for
+from torchkeep.storage.route import check_storage, is_url, join, storage_for
 from torchkeep.storage.s3 import S3Storage
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "Sink",
     "Source",
     "Storage",
+    "check_storage",
     "fsync_dir",
     "hidden_target",
     "is_url",

@@ -99,3 +99,13 @@ def _filesystem(url: str, protocol: str, options: dict[str, Any]) -> Any:
         raise UnsupportedFormatError(f"{url}: fsspec knows no {protocol}:// storage ({e})") from e
     except TypeError as e:
         raise ValueError(f"{url}: storage_options not accepted by {protocol}:// ({e})") from e
+
+
+def check_storage(path: str, storage: Storage) -> None:
+    """Refuse a URL given with local storage: it must reach its store, never a local directory
+    named like it."""
+    if is_url(path) and storage.atomic_dirs:
+        raise UnsupportedFormatError(
+            f"{path}: a URL given with local storage; pass it to a torchkeep function, which "
+            "picks the storage from the URL (with storage_options=)"
+        )

@@ -1,22 +1,15 @@
-"""Containers: named tensors plus a manifest, as one safetensors file or a committed directory.
-
-``write_container`` lays tensors out, writes them through the engine and commits (one file: the
-header holding the manifest is written last into the reserved space, then the file is renamed
-into place; a directory: shards first, ``manifest.json`` last, then the directory is renamed).
-``open_container`` validates everything before anything is allocated from it.
+"""Reading a container: ``open_container`` validates a file's header, or a directory's manifest
+and every shard's header, before anything is allocated from them; ``Container`` then reads,
+maps and verifies tensors and members.
 """
 
 from __future__ import annotations
 
-import errno
 import logging
 import mmap
 import os
-import time
-import uuid
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
@@ -26,7 +19,6 @@ from torchkeep.errors import (
     IncompleteCheckpointError,
     StorageError,
     TorchkeepError,
-    UnsupportedFormatError,
 )
 from torchkeep.format import (
     CHECKSUM_CHUNK,
@@ -34,363 +26,31 @@ from torchkeep.format import (
     MANIFEST_FILE,
     MANIFEST_KEY,
     MAX_MANIFEST_BYTES,
-    SHARD_NAME,
-    FileEntry,
     Header,
     Manifest,
     TensorEntry,
     check_against_header,
-    check_member_name,
-    check_target_name,
-    dtype_name,
-    encode_header,
-    is_single_file,
     manifest_from_json,
-    manifest_to_json,
     parse_header,
     read_header_length,
 )
-from torchkeep.io import ReadItem, WriteItem, read_tensors, write_tensors
+from torchkeep.io import ReadItem, read_tensors
 from torchkeep.io.checksum import checksum_bytes, checksum_data, chunk_spans, combine_digests
 from torchkeep.io.gc import paused_gc
-from torchkeep.io.pool import run_jobs
+from torchkeep.io.pool import IO_THREADS, run_jobs
 from torchkeep.io.reader import MAX_STAGING_BYTES
-from torchkeep.storage import DEFAULT_STORAGE, LocalStorage, Sink, Source, Storage, is_url
+from torchkeep.storage import (
+    DEFAULT_STORAGE,
+    LocalStorage,
+    Source,
+    Storage,
+    check_storage,
+)
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("torchkeep.container")
 
-# Threads for positional I/O: one per core. Measured on 2 cores, more threads than cores made
-# cold loads slower (they interleave the disk's sequential readahead) and saves no faster.
-IO_THREADS = min(8, max(2, os.cpu_count() or 2))
-WRITE_THREADS = IO_THREADS
+
 READ_THREADS = IO_THREADS
-SHARD_BYTES = 4 << 30
-_PLACEHOLDER = "0" * 16
-
-
-@dataclass(frozen=True)
-class SaveInfo:
-    """What a save wrote.
-
-    Attributes:
-        path: the file or directory written.
-        files: every file of the save, relative to ``path`` for directories.
-        tensors: how many distinct tensors were stored (aliases not counted).
-        tensor_bytes: bytes of tensor data.
-        file_bytes: bytes on disk, headers included.
-        seconds: wall time of the save.
-    """
-
-    path: str
-    files: tuple[str, ...]
-    tensors: int
-    tensor_bytes: int
-    file_bytes: int
-    seconds: float
-
-
-def _layout(
-    tensors: Mapping[str, torch.Tensor], dtypes: Mapping[str, torch.dtype], shard_bytes: int
-) -> list[list[tuple[str, TensorEntry]]]:
-    """Assign byte spans; wider dtypes first so every tensor starts aligned to its item size."""
-    order = sorted(tensors, key=lambda n: -dtypes[n].itemsize)
-    shards: list[list[tuple[str, TensorEntry]]] = [[]]
-    position = 0
-    for name in order:
-        t, dtype = tensors[name], dtypes[name]
-        nbytes = t.numel() * dtype.itemsize
-        if shards[-1] and position + nbytes > shard_bytes:
-            shards.append([])
-            position = 0
-        entry = TensorEntry(
-            dtype=dtype_name(dtype, where=name),
-            shape=tuple(t.shape),
-            begin=position,
-            end=position + nbytes,
-            checksum=_PLACEHOLDER,
-        )
-        shards[-1].append((name, entry))
-        position += nbytes
-    return shards
-
-
-def write_container(
-    path: str,
-    tensors: Mapping[str, torch.Tensor],
-    *,
-    kind: str,
-    tree: Any = None,
-    aliases: Mapping[str, str] | None = None,
-    metadata: Mapping[str, Any] | None = None,
-    dtype: Callable[[str, torch.Tensor], torch.dtype] | None = None,
-    storage: Storage = DEFAULT_STORAGE,
-    threads: int = WRITE_THREADS,
-    shard_bytes: int = SHARD_BYTES,
-    ready: Callable[[str], None] | None = None,
-    before_commit: Callable[[], None] | None = None,
-    checksum_chunk: int = CHECKSUM_CHUNK,
-    files: Mapping[str, bytes] | None = None,
-    model: Any = None,
-    checksums: bool = True,
-) -> SaveInfo:
-    """Write ``tensors`` and their manifest to ``path`` (a ``.safetensors`` file or a directory).
-
-    ``checksums=False`` skips computing the tensors' checksums and leaves placeholders, so the
-    result fails verification and will not load: it exists only to measure what checksums cost.
-
-    ``files`` are other members of a directory save (an exported program), written beside the
-    shards with their checksums in the manifest; ``model`` is the manifest's model section.
-
-    ``ready(name)``, when given, is called before a tensor's memory is first read (it may block
-    until the data is there); ``before_commit()`` runs after the data is written and before the
-    save commits, and may raise to abandon it.
-    """
-    path = os.fspath(path)
-    check_target_name(path)
-    _check_storage(path, storage)
-    started = time.perf_counter()
-    dtypes = {n: (dtype(n, t) if dtype else t.dtype) for n, t in tensors.items()}
-    single = is_single_file(path)
-    files = dict(files or {})
-    if files and single:
-        raise ValueError(f"{path}: only a directory save holds other files")
-    for name in files:
-        try:
-            check_member_name(name, where=path)
-        except CorruptCheckpointError as e:
-            raise ValueError(f"{path}: {name!r} is not a plain file name for a save") from e
-    if model is not None and not isinstance(model, dict):
-        raise ValueError(f"{path}: the model section must be a dict, not {type(model).__name__}")
-    with paused_gc():  # many small objects for a save of many tensors, none cyclic
-        shards = _layout(tensors, dtypes, shard_bytes if not single else 1 << 62)
-        save_id = uuid.uuid4().hex
-        # Built in place (object stores): names no earlier save used, so the previous save's
-        # objects stay whole until the new manifest replaces its own.
-        tag = "" if storage.atomic_dirs else f"-{save_id[:12]}"
-        shard_files = [
-            "" if single else f"shard-{i:05d}{tag}.safetensors" for i in range(len(shards))
-        ]
-        entries: dict[str, TensorEntry] = {}
-        for file, shard in zip(shard_files, shards, strict=True):
-            for name, entry in shard:
-                entries[name] = replace(entry, file=file or None)
-    if set(files) & {*shard_files, MANIFEST_FILE}:
-        raise ValueError(f"{path}: the names {sorted(files)} clash with the save's own files")
-    manifest = Manifest(
-        kind=kind,
-        tensors=entries,
-        tree=tree,
-        aliases=dict(aliases or {}),
-        metadata=dict(metadata or {}),
-        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        checksum_chunk=checksum_chunk,
-        files={n: FileEntry(len(b), checksum_data(b, checksum_chunk)) for n, b in files.items()},
-        model=model,
-        save_id="" if single else save_id,
-    )
-    data_bytes = sum(e.nbytes for e in entries.values())
-    hooks = _Hooks(ready, before_commit, checksum_chunk, checksums)
-    if single:
-        file_bytes = _write_single(path, manifest, tensors, dtypes, storage, threads, hooks)
-        written: tuple[str, ...] = (os.path.basename(path),)
-    else:
-        file_bytes = _write_directory(
-            path, save_id, manifest, shard_files, files, tensors, dtypes, storage, threads, hooks
-        )
-        written = (*shard_files, *files, MANIFEST_FILE)
-    seconds = time.perf_counter() - started
-    log.info("saved %d tensors (%d bytes) to %s in %.3fs", len(entries), data_bytes, path, seconds)
-    return SaveInfo(path, written, len(entries), data_bytes, file_bytes, seconds)
-
-
-@dataclass(frozen=True)
-class _Hooks:
-    """What the write of one save needs besides its tensors."""
-
-    ready: Callable[[str], None] | None = None
-    before_commit: Callable[[], None] | None = None
-    checksum_chunk: int = CHECKSUM_CHUNK
-    checksums: bool = True
-
-    def ready_for(self, name: str) -> Callable[[], None] | None:
-        ready = self.ready
-        return None if ready is None else (lambda: ready(name))
-
-    def commit(self) -> None:
-        if self.before_commit is not None:
-            self.before_commit()
-
-
-def _write_items(
-    sink: Sink,
-    entries: Mapping[str, TensorEntry],
-    tensors: Mapping[str, torch.Tensor],
-    dtypes: Mapping[str, torch.dtype],
-    data_start: int,
-    threads: int,
-    hooks: _Hooks,
-) -> dict[str, str]:
-    items = [
-        WriteItem(
-            name, tensors[name], dtypes[name], data_start + entry.begin, hooks.ready_for(name)
-        )
-        for name, entry in entries.items()
-    ]
-    return write_tensors(
-        sink,
-        items,
-        threads=threads,
-        chunk=hooks.checksum_chunk,
-        digest=checksum_bytes if hooks.checksums else None,
-    )
-
-
-def _with_checksums(manifest: Manifest, checksums: Mapping[str, str]) -> Manifest:
-    tensors = {
-        n: replace(e, checksum=checksums.get(n, e.checksum)) for n, e in manifest.tensors.items()
-    }
-    return replace(manifest, tensors=tensors)
-
-
-def _single_header(manifest: Manifest) -> bytes:
-    # "format": "pt" is what Hugging Face loaders look for in a safetensors file.
-    with paused_gc():
-        metadata = {"format": "pt", MANIFEST_KEY: manifest_to_json(manifest)}
-        return encode_header(manifest.tensors, metadata)
-
-
-def _write_single(
-    path: str,
-    manifest: Manifest,
-    tensors: Mapping[str, torch.Tensor],
-    dtypes: Mapping[str, torch.dtype],
-    storage: Storage,
-    threads: int,
-    hooks: _Hooks,
-) -> int:
-    # The header holds the checksums, known only after the data is written: reserve its space
-    # (checksums are fixed-width, so the final header has exactly the placeholder's length),
-    # write the data, then the header.
-    reserved = len(_single_header(manifest))
-    size = reserved + sum(e.nbytes for e in manifest.tensors.values())
-
-    def fill(sink: Sink) -> None:
-        checksums = _write_items(sink, manifest.tensors, tensors, dtypes, reserved, threads, hooks)
-        hooks.commit()
-        header = _single_header(_with_checksums(manifest, checksums))
-        if len(header) != reserved:
-            raise AssertionError("header length changed between layout and commit")
-        sink.pwrite(memoryview(header), 0)
-
-    storage.write_file(path, size, fill)
-    return size
-
-
-def _write_directory(
-    path: str,
-    save_id: str,
-    manifest: Manifest,
-    files: list[str],
-    members: Mapping[str, bytes],
-    tensors: Mapping[str, torch.Tensor],
-    dtypes: Mapping[str, torch.dtype],
-    storage: Storage,
-    threads: int,
-    hooks: _Hooks,
-) -> int:
-    check_replaceable(path, storage, (MANIFEST_FILE,))
-    in_place = not storage.atomic_dirs
-    if in_place:
-        _check_members_free(path, members, storage)
-    staging = storage.staging_dir(path)
-    total = 0
-    checksums: dict[str, str] = {}
-    written: list[str] = []
-    committing = False
-    try:
-        for file in files:
-            shard = {n: e for n, e in manifest.tensors.items() if e.file == file}
-            header = encode_header(shard, {"torchkeep_save": save_id})
-            size = len(header) + sum(e.nbytes for e in shard.values())
-
-            def fill(
-                sink: Sink, shard: dict[str, TensorEntry] = shard, header: bytes = header
-            ) -> None:
-                sink.pwrite(memoryview(header), 0)
-                checksums.update(
-                    _write_items(sink, shard, tensors, dtypes, len(header), threads, hooks)
-                )
-
-            written.append(file)
-            storage.write_file(f"{staging}/{file}", size, fill)
-            total += size
-        for name, data in members.items():
-
-            def put(sink: Sink, data: bytes = data) -> None:
-                sink.pwrite(memoryview(data), 0)
-
-            written.append(name)
-            storage.write_file(f"{staging}/{name}", len(data), put)
-            total += len(data)
-        hooks.commit()
-        text = manifest_to_json(
-            replace(_with_checksums(manifest, checksums), metadata={**manifest.metadata})
-        ).encode()
-        # The manifest is written last: it is the commit marker.
-        committing = True
-        storage.write_file(
-            f"{staging}/{MANIFEST_FILE}",
-            len(text),
-            lambda sink: sink.pwrite(memoryview(text), 0),
-        )
-        total += len(text)
-        storage.commit_dir(staging, path)
-    except BaseException as e:
-        if not in_place:
-            storage.remove_dir(staging)
-        elif not committing:  # only what this save wrote: the previous save is still committed
-            for name in written:
-                try:
-                    storage.remove_file(f"{path}/{name}")
-                except TorchkeepError as cleanup:  # the save's own error matters more
-                    log.warning("could not delete %s/%s: %s", path, name, cleanup)
-        elif isinstance(e, OSError):
-            # The manifest may have been stored before the error (a timeout, an interrupted
-            # answer): its shards stay, and the path holds this save or the previous one.
-            raise StorageError(
-                e.errno or errno.EIO,
-                f"{path}: writing the manifest that commits this save failed ({e}); the path "
-                "holds either this save or the previous one, whole",
-            ) from e
-        raise
-    if in_place:
-        _remove_replaced(path, {*files, *members, MANIFEST_FILE}, storage)
-    return total
-
-
-def _check_members_free(path: str, members: Mapping[str, bytes], storage: Storage) -> None:
-    """In place, a member file (an exported program) would overwrite the committed save's copy
-    before the new manifest commits: refuse before writing anything."""
-    if not members or not storage.exists(f"{path}/{MANIFEST_FILE}"):
-        return
-    taken = sorted(set(members) & set(storage.list_dir(path)))
-    if taken:
-        raise StorageError(
-            errno.EEXIST,
-            f"{path}: holds a committed save with {taken[0]}; in object storage a new save "
-            "cannot replace that file without a moment where neither save is whole. Save to a "
-            "new path (a CheckpointManager does), or delete this one first",
-        )
-
-
-def _remove_replaced(path: str, kept: set[str], storage: Storage) -> None:
-    """After an in-place commit: delete the shards of earlier saves (and of interrupted ones)."""
-    for name in storage.list_dir(path):
-        if name not in kept and SHARD_NAME.fullmatch(name):
-            try:
-                storage.remove_file(f"{path}/{name}")
-            except StorageError as e:  # the new save is committed: only space is lost
-                log.warning("could not delete the replaced %s/%s: %s", path, name, e)
 
 
 def _read_whole(storage: Storage, path: str, check: Callable[[int], None]) -> bytes:
@@ -430,23 +90,6 @@ def read_manifest(directory: str, storage: Storage = DEFAULT_STORAGE) -> Manifes
     except UnicodeDecodeError as e:
         raise CorruptCheckpointError(f"{manifest_path}: not UTF-8 text") from e
     return manifest_from_json(text, where=manifest_path)
-
-
-def check_replaceable(path: str, storage: Storage, markers: tuple[str, ...]) -> None:
-    """Refuse to replace a directory that is neither empty nor a save (one holding a marker)."""
-    if not storage.is_dir(path) or any(storage.exists(f"{path}/{m}") for m in markers):
-        return
-    if all(SHARD_NAME.fullmatch(name) for name in storage.list_dir(path)):
-        return  # empty, or holding only the shards of a save that never committed
-    raise StorageError(
-        errno.EEXIST,
-        f"{path}: exists and is not a checkpoint; saving there would delete what it holds. "
-        "Choose another name, or remove the directory first",
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# reading
 
 
 @dataclass
@@ -804,14 +447,5 @@ def open_container(
         UnsupportedFormatError: a pickle file or a newer format version.
     """
     where = os.fspath(path).rstrip("/") or "/"
-    _check_storage(where, storage)
+    check_storage(where, storage)
     return Container(where, storage)
-
-
-def _check_storage(path: str, storage: Storage) -> None:
-    """A URL must reach its store, never a local directory named like it."""
-    if is_url(path) and storage.atomic_dirs:
-        raise UnsupportedFormatError(
-            f"{path}: a URL given with local storage; pass it to a torchkeep function, which "
-            "picks the storage from the URL (with storage_options=)"
-        )

@@ -20,7 +20,7 @@ from torchkeep.format.detect import Kind, readable
 from torchkeep.legacy import PendingLoad
 from torchkeep.model import convert_model, is_saved_model
 from torchkeep.storage import Storage, is_url, join, storage_for
-from torchkeep.tree import dedupe, flatten
+from torchkeep.tree import cast_dtype, dedupe, flatten
 from torchkeep.weights import load_state_dict
 
 
@@ -150,7 +150,7 @@ def _write(
 def _cast(dtype: torch.dtype | None) -> Callable[[str, torch.Tensor], torch.dtype] | None:
     if dtype is None:
         return None
-    return lambda _, t: dtype if t.is_floating_point() else t.dtype
+    return lambda _, t: cast_dtype(t, dtype)
 
 
 def _stream_pickle(
@@ -191,10 +191,7 @@ def _write_hf(
     started = time.perf_counter()
     flat = dedupe(weights)  # tied weights are stored once, as Hugging Face does
 
-    def target(t: torch.Tensor) -> torch.dtype:
-        return dtype if dtype is not None and t.is_floating_point() else t.dtype
-
-    sizes = {name: t.numel() * target(t).itemsize for name, t in flat.tensors.items()}
+    sizes = {name: t.numel() * cast_dtype(t, dtype).itemsize for name, t in flat.tensors.items()}
     shards: list[list[str]] = [[]]
     size = 0
     for name, nbytes in sizes.items():
@@ -221,7 +218,7 @@ def _write_hf(
                 {n: flat.tensors[n] for n in names},
                 aliases={a: t for a, t in flat.aliases.items() if t in names},
                 kind="weights",
-                dtype=lambda _, t: target(t),
+                dtype=_cast(dtype),
                 storage=storage,
             )
             total += info.file_bytes

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchkeep.checkpoint import Device, check_metadata, convert
+from torchkeep._types import Device
+from torchkeep.checkpoint import check_metadata
 from torchkeep.container import (
     Container,
     SaveInfo,
@@ -51,7 +52,7 @@ from torchkeep.recipe import (
     restore_attributes,
 )
 from torchkeep.storage import DEFAULT_STORAGE, Storage, storage_for
-from torchkeep.tree import dedupe
+from torchkeep.tree import convert, dedupe
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchkeep.checkpoint import Device
+from torchkeep._types import Device
 from torchkeep.container import Container
 from torchkeep.errors import CorruptCheckpointError, UnsafeFileError, UnsupportedObjectError
 

@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-from torchkeep.checkpoint import Device, check_metadata, convert
+from torchkeep._types import Device
+from torchkeep.checkpoint import check_metadata
 from torchkeep.container import Container, SaveInfo, open_container, write_container
 from torchkeep.dcp import load_dcp
 from torchkeep.distributed import read_sharded
@@ -32,7 +33,7 @@ from torchkeep.format import (
 from torchkeep.format.detect import Kind, detect, readable
 from torchkeep.legacy import load_pickle_file
 from torchkeep.storage import storage_for
-from torchkeep.tree import STATEFUL, TENSOR, dedupe, is_dtensor
+from torchkeep.tree import STATEFUL, TENSOR, cast_dtype, convert, dedupe, is_dtensor
 
 # Where a checkpoint keeps its model, in the order they are looked for.
 MODEL_KEYS = ("model_state_dict", "model", "state_dict", "module")
@@ -97,7 +98,7 @@ def save_weights(
     flat = dedupe(state)
 
     def cast(name: str, t: torch.Tensor) -> torch.dtype:
-        return dtype if dtype is not None and t.is_floating_point() else t.dtype
+        return cast_dtype(t, dtype)
 
     return write_container(
         target,

@@ -20,6 +20,25 @@ from torchkeep.errors import CorruptCheckpointError
 from torchkeep.format.header import DTYPES, TensorEntry, is_int
 
 
+class Tag:
+    """The typed-JSON tags: in a manifest's state tree (and a model's recipe), a one-entry dict
+    ``{tag: value}`` stands for what JSON cannot hold. Every tag is written here once."""
+
+    TENSOR = "$tensor"  # the name of a stored tensor
+    STATEFUL = "$stateful"  # {"$stateful": class name, "state": its state_dict()}
+    FLOAT = "$float"  # "inf", "-inf" or "nan"
+    BYTES = "$bytes"  # base64 text
+    DTYPE = "$dtype"  # "float32"
+    DEVICE = "$device"  # "cuda:0"
+    SIZE = "$size"  # a torch.Size, as a list
+    TUPLE = "$tuple"  # a list
+    DICT = "$dict"  # [key, value] pairs, for keys that are not plain strings
+    # The model recipe's own.
+    ODICT = "$odict"  # an OrderedDict's [key, value] pairs
+    MODULE = "$module"  # a sub-module's recipe
+    REF = "$ref"  # an importable name
+
+
 @dataclass(frozen=True)
 class Chunk:
     """One stored piece of a sharded tensor: the stored tensor ``tensor`` holds the box at
@@ -199,9 +218,9 @@ def _is_key_json(key: Any, depth: int) -> bool:
         return True
     if isinstance(key, dict) and len(key) == 1:
         ((tag, value),) = key.items()
-        if tag in ("$float", "$bytes"):
+        if tag in (Tag.FLOAT, Tag.BYTES):
             return isinstance(value, str)
-        if tag == "$tuple" and isinstance(value, list):
+        if tag == Tag.TUPLE and isinstance(value, list):
             return all(_is_key_json(k, depth + 1) for k in value)
     return False
 
@@ -220,17 +239,17 @@ def check_tree(tree: Any, names: set[str]) -> None:
             continue
         if len(node) == 1:
             ((tag, value),) = node.items()
-            if tag == "$tensor":
+            if tag == Tag.TENSOR:
                 if not isinstance(value, str) or value not in names:
                     raise ValueError(
                         f"it refers to tensor {value!r}, which the manifest lacks"
                     )
                 continue
-            if tag == "$float":
+            if tag == Tag.FLOAT:
                 if value not in ("inf", "-inf", "nan"):
                     raise ValueError(f"$float {value!r}")
                 continue
-            if tag == "$bytes":
+            if tag == Tag.BYTES:
                 if not isinstance(value, str):
                     raise TypeError("$bytes must be base64 text")
                 try:
@@ -238,28 +257,28 @@ def check_tree(tree: Any, names: set[str]) -> None:
                 except binascii.Error as e:
                     raise ValueError(f"$bytes: {e}") from e
                 continue
-            if tag == "$dtype":
+            if tag == Tag.DTYPE:
                 if not isinstance(getattr(torch, str(value), None), torch.dtype):
                     raise ValueError(f"unknown dtype {value!r}")
                 continue
-            if tag == "$device":
+            if tag == Tag.DEVICE:
                 try:
                     torch.device(value)
                 except (RuntimeError, TypeError) as e:
                     raise ValueError(f"$device {value!r}") from e
                 continue
-            if tag == "$size":
+            if tag == Tag.SIZE:
                 if not isinstance(value, list) or not all(
                     is_int(d) and d >= 0 for d in value
                 ):
                     raise ValueError(f"$size {value!r}")
                 continue
-            if tag == "$tuple":
+            if tag == Tag.TUPLE:
                 if not isinstance(value, list):
                     raise TypeError("$tuple must hold a list")
                 stack.extend((v, depth + 1) for v in value)
                 continue
-            if tag == "$dict":
+            if tag == Tag.DICT:
                 if not isinstance(value, list) or not all(
                     isinstance(p, list) and len(p) == 2 for p in value
                 ):

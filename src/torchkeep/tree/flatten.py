@@ -1,4 +1,4 @@
-"""State trees: flattening nested objects into named tensors plus a typed-JSON skeleton.
+"""Flattening a state tree into named tensors plus a typed-JSON skeleton.
 
 A tree is any nesting of dict, list and tuple over tensors, Python scalars (int, float including
 inf and nan, bool, str, bytes, None), ``torch.dtype``, ``torch.device``, ``torch.Size`` and
@@ -11,22 +11,23 @@ from __future__ import annotations
 
 import base64
 import math
-import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from torchkeep.errors import StateMismatchError, UnsupportedObjectError
+from torchkeep.errors import UnsupportedObjectError
+from torchkeep.format import Tag
+from torchkeep.tree.dtensor import is_dtensor
 
-TENSOR = "$tensor"
+TENSOR = Tag.TENSOR
+STATEFUL = Tag.STATEFUL
 _PLAIN_TENSOR_TYPES = (
     torch.Tensor,
     torch.nn.Parameter,
     getattr(torch.nn.parameter, "Buffer", torch.Tensor),
 )
-STATEFUL = "$stateful"
 
 
 @runtime_checkable
@@ -108,17 +109,17 @@ def _encode(obj: Any, path: tuple[str, ...], flat: Flat, seen: dict[tuple[Any, .
     if isinstance(obj, int):
         return int(obj)
     if isinstance(obj, float):
-        return float(obj) if math.isfinite(obj) else {"$float": repr(float(obj))}
+        return float(obj) if math.isfinite(obj) else {Tag.FLOAT: repr(float(obj))}
     if isinstance(obj, bytes):
-        return {"$bytes": base64.b64encode(obj).decode("ascii")}
+        return {Tag.BYTES: base64.b64encode(obj).decode("ascii")}
     if isinstance(obj, torch.dtype):
-        return {"$dtype": str(obj).removeprefix("torch.")}
+        return {Tag.DTYPE: str(obj).removeprefix("torch.")}
     if isinstance(obj, torch.device):
-        return {"$device": str(obj)}
+        return {Tag.DEVICE: str(obj)}
     if isinstance(obj, torch.Size):
-        return {"$size": list(obj)}
+        return {Tag.SIZE: list(obj)}
     if isinstance(obj, tuple):
-        return {"$tuple": [_encode(v, (*path, str(i)), flat, seen) for i, v in enumerate(obj)]}
+        return {Tag.TUPLE: [_encode(v, (*path, str(i)), flat, seen) for i, v in enumerate(obj)]}
     if isinstance(obj, list):
         return [_encode(v, (*path, str(i)), flat, seen) for i, v in enumerate(obj)]
     if isinstance(obj, Mapping):
@@ -145,7 +146,7 @@ def _encode_mapping(
         pairs.append(
             [_encode(key, path, flat, seen), _encode(value, (*path, str(key)), flat, seen)]
         )
-    return {"$dict": pairs}
+    return {Tag.DICT: pairs}
 
 
 def _is_key(key: Any) -> bool:
@@ -221,109 +222,6 @@ def _unsupported_message(obj: Any, path: tuple[str, ...]) -> str:
     return f"{where}: cannot store a {kind} without pickle; {hint}"
 
 
-# ---------------------------------------------------------------------------------------------
-# decoding
-
-
-def decode(tree: Any, tensor: Callable[[str], Any]) -> Any:
-    """Rebuild the object a skeleton describes; Stateful objects come back as their state.
-
-    ``tensor`` maps each tensor name to what stands at its place (the tensor, when loading).
-    """
-    if isinstance(tree, list):
-        return [decode(v, tensor) for v in tree]
-    if not isinstance(tree, dict):
-        return tree
-    if len(tree) == 1:
-        ((tag, value),) = tree.items()
-        if tag == TENSOR:
-            return tensor(value)
-        if tag == "$float":
-            return float(value)
-        if tag == "$bytes":
-            return base64.b64decode(value)
-        if tag == "$dtype":
-            dtype = getattr(torch, str(value), None)
-            if not isinstance(dtype, torch.dtype):
-                raise StateMismatchError(f"unknown dtype {value!r} in the saved state")
-            return dtype
-        if tag == "$device":
-            return torch.device(value)
-        if tag == "$size":
-            return torch.Size(value)
-        if tag == "$tuple":
-            return tuple(decode(v, tensor) for v in value)
-        if tag == "$dict":
-            return {_freeze(decode(k, tensor)): decode(v, tensor) for k, v in value}
-    if STATEFUL in tree and set(tree) == {STATEFUL, "state"}:
-        return decode(tree["state"], tensor)
-    return {k: decode(v, tensor) for k, v in tree.items()}
-
-
-def _freeze(key: Any) -> Any:
-    return tuple(_freeze(k) for k in key) if isinstance(key, list) else key
-
-
-# ---------------------------------------------------------------------------------------------
-# random number generators
-
-
-class RNGState:
-    """Stateful view of every random number generator a training run draws from.
-
-    Covers Python's ``random``, numpy's global generator (when numpy is importable), torch's CPU
-    generator and the generator of every CUDA device (when CUDA is initialised).
-
-    Example:
-        ```python
-        tk.save({"rng": tk.RNGState()}, "rng.safetensors")
-        tk.load("rng.safetensors", into={"rng": tk.RNGState()})   # generators restored
-        ```
-    """
-
-    def state_dict(self) -> dict[str, Any]:
-        version, internal, gauss = random.getstate()
-        state: dict[str, Any] = {
-            "python": {"version": version, "state": list(internal), "gauss": gauss},
-            "torch": torch.get_rng_state(),
-        }
-        np = _numpy()
-        if np is not None:
-            kind, keys, pos, has_gauss, cached = np.random.get_state()
-            state["numpy"] = {
-                "kind": str(kind),
-                "keys": torch.from_numpy(keys.astype("int64")),
-                "pos": int(pos),
-                "has_gauss": int(has_gauss),
-                "cached_gaussian": float(cached),
-            }
-        if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
-            state["cuda"] = [torch.cuda.get_rng_state(i) for i in range(torch.cuda.device_count())]
-        return state
-
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        py = state_dict["python"]
-        random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
-        torch.set_rng_state(state_dict["torch"].to("cpu", torch.uint8))
-        np = _numpy()
-        if np is not None and "numpy" in state_dict:
-            s = state_dict["numpy"]
-            keys = s["keys"].cpu().numpy().astype("uint32")
-            np.random.set_state((s["kind"], keys, s["pos"], s["has_gauss"], s["cached_gaussian"]))
-        cuda = state_dict.get("cuda")
-        if cuda and torch.cuda.is_available():
-            for i, rng in enumerate(cuda[: torch.cuda.device_count()]):
-                torch.cuda.set_rng_state(rng.to("cpu", torch.uint8), i)
-
-
-def _numpy() -> Any:
-    try:
-        import numpy
-    except ImportError:
-        return None
-    return numpy
-
-
 def dedupe(named: Mapping[str, torch.Tensor]) -> Flat:
     """Return a flat dict of tensors with identical views (tied weights) stored once."""
     flat = Flat(tree=None)
@@ -343,12 +241,3 @@ def dedupe(named: Mapping[str, torch.Tensor]) -> Flat:
             )
         _add_tensor(value, (key,), flat, seen)
     return flat
-
-
-def is_dtensor(t: Any) -> bool:
-    """Whether ``t`` is a DTensor (never, where torch has no distributed package)."""
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)

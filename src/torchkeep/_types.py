@@ -1,0 +1,7 @@
+"""Type aliases shared by the layers."""
+
+from __future__ import annotations
+
+import torch
+
+Device = str | torch.device

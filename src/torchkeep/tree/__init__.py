@@ -1,0 +1,34 @@
+"""State trees: flattening nested objects into named tensors plus a typed-JSON skeleton
+(``flatten``), rebuilding them (``decode``), moving and casting what was loaded (``cast``), the
+random generators as one Stateful object (``rng``) and recognising DTensors (``dtensor``).
+"""
+
+from torchkeep.tree.cast import cast_dtype, convert, convert_tree
+from torchkeep.tree.decode import decode
+from torchkeep.tree.dtensor import is_dtensor
+from torchkeep.tree.flatten import (
+    STATEFUL,
+    TENSOR,
+    Flat,
+    Stateful,
+    dedupe,
+    flatten,
+    path_name,
+)
+from torchkeep.tree.rng import RNGState
+
+__all__ = [
+    "STATEFUL",
+    "TENSOR",
+    "Flat",
+    "RNGState",
+    "Stateful",
+    "cast_dtype",
+    "convert",
+    "convert_tree",
+    "decode",
+    "dedupe",
+    "flatten",
+    "is_dtensor",
+    "path_name",
+]

@@ -249,39 +249,78 @@ def read_tensors(
     Raises:
         CorruptCheckpointError: a tensor's bytes do not match its checksum (named in the message).
     """
-    jobs: list[Callable[[], None]] = []
-    all_digests: list[tuple[ReadItem, _Digests]] = []
-    batch: list[tuple[ReadItem, _Digests]] = []
-    batch_bytes = 0
-    end_of_batch = -1
-
     hashing = checksum if verify else None
+    ordered = sorted(items, key=lambda i: i.offset)
 
     def needs_staging(item: ReadItem) -> bool:
         return staged or item.dest.device.type != "cpu"
 
     # Sources where each request is costly (object stores) ask for runs of this many bytes.
     request = int(getattr(source, "request_bytes", 0))
-    if request and not any(needs_staging(item) for item in items):
-        pieces = []
-        with paused_gc():
-            for item in sorted(items, key=lambda i: i.offset):
-                spans = checksum.spans(item.nbytes, chunk)
-                digests = _Digests(item, len(spans), on_done)
-                all_digests.append((item, digests))
-                pieces += [(item, digests, i, b, e) for i, (b, e) in enumerate(spans)]
-            jobs = [partial(_read_run, source, run, hashing) for run in _runs(pieces, request)]
-        run_jobs(jobs, threads=threads)
-        _check(source, all_digests, checksum, chunk, verify)
-        return
-
     staging: Staging | None = None
-    if any(needs_staging(item) for item in items):
-        if chunk > MAX_STAGING_BYTES:
-            raise ValueError(f"staged reads take pieces of at most {MAX_STAGING_BYTES} bytes")
-        # A buffer holds one piece, or one batch (below BATCH_BYTES + one small tensor).
-        devices = {item.dest.device for item in items}
-        staging = Staging(max(chunk, BATCH_BYTES + SMALL_TENSOR_BYTES), devices)
+    if request and not any(needs_staging(item) for item in items):
+        digests, jobs = _run_jobs(source, ordered, request, checksum, chunk, hashing, on_done)
+    else:
+        if any(needs_staging(item) for item in items):
+            if chunk > MAX_STAGING_BYTES:
+                raise ValueError(f"staged reads take pieces of at most {MAX_STAGING_BYTES} bytes")
+            # A buffer holds one piece, or one batch (below BATCH_BYTES + one small tensor).
+            devices = {item.dest.device for item in items}
+            staging = Staging(max(chunk, BATCH_BYTES + SMALL_TENSOR_BYTES), devices)
+        digests, jobs = _piece_jobs(
+            source, ordered, needs_staging, staging, checksum, chunk, hashing, on_done
+        )
+    try:
+        run_jobs(jobs, threads=threads)
+    finally:
+        if staging is not None:
+            staging.finish()
+    _check(source, digests, checksum, chunk, verify)
+
+
+_Jobs = tuple[list[tuple[ReadItem, _Digests]], list[Callable[[], None]]]
+
+
+def _run_jobs(
+    source: Source,
+    ordered: Sequence[ReadItem],
+    request: int,
+    checksum: Checksum,
+    chunk: int,
+    hashing: Checksum | None,
+    on_done: Callable[[ReadItem], None] | None,
+) -> _Jobs:
+    """One job per run of about ``request`` bytes, pieces of several tensors merged."""
+    all_digests: list[tuple[ReadItem, _Digests]] = []
+    pieces = []
+    with paused_gc():
+        for item in ordered:
+            spans = checksum.spans(item.nbytes, chunk)
+            digests = _Digests(item, len(spans), on_done)
+            all_digests.append((item, digests))
+            pieces += [(item, digests, i, b, e) for i, (b, e) in enumerate(spans)]
+        jobs: list[Callable[[], None]] = [
+            partial(_read_run, source, run, hashing) for run in _runs(pieces, request)
+        ]
+    return all_digests, jobs
+
+
+def _piece_jobs(
+    source: Source,
+    ordered: Sequence[ReadItem],
+    needs_staging: Callable[[ReadItem], bool],
+    staging: Staging | None,
+    checksum: Checksum,
+    chunk: int,
+    hashing: Checksum | None,
+    on_done: Callable[[ReadItem], None] | None,
+) -> _Jobs:
+    """One job per piece of a large tensor, one per batch of small neighbouring tensors."""
+    jobs: list[Callable[[], None]] = []
+    all_digests: list[tuple[ReadItem, _Digests]] = []
+    batch: list[tuple[ReadItem, _Digests]] = []
+    batch_bytes = 0
+    end_of_batch = -1
     batch_staged = False
 
     def flush() -> None:
@@ -293,7 +332,7 @@ def read_tensors(
         batch, batch_bytes = [], 0
 
     with paused_gc():  # many small objects for a file of many tensors, none cyclic
-        for item in sorted(items, key=lambda i: i.offset):
+        for item in ordered:
             nbytes = item.nbytes
             spans = checksum.spans(nbytes, chunk)
             digests = _Digests(item, len(spans), on_done)
@@ -317,12 +356,7 @@ def read_tensors(
                     partial(_read_piece, source, item, digests, index, begin, end, hashing, through)
                 )
         flush()
-    try:
-        run_jobs(jobs, threads=threads)
-    finally:
-        if staging is not None:
-            staging.finish()
-    _check(source, all_digests, checksum, chunk, verify)
+    return all_digests, jobs
 
 
 def _check(

@@ -38,8 +38,6 @@ LAYERS: dict[str, int] = {
     "torchkeep.weights": 8,
     "torchkeep.checkpoint": 8,
     "torchkeep.model": 8,
-    "torchkeep.program": 8,
-    "torchkeep.recipe": 8,
     "torchkeep.manager": 8,
     "torchkeep.inspection": 8,
     "torchkeep.inspect": 8,
@@ -71,8 +69,6 @@ LONG: set[str] = {
     "torchkeep.integrations.lightning",
     "torchkeep.integrations.transformers",
     "torchkeep.manager",
-    "torchkeep.model",
-    "torchkeep.recipe",
 }
 
 

@@ -22,7 +22,7 @@ from torch.nn import functional as F
 
 import torchkeep as tk
 from conftest import SimpleNet, TheModelClass, TiedLM, assert_same_state, run_script
-from torchkeep.recipe import Trust, decode_recipe, resolve
+from torchkeep.model.decode import Trust, decode_recipe, resolve
 
 # ---------------------------------------------------------------------------------------------
 # models, at the top level so that recipes can name them

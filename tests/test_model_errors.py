@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 import torchkeep as tk
-import torchkeep.program
+import torchkeep.model.program
 from torchkeep.container import open_container, write_container
 from torchkeep.format import (
     MANIFEST_FILE,
@@ -47,8 +47,10 @@ from torchkeep.format import (
 )
 from torchkeep.io.checksum import checksum_data
 from torchkeep.model import assign
-from torchkeep.program import PROGRAM_FILE, check_program
-from torchkeep.recipe import Recipe, Trust, decode_recipe, encode_recipe, resolve
+from torchkeep.model.capture import Recipe
+from torchkeep.model.decode import Trust, decode_recipe, resolve
+from torchkeep.model.program import PROGRAM_FILE, check_program
+from torchkeep.model.recipe import encode_recipe
 
 HERE = __name__  # the name recipes give this module
 LINEAR = "torch.nn.modules.linear:Linear"
@@ -700,7 +702,7 @@ def test_malformed_call_spec_refused(clean, key, value):
 
 def test_program_json_over_the_size_limit_refused(clean, monkeypatch):
     # The limit is 256 MiB; lowered here rather than writing an archive that large.
-    monkeypatch.setattr(torchkeep.program, "_MAX_PROGRAM_JSON", 16)
+    monkeypatch.setattr(torchkeep.model.program, "_MAX_PROGRAM_JSON", 16)
     with pytest.raises(
         tk.UnsafeFileError, match=re.escape("model_weights_config.json is too large")
     ):
@@ -938,6 +940,6 @@ def test_saved_attributes_that_do_not_fit_are_corrupt(tmp_path):
 
 
 def test_output_difference_of_outputs_without_elements():
-    from torchkeep.model import _difference
+    from torchkeep.model.convert import _difference
 
     assert "not measured" in _difference(torch.empty(0), torch.empty(0))

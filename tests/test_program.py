@@ -35,7 +35,7 @@ from torchkeep.format import (
     manifest_to_json,
 )
 from torchkeep.io.checksum import checksum_data
-from torchkeep.program import PROGRAM_FILE, check_program, export_program
+from torchkeep.model.program import PROGRAM_FILE, check_program, export_program
 
 GRAPH = "models/model.json"
 WEIGHTS_CONFIG = "data/weights/model_weights_config.json"

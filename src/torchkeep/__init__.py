@@ -36,8 +36,7 @@ from torchkeep.inspect import (
 )
 from torchkeep.legacy import ScanReport, scan
 from torchkeep.manager import CheckpointManager
-from torchkeep.model import load_model, save_model
-from torchkeep.recipe import capture
+from torchkeep.model import capture, load_model, save_model
 from torchkeep.retention import Policy, Record
 from torchkeep.sampler import ResumableSampler
 from torchkeep.tree import RNGState, Stateful

@@ -28,6 +28,11 @@ SAVE_ID = re.compile(r"[0-9a-f]{32}")
 MAX_MANIFEST_BYTES = 256 << 20
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle", ".tar")
 
+# A whole model (tk.save_model): the manifest's kind, and the member file holding the model
+# exported by torch.export.
+MODEL_KIND = "model"
+PROGRAM_FILE = "program.pt2"
+
 # Other writers' names, by which their directories are recognised.
 DCP_METADATA_FILE = ".metadata"  # torch.distributed.checkpoint's commit marker
 HF_SAFETENSORS_INDEX = "model.safetensors.index.json"

@@ -1,6 +1,6 @@
 """The manifest's sections beyond the tensor table: the distributed section (sharded tensors,
-with the one check that their chunks tile each tensor exactly), the model section's shape, and
-the state tree's typed-JSON check.
+with the one check that their chunks tile each tensor exactly), the model section (ModelSection:
+its keys written once), and the state tree's typed-JSON check.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import bisect
 import itertools
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -154,44 +154,125 @@ def _overlapping(boxes: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> bool:
     return False
 
 
+@dataclass(frozen=True)
+class ModelSection:
+    """A whole model's section of the manifest (``tk.save_model``): how to rebuild the module,
+    and what the save holds besides its state dict. Its keys are written here alone.
+
+    Attributes:
+        class_name: the module's class, ``module:Qualname`` (the key ``class``).
+        recipe: the stored recipe (JSON) that rebuilds the module, or None.
+        recipe_problem: why no recipe was stored, or None.
+        program: the description of the exported program (its file and inputs), or None.
+        buffers: the non-persistent buffers, saved beside the state dict.
+        frozen: the parameters saved with ``requires_grad=False``.
+        attributes: plain attributes of the modules, by module path.
+        architecture: the module tree (each module's class and parameter count), or None.
+        converted: for a converted model, what the conversion changed; else None.
+    """
+
+    class_name: str
+    recipe: dict[str, Any] | None = None
+    recipe_problem: str | None = None
+    program: dict[str, Any] | None = None
+    buffers: list[str] = field(default_factory=list)
+    frozen: list[str] = field(default_factory=list)
+    attributes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    architecture: dict[str, Any] | None = None
+    converted: dict[str, Any] | None = None
+    # The section as read from a manifest: written back with only what changed set over it, so
+    # that a converted model keeps the keys its save wrote, no more and no fewer, in their order
+    # (a key this torchkeep does not know, one an earlier save did not write).
+    as_read: dict[str, Any] | None = field(default=None, compare=False, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        """The section as the manifest holds it."""
+        body = self._body()
+        if self.as_read is None:
+            return body
+        before = ModelSection.from_json(self.as_read)._body()
+        changed = {k: v for k, v in body.items() if k not in before or before[k] != v}
+        return {**self.as_read, **changed}
+
+    def _body(self) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "class": self.class_name,
+            "recipe": self.recipe,
+            "recipe_problem": self.recipe_problem,
+            "program": self.program,
+            "buffers": self.buffers,
+            "frozen": self.frozen,
+            "attributes": self.attributes,
+            "architecture": self.architecture,
+        }
+        if self.converted is not None:
+            body["converted"] = self.converted
+        return body
+
+    @classmethod
+    def from_json(cls, model: Any) -> ModelSection:
+        """Read a saved model's section of the manifest, checking its types (the recipe's
+        contents are checked when it is decoded).
+
+        Raises:
+            ValueError: the section is malformed; the message says how (``model_section_problem``).
+        """
+        if not isinstance(model, dict):
+            raise ValueError("is not an object")
+        if not isinstance(model.get("class"), str):
+            raise ValueError("names no class")
+        if model.get("recipe_problem") is not None and not isinstance(
+            model["recipe_problem"], str
+        ):
+            raise ValueError("has a malformed recipe_problem")
+        if model.get("recipe") is not None and not isinstance(model["recipe"], dict):
+            raise ValueError("has a malformed recipe")
+        for key in ("buffers", "frozen"):
+            names = model.get(key, [])
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise ValueError(f"has a malformed {key} list")
+        program = model.get("program")
+        if program is not None:
+            inputs = program.get("inputs") if isinstance(program, dict) else None
+            if not isinstance(inputs, list) or not all(
+                isinstance(i, dict)
+                and isinstance(i.get("dtype"), str)
+                and isinstance(i.get("shape"), list)
+                and all(d is None or is_int(d) for d in i["shape"])
+                for i in inputs
+            ):
+                raise ValueError("has a malformed program description")
+        attributes = model.get("attributes", {})
+        if not isinstance(attributes, dict) or not all(
+            isinstance(v, dict) for v in attributes.values()
+        ):
+            raise ValueError("has malformed attributes")
+        converted = model.get("converted")
+        if converted is not None and not isinstance(converted, dict):
+            raise ValueError("has a malformed conversion record")
+        if "architecture" in model and not _plain_architecture(model["architecture"], 0):
+            raise ValueError("has a malformed architecture")
+        return cls(
+            class_name=model["class"],
+            recipe=model.get("recipe"),
+            recipe_problem=model.get("recipe_problem"),
+            program=program,
+            buffers=model.get("buffers", []),
+            frozen=model.get("frozen", []),
+            attributes=attributes,
+            architecture=model.get("architecture"),
+            converted=converted,
+            as_read=model,
+        )
+
+
 def model_section_problem(model: Any) -> str | None:
     """What is wrong with a saved model's section of the manifest (types only: the recipe's
     contents are checked when it is decoded), or None."""
-    if not isinstance(model, dict):
-        return "is not an object"
-    if not isinstance(model.get("class"), str):
-        return "names no class"
-    if model.get("recipe_problem") is not None and not isinstance(
-        model["recipe_problem"], str
-    ):
-        return "has a malformed recipe_problem"
-    if model.get("recipe") is not None and not isinstance(model["recipe"], dict):
-        return "has a malformed recipe"
-    for key in ("buffers", "frozen"):
-        names = model.get(key, [])
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            return f"has a malformed {key} list"
-    program = model.get("program")
-    if program is not None:
-        inputs = program.get("inputs") if isinstance(program, dict) else None
-        if not isinstance(inputs, list) or not all(
-            isinstance(i, dict)
-            and isinstance(i.get("dtype"), str)
-            and isinstance(i.get("shape"), list)
-            and all(d is None or is_int(d) for d in i["shape"])
-            for i in inputs
-        ):
-            return "has a malformed program description"
-    attributes = model.get("attributes", {})
-    if not isinstance(attributes, dict) or not all(
-        isinstance(v, dict) for v in attributes.values()
-    ):
-        return "has malformed attributes"
-    converted = model.get("converted")
-    if converted is not None and not isinstance(converted, dict):
-        return "has a malformed conversion record"
-    if "architecture" in model and not _plain_architecture(model["architecture"], 0):
-        return "has a malformed architecture"
+    try:
+        ModelSection.from_json(model)
+    except ValueError as e:
+        return str(e)
     return None
 
 

@@ -30,8 +30,7 @@ from torch import nn
 from torchkeep._types import Device
 from torchkeep.container import Container
 from torchkeep.errors import CorruptCheckpointError, UnsafeFileError, UnsupportedObjectError
-
-PROGRAM_FILE = "program.pt2"
+from torchkeep.format import PROGRAM_FILE
 
 _FIXED_ENTRIES = {
     "archive_format",

@@ -6,7 +6,8 @@ before anything is allocated from it, and reads, maps and verifies what it holds
 """
 
 from torchkeep.container.commit import DirectoryWrite, check_replaceable, uncertain_commit
-from torchkeep.container.read import READ_THREADS, Container, open_container, read_manifest
+from torchkeep.container.open import read_manifest
+from torchkeep.container.read import READ_THREADS, Container, open_container
 from torchkeep.container.write import (
     SHARD_BYTES,
     WRITE_THREADS,

@@ -1,6 +1,5 @@
-"""Reading a container: ``open_container`` validates a file's header, or a directory's manifest
-and every shard's header, before anything is allocated from them; ``Container`` then reads,
-maps and verifies tensors and members.
+"""Reading a container: ``open_container`` opens and validates it (``container.open``);
+``Container`` then reads, maps and verifies its tensors and members.
 """
 
 from __future__ import annotations
@@ -9,30 +8,26 @@ import logging
 import mmap
 import os
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 
 import torch
 
+from torchkeep.container.open import (
+    OpenedFile,
+    close_files,
+    open_directory,
+    open_single,
+    read_whole,
+)
 from torchkeep.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
-    IncompleteCheckpointError,
     StorageError,
-    TorchkeepError,
 )
 from torchkeep.format import (
     CHECKSUM_CHUNK,
     DTYPES,
-    MANIFEST_FILE,
-    MANIFEST_KEY,
-    MAX_MANIFEST_BYTES,
-    Header,
     Manifest,
     TensorEntry,
-    check_against_header,
-    manifest_from_json,
-    parse_header,
-    read_header_length,
 )
 from torchkeep.io import ReadItem, read_tensors
 from torchkeep.io.checksum import checksum_bytes, checksum_data, chunk_spans, combine_digests
@@ -41,7 +36,6 @@ from torchkeep.io.pool import IO_THREADS, run_jobs
 from torchkeep.io.reader import MAX_STAGING_BYTES
 from torchkeep.storage import (
     DEFAULT_STORAGE,
-    LocalStorage,
     Source,
     Storage,
     check_storage,
@@ -53,187 +47,24 @@ log = logging.getLogger("torchkeep.container")
 READ_THREADS = IO_THREADS
 
 
-def _read_whole(storage: Storage, path: str, check: Callable[[int], None]) -> bytes:
-    """Read a whole (small) file after ``check(size)`` accepted its size."""
-    source = storage.open(path)
-    try:
-        check(source.size)
-        return source.read(0, source.size)
-    finally:
-        source.close()
-
-
-def read_manifest(directory: str, storage: Storage = DEFAULT_STORAGE) -> Manifest:
-    """Read and validate the manifest of a directory save (its commit marker).
-
-    Raises:
-        IncompleteCheckpointError: there is none: the save never committed.
-        CorruptCheckpointError, UnsupportedFormatError: it is damaged, or of a newer format.
-    """
-    manifest_path = f"{directory}/{MANIFEST_FILE}"
-    if not storage.exists(manifest_path):
-        raise IncompleteCheckpointError(
-            f"{directory}: no {MANIFEST_FILE}; this save never committed (it was interrupted) "
-            "or the directory is not a torchkeep checkpoint. Load the previous checkpoint."
-        )
-
-    def check(size: int) -> None:
-        if size > MAX_MANIFEST_BYTES:
-            raise CorruptCheckpointError(
-                f"{manifest_path}: {size} bytes, over the {MAX_MANIFEST_BYTES}-byte "
-                "limit of a manifest; the file is corrupt"
-            )
-
-    raw = _read_whole(storage, manifest_path, check)
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise CorruptCheckpointError(f"{manifest_path}: not UTF-8 text") from e
-    return manifest_from_json(text, where=manifest_path)
-
-
-@dataclass
-class _File:
-    source: Source
-    header: Header
-
-
-OPEN_ATTEMPTS = 5  # of a directory replaced while it is opened
-
-
 class Container:
     """An opened, validated container. Use as a context manager, or call ``close()``."""
 
     def __init__(self, path: str, storage: Storage) -> None:
         self.path = path
         self._storage = storage
-        self._files: dict[str | None, _File] = {}
+        self._files: dict[str | None, OpenedFile] = {}
         self.manifest: Manifest | None = None
         self.directory = storage.is_dir(path)
         try:
             with paused_gc():
                 if self.directory:
-                    self._open_directory_consistently()
+                    self.manifest = open_directory(storage, path, self._files)
                 else:
-                    self._open_single()
+                    self.manifest = open_single(storage, path, self._files)
         except BaseException:
             self.close()
             raise
-
-    def _open_directory_consistently(self) -> None:
-        """Open a directory save as one whole: a save that replaced it while its files were
-        being opened (a manifest of one save, a shard of the next) is opened again, so that a
-        reader gets the old save or the new one. Once open, the files stay readable whatever
-        happens to the directory."""
-        for attempt in range(OPEN_ATTEMPTS):
-            try:
-                self._open_directory()
-                return
-            except (CorruptCheckpointError, CheckpointNotFoundError, IncompleteCheckpointError):
-                opened = self.manifest
-                if attempt == OPEN_ATTEMPTS - 1 or opened is None:
-                    raise
-                try:
-                    replaced = read_manifest(self.path, self._storage) != opened
-                except TorchkeepError:
-                    replaced = True  # gone or half-replaced this instant: look again
-                if not replaced:
-                    raise  # damaged, not replaced
-                self.close()
-                self.manifest = None
-
-    # -- opening
-
-    def _open_file(self, file: str | None) -> _File:
-        where = self.path if file is None else f"{self.path}/{file}"
-        source = self._storage.open(where)
-        try:
-            prefix = source.read(0, min(9, source.size)) if source.size else b""
-            length = read_header_length(prefix, file_size=source.size, where=where)
-            header = parse_header(source.read(8, length), file_size=source.size, where=where)
-        except BaseException:
-            source.close()
-            raise
-        opened = _File(source, header)
-        self._files[file] = opened
-        return opened
-
-    def _open_single(self) -> None:
-        if not self._storage.exists(self.path):
-            raise CheckpointNotFoundError(f"{self.path}: no such file or directory")
-        opened = self._open_file(None)
-        text = opened.header.metadata.get(MANIFEST_KEY)
-        if text is None:
-            if any('"format":"torchkeep"' in v for v in opened.header.metadata.values()):
-                raise CorruptCheckpointError(
-                    f"{self.path}: the header holds a torchkeep manifest under a damaged key; "
-                    "the file is corrupt"
-                )
-            return  # a plain safetensors file written by another tool: no checksums
-        self.manifest = manifest_from_json(text, where=self.path)
-        check_against_header(self.manifest, opened.header, file=None, where=self.path)
-        if opened.header.metadata != {"format": "pt", MANIFEST_KEY: text}:
-            # torchkeep writes exactly these two entries; anything else is damage.
-            raise CorruptCheckpointError(
-                f"{self.path}: the header's metadata entries were altered; the file is corrupt"
-            )
-
-    def _check_inside(self, member: str) -> None:
-        """Refuse a member that resolves outside the directory (a link pointing elsewhere):
-        torchkeep writes no links, and following one would read a file the save does not own."""
-        if not isinstance(self._storage, LocalStorage):
-            return  # object stores have no links
-        target = os.path.realpath(member)
-        if not target.startswith(os.path.realpath(self.path) + os.sep):
-            raise CorruptCheckpointError(
-                f"{member}: a link to {target}, outside the checkpoint directory; refused. "
-                "Copy the checkpoint with its files, not links to them"
-            )
-
-    def _open_directory(self) -> None:
-        self._check_inside(f"{self.path}/{MANIFEST_FILE}")
-        self.manifest = read_manifest(self.path, self._storage)
-        files = {e.file for e in self.manifest.tensors.values()}
-        save_ids = set()
-        for file in sorted(f for f in files if f is not None):
-            member = f"{self.path}/{file}"
-            if not self._storage.exists(member) or self._storage.is_dir(member):
-                raise CorruptCheckpointError(
-                    f"{member}: named by {MANIFEST_FILE} but missing; the checkpoint directory "
-                    "was modified or copied in part. Restore it from another copy"
-                )
-            self._check_inside(member)
-            opened = self._open_file(file)
-            save_id = opened.header.metadata.get("torchkeep_save")
-            if set(opened.header.metadata) != {"torchkeep_save"} or (
-                self.manifest.save_id and save_id != self.manifest.save_id
-            ):
-                raise CorruptCheckpointError(
-                    f"{member}: its header's metadata {opened.header.metadata!r:.120} does not "
-                    f"name this save ({self.manifest.save_id or 'a save id'}); the shard was "
-                    "altered or comes from another save"
-                )
-            save_ids.add(save_id)
-            check_against_header(
-                self.manifest, opened.header, file=file, where=f"{self.path}/{file}"
-            )
-        if len(save_ids) > 1:
-            raise CorruptCheckpointError(
-                f"{self.path}: its shards come from {len(save_ids)} different saves; "
-                "the directory was modified by hand"
-            )
-        if None in files:
-            raise CorruptCheckpointError(
-                f"{self.path}/{MANIFEST_FILE}: a tensor entry names no shard file"
-            )
-        for name in self.manifest.files:
-            member = f"{self.path}/{name}"
-            if name in files or not self._storage.exists(member) or self._storage.is_dir(member):
-                raise CorruptCheckpointError(
-                    f"{member}: named by {MANIFEST_FILE} but missing; the checkpoint directory "
-                    "was modified or copied in part. Restore it from another copy"
-                )
-            self._check_inside(member)
 
     # -- what it holds
 
@@ -253,7 +84,7 @@ class Container:
         members = sum(f.nbytes for f in self.manifest.files.values()) if self.manifest else 0
         return members + sum(opened.source.size for opened in self._files.values())
 
-    def _file_of(self, entry: TensorEntry) -> _File:
+    def _file_of(self, entry: TensorEntry) -> OpenedFile:
         return self._files[entry.file]
 
     # -- reading
@@ -326,7 +157,7 @@ class Container:
                     "the file is truncated or was replaced"
                 )
 
-        data = _read_whole(self._storage, where, check)
+        data = read_whole(self._storage, where, check)
         assert self.manifest is not None
         if verify and checksum_data(data, self.manifest.checksum_chunk) != entry.checksum:
             raise CorruptCheckpointError(f"{where}: does not match its checksum; it is corrupt")
@@ -394,9 +225,7 @@ class Container:
         return problems
 
     def close(self) -> None:
-        for opened in self._files.values():
-            opened.source.close()
-        self._files.clear()
+        close_files(self._files)
 
     def __enter__(self) -> Container:
         return self

@@ -71,7 +71,6 @@ LONG: set[str] = {
     "torchkeep.distributed",
     "torchkeep.integrations.lightning",
     "torchkeep.integrations.transformers",
-    "torchkeep.manager",
     "torchkeep.model",
     "torchkeep.recipe",
 }

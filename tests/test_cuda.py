@@ -136,7 +136,7 @@ def test_manager_saves_gpu_state_and_restores_it(tmp_path, async_save):
                 p.add_(1.0)
         mgr.wait()
         if async_save:  # the staging buffers of GPU tensors are pinned host memory
-            assert all(b.is_pinned() for b in mgr._staging.values() if b.numel())
+            assert all(b.is_pinned() for b in mgr._background.staging.values() if b.numel())
     restored = SimpleNet().cuda()
     state = {"model": restored, "optimizer": torch.optim.Adam(restored.parameters()),
              "rng": tk.RNGState()}  # fmt: skip

@@ -1022,11 +1022,11 @@ def test_saving_a_step_older_than_the_newest_is_refused(tmp_path):
 
 
 def test_without_file_locks_stale_directories_are_left_alone(tmp_path, monkeypatch):
-    import torchkeep.manager as manager
+    import torchkeep.manager.steps as steps
 
     stale = tmp_path / ".step_000000001.tmp-0123456789ab"
     stale.mkdir()
-    monkeypatch.setattr(manager, "_writer_lock", lambda root: (True, None))
+    monkeypatch.setattr(steps, "_writer_lock", lambda root: (True, None))
     with tk.CheckpointManager(tmp_path) as mgr:  # cannot tell whether another one writes
         assert stale.exists()
         mgr.save(1, {"w": torch.ones(2)})

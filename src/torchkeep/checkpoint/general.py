@@ -120,6 +120,8 @@ def load_checkpoint(
     map_location: Device | None = None,
     rng: bool = True,
     storage_options: Mapping[str, Any] | None = None,
+    device: Device | None = None,
+    verify: bool = True,
 ) -> Checkpoint:
     """Restore a checkpoint written by ``save_checkpoint`` into the objects given, in place.
 
@@ -135,6 +137,8 @@ def load_checkpoint(
         map_location: the device loaded tensors are placed on, as for ``load``.
         rng: restore the random number generators, if the checkpoint holds their state.
         storage_options: for a URL, the options of its fsspec file system.
+        device: ``map_location`` under the name the other loaders use; give one of the two.
+        verify: check every tensor's checksum (on by default), as for ``load``.
 
     Returns:
         The epoch, step, loss, metrics and extra state that were saved.
@@ -150,7 +154,14 @@ def load_checkpoint(
     """
     given = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
     into: dict[str, Any] = {_SLOTS[k]: v for k, v in given.items() if v is not None}
-    state = load(path, into=into, map_location=map_location, storage_options=storage_options)
+    state = load(
+        path,
+        into=into,
+        map_location=map_location,
+        device=device,
+        verify=verify,
+        storage_options=storage_options,
+    )
     if not isinstance(state, dict):
         raise StateMismatchError(f"{path}: holds no checkpoint dict")
     if rng and isinstance(state.get("rng_state"), Mapping):

@@ -29,6 +29,17 @@ from torchkeep.tree import (
 )
 
 
+def one_device(map_location: Device | None, device: Device | None) -> Device | None:
+    """The device a loader places tensors on, given as ``map_location`` (torch's name) or as
+    ``device`` (the name every torchkeep loader accepts)."""
+    if map_location is not None and device is not None and map_location != device:
+        raise ValueError(
+            f"map_location={map_location!r} and device={device!r} name two devices; "
+            "give one of them"
+        )
+    return device if map_location is None else map_location
+
+
 def check_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
     if metadata is None:
         return {}
@@ -114,6 +125,7 @@ def load(
     dtype: torch.dtype | None = None,
     verify: bool = True,
     storage_options: Mapping[str, Any] | None = None,
+    device: Device | None = None,
 ) -> Any:
     """Load state saved by ``save``, any safetensors file (as a flat dict of tensors), a
     ``torch.save`` file (through a restricted unpickler that never runs code from the file), or
@@ -130,6 +142,7 @@ def load(
         dtype: the dtype floating-point tensors are cast to (integer tensors are never cast).
         verify: check every tensor's checksum (on by default).
         storage_options: for a URL (``s3://…``), the options of its fsspec file system.
+        device: ``map_location`` under the name the other loaders use; give one of the two.
 
     Returns:
         The saved object; Stateful objects come back as their state dicts unless given in ``into``.
@@ -148,6 +161,7 @@ def load(
         state = tk.load("ckpt.safetensors", into={"model": model, "optimizer": optimizer})
         ```
     """
+    map_location = one_device(map_location, device)
     storage, target = storage_for(path, storage_options)
     with readable(storage, target) as (storage, target, kind):
         return load_from(

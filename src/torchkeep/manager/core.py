@@ -3,6 +3,7 @@ retention policy; ``steps``, ``records``, ``background`` and ``preemption`` do t
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -54,6 +55,8 @@ class CheckpointManager:
             have no locks: run one saving manager per root.
         storage: read and write the steps through this storage instead of the one ``root``
             names (a storage that injects faults, for example).
+        policy: the retention policy as one value (``tk.Policy(keep_last=…, keep_best=…,
+            monitor=…, mode=…, keep_every=…)``), instead of the five arguments above.
 
     Example:
         ```python
@@ -82,13 +85,22 @@ class CheckpointManager:
         preemption: bool | Iterable[int] = False,
         storage_options: Mapping[str, Any] | None = None,
         storage: Storage | None = None,
+        policy: Policy | None = None,
     ) -> None:
         if storage is None:
             storage, where = storage_for(root, storage_options)
         else:
             where = os.fspath(root)
         self.root = where.rstrip("/") if is_url(where) else os.path.abspath(where)
-        self.policy = Policy(keep_last, keep_best, monitor, mode, keep_every)
+        given = Policy(keep_last, keep_best, monitor, mode, keep_every)
+        if policy is not None and not isinstance(policy, Policy):
+            raise TypeError(f"policy must be a tk.Policy, not {type(policy).__name__}")
+        if policy is not None and given != Policy():
+            raise ValueError(
+                "give the retention policy either as policy= or as keep_last/keep_best/monitor/"
+                "mode/keep_every, not both"
+            )
+        self.policy = policy if policy is not None else given
         self.async_save = async_save
         self._storage = storage
         self._lock = threading.Lock()
@@ -98,7 +110,8 @@ class CheckpointManager:
         self._preemption = Preemption()
         if storage.exists(self.root) and not storage.is_dir(self.root):
             raise StorageError(
-                f"{self.root}: exists and is not a directory; pass a directory for checkpoints"
+                errno.ENOTDIR,
+                f"{self.root}: exists and is not a directory; pass a directory for checkpoints",
             )
         storage.make_dirs(self.root)
         # In a process group, rank 0 holds the lock for the group, and deletes.
@@ -202,8 +215,9 @@ class CheckpointManager:
         clean = check_metrics(metrics)
         if not self._writer and not self._rank:
             raise StorageError(
+                errno.EWOULDBLOCK,
                 f"{self.root}: another CheckpointManager is saving to this directory; this one "
-                "can list and restore steps but not save (one writer per directory)"
+                "can list and restore steps but not save (one writer per directory)",
             )
         self.wait()  # at most one save in flight; raises the previous one's error
         latest = self.latest_step

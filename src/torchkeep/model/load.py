@@ -42,6 +42,7 @@ def load_model(
     dtype: torch.dtype | None = None,
     trust_code: bool = False,
     allowed_modules: Iterable[str] = (),
+    verify: bool = True,
     storage_options: Mapping[str, Any] | None = None,
 ) -> nn.Module:
     """Load a model saved by ``save_model``, in ``eval()`` mode, with no pickle.
@@ -59,6 +60,8 @@ def load_model(
         dtype: cast floating-point parameters and buffers (``torch.bfloat16`` to deploy).
         trust_code: allow importing and calling anything the file names, and pickles.
         allowed_modules: modules (and their sub-modules) the recipe may import and call from.
+        verify: check every tensor and the exported program against their checksums (a
+            damaged file raises ``CorruptCheckpointError``); as for every loader.
         storage_options: for a URL (``s3://…``), the options of its fsspec file system.
 
     Raises:
@@ -83,6 +86,7 @@ def load_model(
             device=device,
             dtype=dtype,
             trust=Trust(tuple(allowed_modules), trust_code),
+            verify=verify,
         )
 
 
@@ -94,6 +98,7 @@ def _load_model(
     device: Device,
     dtype: torch.dtype | None,
     trust: Trust,
+    verify: bool,
 ) -> nn.Module:
     trust_code = trust.trust_code
     if kind.pickled:
@@ -119,7 +124,10 @@ def _load_model(
                     raise
                 refused = e
             else:
-                return _rebuild(container, section, recipe, trust=trust, device=device, dtype=dtype)
+                return _rebuild(
+                    container, section, recipe, trust=trust, device=device, dtype=dtype,
+                    verify=verify,
+                )  # fmt: skip
         if program is None:
             raise UnsupportedObjectError(
                 f"{source}: the model has no recipe ({section.recipe_problem}) and no "
@@ -128,7 +136,7 @@ def _load_model(
         if refused is not None:
             log.info("%s: running the exported program: %s", source, refused)
         # The program was exported in eval() mode, and its module cannot switch modes.
-        return load_program(container, device=device, dtype=dtype)
+        return load_program(container, device=device, dtype=dtype, verify=verify)
 
 
 def _rebuild(
@@ -139,6 +147,7 @@ def _rebuild(
     trust: Trust,
     device: Device,
     dtype: torch.dtype | None,
+    verify: bool,
 ) -> nn.Module:
     where = container.path
     stored_recipe = section.recipe or {}  # ``recipe`` was decoded from it
@@ -160,7 +169,7 @@ def _rebuild(
             f"{type(model).__name__}, not a module"
         )
     names = _stored_names(container)
-    tensors = container.read(sorted(set(names.values())))
+    tensors = container.read(sorted(set(names.values())), verify=verify)
     converted: dict[str, torch.Tensor] = {}
     for stored, t in tensors.items():
         converted[stored] = convert(t, map_location=device, dtype=dtype)

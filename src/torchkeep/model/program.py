@@ -357,10 +357,12 @@ def _plain_expression(text: Any) -> bool:
     return True
 
 
-def load_program(container: Container, *, device: Device, dtype: torch.dtype | None) -> nn.Module:
+def load_program(
+    container: Container, *, device: Device, dtype: torch.dtype | None, verify: bool = True
+) -> nn.Module:
     """Load the checked exported program of a saved model as a module on ``device``."""
     where = f"{container.path}/{PROGRAM_FILE}"
-    clean = check_program(container.read_member(PROGRAM_FILE), where=where)
+    clean = check_program(container.read_member(PROGRAM_FILE, verify=verify), where=where)
     try:
         exported = torch.export.load(io.BytesIO(clean))
     except Exception as e:  # torch raises many kinds of errors for a damaged program

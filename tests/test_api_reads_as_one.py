@@ -1,0 +1,76 @@
+"""The API reads as one: device= wherever map_location= is, verify= on every loader, the
+retention policy as one value, and errnos on storage errors the operating system explains."""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import torchkeep as tk
+
+
+def _flip_last_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_load_takes_device_as_the_other_loaders_do(tmp_path: Path) -> None:
+    path = tmp_path / "state.safetensors"
+    tk.save({"w": torch.arange(4.0), "n": 3}, path)
+    by_device = tk.load(path, device="cpu")
+    by_location = tk.load(path, map_location="cpu")
+    assert torch.equal(by_device["w"], by_location["w"]) and by_device["n"] == 3
+    assert tk.load(path, device="cpu", map_location="cpu")["n"] == 3  # the same device twice
+    with pytest.raises(ValueError, match="name two devices"):
+        tk.load(path, device="cpu", map_location="meta")
+
+
+def test_load_checkpoint_takes_device_and_verify(tmp_path: Path) -> None:
+    model = nn.Linear(4, 2)
+    path = tmp_path / "ckpt.safetensors"
+    tk.save_checkpoint(path, model=model, epoch=3)
+    _flip_last_byte(path)
+    with pytest.raises(tk.CorruptCheckpointError, match="checksum"):
+        tk.load_checkpoint(path, model=nn.Linear(4, 2), device="cpu")
+    unchecked = tk.load_checkpoint(path, model=nn.Linear(4, 2), device="cpu", verify=False)
+    assert unchecked.epoch == 3
+    with pytest.raises(ValueError, match="name two devices"):
+        tk.load_checkpoint(path, model=nn.Linear(4, 2), device="cpu", map_location="meta")
+
+
+def test_load_model_takes_verify(tmp_path: Path) -> None:
+    path = tmp_path / "model"
+    tk.save_model(nn.Linear(4, 2), path)
+    _flip_last_byte(path / "shard-00000.safetensors")
+    with pytest.raises(tk.CorruptCheckpointError, match="checksum"):
+        tk.load_model(path)
+    assert isinstance(tk.load_model(path, verify=False), nn.Linear)
+
+
+def test_manager_takes_a_policy(tmp_path: Path) -> None:
+    with tk.CheckpointManager(tmp_path / "run", policy=tk.Policy(keep_last=1)) as mgr:
+        for step in (1, 2, 3):
+            mgr.save(step, {"w": torch.full((2,), float(step))})
+        assert mgr.steps() == [3] and mgr.policy == tk.Policy(keep_last=1)
+    with pytest.raises(ValueError, match="not both"):
+        tk.CheckpointManager(tmp_path / "run", keep_last=2, policy=tk.Policy(keep_last=1))
+    with pytest.raises(TypeError, match="tk.Policy"):
+        tk.CheckpointManager(tmp_path / "run", policy={"keep_last": 1})  # type: ignore[arg-type]
+
+
+def test_manager_storage_errors_carry_errnos(tmp_path: Path) -> None:
+    (tmp_path / "file").write_bytes(b"not a directory")
+    with pytest.raises(tk.StorageError, match="not a directory") as refused:
+        tk.CheckpointManager(tmp_path / "file")
+    assert refused.value.errno == errno.ENOTDIR
+    with tk.CheckpointManager(tmp_path / "run") as writer:
+        writer.save(1, {"w": torch.ones(2)})
+        with tk.CheckpointManager(tmp_path / "run") as second:
+            with pytest.raises(tk.StorageError, match="another CheckpointManager") as busy:
+                second.save(2, {"w": torch.ones(2)})
+    assert busy.value.errno == errno.EWOULDBLOCK

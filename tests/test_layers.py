@@ -68,7 +68,6 @@ LONG: set[str] = {
     "torchkeep.cli",
     "torchkeep.dcp",
     "torchkeep.demo",
-    "torchkeep.distributed",
     "torchkeep.integrations.lightning",
     "torchkeep.integrations.transformers",
     "torchkeep.manager",

@@ -65,7 +65,6 @@ LONG: set[str] = {
     "torchkeep.cli",
     "torchkeep.dcp",
     "torchkeep.demo",
-    "torchkeep.distributed",
     "torchkeep.integrations.lightning",
     "torchkeep.integrations.transformers",
 }

@@ -59,7 +59,7 @@ def test_manager_takes_a_policy(tmp_path: Path) -> None:
         assert mgr.steps() == [3] and mgr.policy == tk.Policy(keep_last=1)
     with pytest.raises(ValueError, match="not both"):
         tk.CheckpointManager(tmp_path / "run", keep_last=2, policy=tk.Policy(keep_last=1))
-    with pytest.raises(TypeError, match="tk.Policy"):
+    with pytest.raises(TypeError, match=r"tk\.Policy"):
         tk.CheckpointManager(tmp_path / "run", policy={"keep_last": 1})  # type: ignore[arg-type]
 
 
@@ -68,9 +68,10 @@ def test_manager_storage_errors_carry_errnos(tmp_path: Path) -> None:
     with pytest.raises(tk.StorageError, match="not a directory") as refused:
         tk.CheckpointManager(tmp_path / "file")
     assert refused.value.errno == errno.ENOTDIR
-    with tk.CheckpointManager(tmp_path / "run") as writer:
+    with tk.CheckpointManager(tmp_path / "run") as writer, tk.CheckpointManager(
+        tmp_path / "run"
+    ) as second:
         writer.save(1, {"w": torch.ones(2)})
-        with tk.CheckpointManager(tmp_path / "run") as second:
-            with pytest.raises(tk.StorageError, match="another CheckpointManager") as busy:
-                second.save(2, {"w": torch.ones(2)})
+        with pytest.raises(tk.StorageError, match="another CheckpointManager") as busy:
+            second.save(2, {"w": torch.ones(2)})
     assert busy.value.errno == errno.EWOULDBLOCK

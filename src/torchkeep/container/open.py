@@ -18,6 +18,7 @@ from torchkeep.format import (
     MANIFEST_FILE,
     MANIFEST_KEY,
     MAX_MANIFEST_BYTES,
+    SHARD_SAVE_KEY,
     Header,
     Manifest,
     check_against_header,
@@ -181,8 +182,8 @@ def _open_directory(
             )
         check_inside(storage, path, member)
         opened = open_file(storage, path, file, files)
-        save_id = opened.header.metadata.get("torchkeep_save")
-        if set(opened.header.metadata) != {"torchkeep_save"} or (
+        save_id = opened.header.metadata.get(SHARD_SAVE_KEY)
+        if set(opened.header.metadata) != {SHARD_SAVE_KEY} or (
             manifest.save_id and save_id != manifest.save_id
         ):
             raise CorruptCheckpointError(

@@ -26,6 +26,7 @@ from torchkeep.format import (
     CHECKSUM_CHUNK,
     MANIFEST_FILE,
     MANIFEST_KEY,
+    SHARD_SAVE_KEY,
     FileEntry,
     Manifest,
     TensorEntry,
@@ -35,6 +36,7 @@ from torchkeep.format import (
     encode_header,
     is_single_file,
     manifest_to_json,
+    shard_name,
 )
 from torchkeep.io import WriteItem, write_tensors
 from torchkeep.io.checksum import checksum_bytes, checksum_data
@@ -154,10 +156,8 @@ def write_container(
         save_id = uuid.uuid4().hex
         # Built in place (object stores): names no earlier save used, so the previous save's
         # objects stay whole until the new manifest replaces its own.
-        tag = "" if storage.atomic_dirs else f"-{save_id[:12]}"
-        shard_files = [
-            "" if single else f"shard-{i:05d}{tag}.safetensors" for i in range(len(shards))
-        ]
+        tag = "" if storage.atomic_dirs else save_id
+        shard_files = ["" if single else shard_name(i, tag) for i in range(len(shards))]
         entries: dict[str, TensorEntry] = {}
         for file, shard in zip(shard_files, shards, strict=True):
             for name, entry in shard:
@@ -292,7 +292,7 @@ def _write_directory(
     try:
         for file in files:
             shard = {n: e for n, e in manifest.tensors.items() if e.file == file}
-            header = encode_header(shard, {"torchkeep_save": save_id})
+            header = encode_header(shard, {SHARD_SAVE_KEY: save_id})
             size = len(header) + sum(e.nbytes for e in shard.values())
 
             def fill(

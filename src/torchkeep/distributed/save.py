@@ -17,7 +17,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -35,16 +35,19 @@ from torchkeep.distributed.group import Failure, Group, local_box, raise_failure
 from torchkeep.errors import TorchkeepError, UnsupportedObjectError
 from torchkeep.format import (
     MANIFEST_FILE,
+    SHARD_SAVE_KEY,
     Chunk,
     Manifest,
     Sharded,
     TensorEntry,
     check_target_name,
+    chunk_name,
     dtype_name,
     encode_header,
     is_single_file,
     manifest_from_json,
     manifest_to_json,
+    shard_name,
 )
 from torchkeep.storage import Sink, Storage
 from torchkeep.tree import is_dtensor
@@ -293,10 +296,6 @@ def _differing(claims: list[Any]) -> Failure | None:
     return None
 
 
-def _chunk_name(name: str, offsets: Iterable[int]) -> str:
-    return f"{name}@{','.join(map(str, offsets))}"
-
-
 def _owned(
     rank: int, tensors: Mapping[str, torch.Tensor]
 ) -> tuple[dict[str, torch.Tensor], ShardedInfo]:
@@ -311,7 +310,7 @@ def _owned(
             if _writes_chunk(t, name):
                 offsets, shape = local_box(t)
                 if math.prod(shape):
-                    stored = _chunk_name(name, offsets)
+                    stored = chunk_name(name, offsets)
                     if stored in tensors:
                         raise UnsupportedObjectError(
                             f"{stored}: the name of a value of the state and of a chunk of "
@@ -337,9 +336,9 @@ def _write_rank(
     if not owned:
         return _RankResult(None, {}, sharded, 0)
     dtypes = {n: t.dtype for n, t in owned.items()}
-    file = f"shard-{rank:05d}-{save_id[:12]}.safetensors"
+    file = shard_name(rank, save_id)
     entries = {n: replace(e, file=file) for n, e in layout(owned, dtypes, 1 << 62)[0]}
-    header = encode_header(entries, {"torchkeep_save": save_id})
+    header = encode_header(entries, {SHARD_SAVE_KEY: save_id})
     size = len(header) + sum(e.nbytes for e in entries.values())
     checksums: dict[str, str] = {}
 

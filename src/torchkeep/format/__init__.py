@@ -55,10 +55,13 @@ from torchkeep.format.names import (
     PROGRAM_FILE,
     SAVE_ID,
     SHARD_NAME,
+    SHARD_SAVE_KEY,
     check_member_name,
     check_target_name,
+    chunk_name,
     is_single_file,
     pickle_kind,
+    shard_name,
 )
 from torchkeep.format.sections import (
     MAX_GRID_CELLS,
@@ -98,6 +101,7 @@ __all__ = [
     "PROGRAM_FILE",
     "SAVE_ID",
     "SHARD_NAME",
+    "SHARD_SAVE_KEY",
     "Chunk",
     "FileEntry",
     "Header",
@@ -111,6 +115,7 @@ __all__ = [
     "check_member_name",
     "check_target_name",
     "check_tree",
+    "chunk_name",
     "dtype_name",
     "encode_header",
     "entry_if_valid",
@@ -125,5 +130,6 @@ __all__ = [
     "parse_tensor_spec",
     "pickle_kind",
     "read_header_length",
+    "shard_name",
     "signed_manifest_text",
 ]

@@ -6,6 +6,7 @@ pickles, and the checks of target and member names.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from typing import Any
 
 from torchkeep.errors import CorruptCheckpointError, UnsupportedFormatError
@@ -85,8 +86,22 @@ def check_target_name(path: str) -> None:
 
 
 # The data files of a directory save: "shard-00000.safetensors", or with the save's id where
-# the save was built in place (object stores).
+# the save was built in place (object stores) or by the ranks of a distributed save.
 SHARD_NAME = re.compile(r"shard-\d{5}(-[0-9a-f]{12})?\.safetensors")
+# The one metadata entry of a shard's header: the id of the save it belongs to.
+SHARD_SAVE_KEY = "torchkeep_save"
+
+
+def shard_name(index: int, save_id: str = "") -> str:
+    """The name of a directory save's data file ``index`` (a rank's, in a distributed save),
+    tagged with the save's id when given."""
+    tag = f"-{save_id[:12]}" if save_id else ""
+    return f"shard-{index:05d}{tag}.safetensors"
+
+
+def chunk_name(name: str, offsets: Iterable[int]) -> str:
+    """The stored name of the chunk of sharded tensor ``name`` that starts at ``offsets``."""
+    return f"{name}@{','.join(map(str, offsets))}"
 
 
 def is_single_file(path: str) -> bool:

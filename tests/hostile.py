@@ -18,7 +18,7 @@ import torch
 
 import torchkeep as tk
 from conftest import SimpleNet
-from torchkeep.container import write_container
+from torchkeep.container import WriteOptions, write_container
 from torchkeep.format import body_checksum
 
 
@@ -303,9 +303,9 @@ def _directory_cases(root: Path) -> list[Case]:
     def _(p: Path) -> None:
         other = p.parent / f"{p.name}-other"
         tensors = {"w": torch.arange(8.0), "b": torch.ones(3)}
-        write_container(str(other), tensors, kind="weights", shard_bytes=16)
+        write_container(str(other), tensors, kind="weights", options=WriteOptions(shard_bytes=16))
         shutil.rmtree(p)
-        write_container(str(p), tensors, kind="weights", shard_bytes=16)
+        write_container(str(p), tensors, kind="weights", options=WriteOptions(shard_bytes=16))
         mine = sorted(q.name for q in p.iterdir() if q.name.startswith("shard-"))
         theirs = sorted(q for q in other.iterdir() if q.name.startswith("shard-"))
         shutil.copyfile(theirs[-1], p / mine[-1])

@@ -7,7 +7,7 @@ import torch
 
 import torchkeep as tk
 from torchkeep.bench.engine import make_small_state_dict
-from torchkeep.container import write_container
+from torchkeep.container import WriteOptions, write_container
 from torchkeep.io.memory import tensor_bytes
 from torchkeep.io.writer import WriteItem, write_tensors
 
@@ -82,7 +82,7 @@ def test_a_save_without_checksums_is_refused_by_every_reader(tmp_path: Path) -> 
     state = {"w": torch.randn(64, 64), "b": torch.zeros(64)}
     for name in ("nochecksum.safetensors", "nochecksum_dir"):
         path = tmp_path / name
-        write_container(str(path), state, kind="weights", checksums=False)
+        write_container(str(path), state, kind="weights", options=WriteOptions(checksums=False))
         with pytest.raises(tk.CorruptCheckpointError, match="does not match its checksum"):
             tk.load_state_dict(path)
         assert not tk.verify(path).ok

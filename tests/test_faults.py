@@ -15,7 +15,7 @@ import torch
 
 import torchkeep as tk
 from faults import DIRECTORY_STEPS, EXIT_CODE, FILE_STEPS, MANAGER_STEPS, FaultyStorage
-from torchkeep.container import write_container
+from torchkeep.container import WriteOptions, write_container
 
 HERE = Path(__file__).parent
 # Steps after which the new save is already in place (a failure there reports an error, yet
@@ -80,17 +80,15 @@ def test_single_file_save_failing_at_each_step(tmp_path, step, action):
 @pytest.mark.parametrize("step", DIRECTORY_STEPS)
 def test_directory_save_failing_at_each_step(tmp_path, step, action):
     path = tmp_path / "step_1"
-    write_container(str(path), _tensors(1.0), kind="weights", shard_bytes=2 << 20)
+    write_container(str(path), _tensors(1.0), kind="weights", options=WriteOptions(shard_bytes=2 << 20))
     if action == "raise":
         with pytest.raises(OSError, match="injected"):
-            write_container(
-                str(path), _tensors(2.0), kind="weights", shard_bytes=2 << 20, storage=FaultyStorage(step)
-            )
+            write_container(str(path), _tensors(2.0), kind="weights", storage=FaultyStorage(step), options=WriteOptions(shard_bytes=2 << 20))
         assert [p.name for p in tmp_path.iterdir()] == ["step_1"]  # staging removed
     else:
         _exit_at(tmp_path, path, step)
     assert _check_whole(path, step, "directory") == 1.0
-    write_container(str(path), _tensors(3.0), kind="weights", shard_bytes=2 << 20)
+    write_container(str(path), _tensors(3.0), kind="weights", options=WriteOptions(shard_bytes=2 << 20))
     assert _holds(tk.load_state_dict(path), 3.0)
 
 

@@ -37,7 +37,7 @@ from torch import nn
 
 import torchkeep as tk
 import torchkeep.model.program
-from torchkeep.container import open_container, write_container
+from torchkeep.container import WriteOptions, open_container, write_container
 from torchkeep.format import (
     MANIFEST_FILE,
     FileEntry,
@@ -812,7 +812,7 @@ def test_member_named_like_a_shard(tmp_path):
 def test_files_on_a_single_file_save(tmp_path):
     target = tmp_path / "model.safetensors"
     with pytest.raises(ValueError, match="only a directory save holds other files") as refused:
-        write_container(str(target), {"a": torch.ones(2)}, kind="model", files={"p": b"x"})
+        write_container(str(target), {"a": torch.ones(2)}, kind="model", options=WriteOptions(files={"p": b"x"}))
     assert str(target) in str(refused.value)
     assert not target.exists()
 
@@ -824,7 +824,7 @@ def test_files_that_clash_with_the_save_s_own(tmp_path, name):
     tensors = {"a": torch.ones(4), "b": torch.ones(4)}  # two shards of 16 bytes
     target = tmp_path / "save"
     with pytest.raises(ValueError, match="clash with the save's own files") as refused:
-        write_container(str(target), tensors, kind="model", shard_bytes=16, files={name: b"x"})
+        write_container(str(target), tensors, kind="model", options=WriteOptions(shard_bytes=16, files={name: b"x"}))
     assert name in str(refused.value) and str(target) in str(refused.value)
     assert list(tmp_path.iterdir()) == []
 
@@ -839,7 +839,7 @@ def test_write_container_refuses_member_names_the_reader_refuses(tmp_path, name)
     (tmp_path / "parent").mkdir()
     target = tmp_path / "parent" / "save"
     with pytest.raises(ValueError, match=re.escape(repr(name)[1:-1])):
-        write_container(str(target), {"a": torch.ones(2)}, kind="model", files={name: b"x"})
+        write_container(str(target), {"a": torch.ones(2)}, kind="model", options=WriteOptions(files={name: b"x"}))
     assert os.listdir(tmp_path / "parent") == []
 
 
@@ -849,7 +849,7 @@ def test_write_container_refuses_a_model_section_the_reader_refuses(tmp_path):
     object"). Expected: ValueError before writing."""
     target = tmp_path / "save"
     with pytest.raises(ValueError, match="model"):
-        write_container(str(target), {"a": torch.ones(2)}, kind="model", model=[1, 2])
+        write_container(str(target), {"a": torch.ones(2)}, kind="model", options=WriteOptions(model=[1, 2]))
     assert not target.exists()
 
 

@@ -23,7 +23,7 @@ import torchkeep.storage.fsspec as fsspec_storage
 import torchkeep.storage.s3 as s3_storage
 from conftest import SimpleNet, TiedLM, assert_same_state
 from s3server import FailingProxy, free_port, options, silent_server
-from torchkeep.container import open_container, write_container
+from torchkeep.container import WriteOptions, open_container, write_container
 from torchkeep.format import MANIFEST_FILE
 from torchkeep.storage import FsspecStorage, LocalStorage, storage_for
 
@@ -194,7 +194,7 @@ def test_sharded_directory_reads_by_ranges(s3, small_parts):
     root, opts = s3
     storage, path = storage_for(f"{root}/big", opts)
     tensors = {f"t{i}": torch.randn(MiB // 4 + i) for i in range(9)}
-    info = write_container(path, tensors, kind="state", storage=storage, shard_bytes=3 * MiB)
+    info = write_container(path, tensors, kind="state", storage=storage, options=WriteOptions(shard_bytes=3 * MiB))
     assert len([f for f in info.files if f.startswith("shard-")]) == 5
     back = tk.load(f"{root}/big", storage_options=opts)
     assert all(torch.equal(back[n], t) for n, t in tensors.items())
@@ -215,7 +215,7 @@ def test_saving_over_a_remote_directory_replaces_it_whole(url):
         raise RuntimeError("abandoned before the commit")
 
     with pytest.raises(RuntimeError, match="abandoned"):
-        write_container(path, {"w": torch.zeros(5)}, kind="state", storage=storage, before_commit=fail)
+        write_container(path, {"w": torch.zeros(5)}, kind="state", storage=storage, options=WriteOptions(before_commit=fail))
     assert storage.list_dir(path) == first, "the abandoned save's objects were not removed"
     assert torch.equal(tk.load(path, storage_options=opts)["w"], torch.ones(5))
     tk.save({"w": torch.full((5,), 2.0)}, path, storage_options=opts)

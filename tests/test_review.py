@@ -157,10 +157,10 @@ def test_legacy_storages_cannot_claim_more_than_the_file(tmp_path):
 
 
 def test_small_checksum_chunks_agree_between_writer_reader_and_verify(tmp_path):
-    from torchkeep.container import open_container, write_container
+    from torchkeep.container import WriteOptions, open_container, write_container
 
     state = {"small": torch.randn(50_000), "tiny": torch.ones(3)}  # 200 kB: 4 pieces of 64 KiB
-    write_container(str(tmp_path / "s.safetensors"), state, kind="weights", checksum_chunk=64 << 10)
+    write_container(str(tmp_path / "s.safetensors"), state, kind="weights", options=WriteOptions(checksum_chunk=64 << 10))
     with open_container(tmp_path / "s.safetensors") as c:
         assert c.manifest is not None and c.manifest.checksum_chunk == 64 << 10
     assert tk.verify(tmp_path / "s.safetensors").ok

@@ -22,7 +22,7 @@ import safetensors.torch
 import torch
 
 import torchkeep as tk
-from torchkeep.container import write_container
+from torchkeep.container import WriteOptions, write_container
 from torchkeep.format import (
     MANIFEST_KEY,
     MAX_HEADER_BYTES,
@@ -148,7 +148,7 @@ def _save_dir(path: Path, seed: int = 0) -> Path:
     """A valid two-shard torchkeep directory: four 8×8 float32 tensors, two per shard."""
     generator = torch.Generator().manual_seed(seed)
     tensors = {f"layer{i}.weight": torch.randn(8, 8, generator=generator) for i in range(4)}
-    write_container(str(path), tensors, kind="weights", shard_bytes=512)
+    write_container(str(path), tensors, kind="weights", options=WriteOptions(shard_bytes=512))
     assert sorted(os.listdir(path)) == [
         "manifest.json",
         "shard-00000.safetensors",

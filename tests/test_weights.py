@@ -199,13 +199,11 @@ def test_state_without_weights_is_refused_by_load_weights(tmp_path):
 
 
 def test_sharded_weights_directory(tmp_path):
-    from torchkeep.container import write_container
+    from torchkeep.container import WriteOptions, write_container
 
     model = TheModelClass()
     # A tiny shard size forces several shards.
-    write_container(
-        str(tmp_path / "sharded"), model.state_dict(), kind="weights", shard_bytes=40_000
-    )
+    write_container(str(tmp_path / "sharded"), model.state_dict(), kind="weights", options=WriteOptions(shard_bytes=40_000))
     files = sorted(p.name for p in (tmp_path / "sharded").iterdir())
     assert "manifest.json" in files and len(files) > 3
     fresh = TheModelClass()

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from torchkeep.checkpoint import load
-from torchkeep.container import DirectoryWrite, SaveInfo, write_container
+from torchkeep.container import DirectoryWrite, SaveInfo, WriteOptions, write_container
 from torchkeep.errors import StorageError, UnsupportedFormatError
 from torchkeep.format import HF_SAFETENSORS_INDEX, check_target_name, is_single_file
 from torchkeep.format.detect import Kind, readable
@@ -138,12 +138,14 @@ def _write(
         dst,
         tensors,
         kind="weights" if weights else "state",
-        tree=None if weights else flat.tree,
-        aliases=flat.aliases,
-        dtype=_cast(dtype),
-        ready=None if ready is None else (lambda name: ready(tensors[name])),
-        before_commit=before_commit,
         storage=storage,
+        options=WriteOptions(
+            tree=None if weights else flat.tree,
+            aliases=flat.aliases,
+            dtype=_cast(dtype),
+            ready=None if ready is None else (lambda name: ready(tensors[name])),
+            before_commit=before_commit,
+        ),
     )
 
 
@@ -153,9 +155,7 @@ def _cast(dtype: torch.dtype | None) -> Callable[[str, torch.Tensor], torch.dtyp
     return lambda _, t: cast_dtype(t, dtype)
 
 
-def _stream_pickle(
-    src: str, dst: str, storage: Storage, *, dtype: torch.dtype | None
-) -> SaveInfo:
+def _stream_pickle(src: str, dst: str, storage: Storage, *, dtype: torch.dtype | None) -> SaveInfo:
     """Convert a ``torch.save`` file with its reading and the durable write overlapped: each
     tensor is written as soon as its bytes are in, and the result commits only after every
     CRC-32 of the source matched."""
@@ -216,10 +216,12 @@ def _write_hf(
             info = write_container(
                 join(write.staging, file),
                 {n: flat.tensors[n] for n in names},
-                aliases={a: t for a, t in flat.aliases.items() if t in names},
                 kind="weights",
-                dtype=_cast(dtype),
                 storage=storage,
+                options=WriteOptions(
+                    aliases={a: t for a, t in flat.aliases.items() if t in names},
+                    dtype=_cast(dtype),
+                ),
             )
             total += info.file_bytes
         file_of = {n: file for file, names in zip(files, shards, strict=True) for n in names}

@@ -13,7 +13,7 @@ import torch
 
 from torchkeep._types import Device
 from torchkeep.checkpoint import check_metadata
-from torchkeep.container import Container, SaveInfo, open_container, write_container
+from torchkeep.container import Container, SaveInfo, WriteOptions, open_container, write_container
 from torchkeep.dcp import load_dcp
 from torchkeep.distributed import read_sharded
 from torchkeep.errors import (
@@ -104,10 +104,8 @@ def save_weights(
         target,
         flat.tensors,
         kind="weights",
-        aliases=flat.aliases,
-        metadata=check_metadata(metadata),
-        dtype=cast,
         storage=storage,
+        options=WriteOptions(aliases=flat.aliases, metadata=check_metadata(metadata), dtype=cast),
     )
 
 

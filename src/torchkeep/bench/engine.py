@@ -16,7 +16,7 @@ from torch import nn
 import torchkeep as tk
 from torchkeep.bench.cases import TORCH, TORCHKEEP
 from torchkeep.bench.workload import drop_cache, remove_file
-from torchkeep.container import write_container
+from torchkeep.container import WriteOptions, write_container
 
 CHECKSUMS_OFF = "torchkeep, checksums off"
 MEMCPY = "memcpy, one thread"
@@ -47,7 +47,7 @@ def time_save_without_checksums(state: Mapping[str, torch.Tensor], path: str) ->
     """Time one durable save like ``tk.save_weights`` with the checksums not computed."""
     remove_file(path)
     started = time.perf_counter()
-    write_container(path, state, kind="weights", checksums=False)
+    write_container(path, state, kind="weights", options=WriteOptions(checksums=False))
     return time.perf_counter() - started
 
 

@@ -12,7 +12,13 @@ import torch
 from torchkeep import distributed
 from torchkeep._types import Device
 from torchkeep.checkpoint.restore import check_into, plan_destinations, restore
-from torchkeep.container import WRITE_THREADS, SaveInfo, open_container, write_container
+from torchkeep.container import (
+    WRITE_THREADS,
+    SaveInfo,
+    WriteOptions,
+    open_container,
+    write_container,
+)
 from torchkeep.dcp import load_dcp
 from torchkeep.distributed import read_sharded
 from torchkeep.errors import UnsupportedObjectError
@@ -110,10 +116,10 @@ def save(
         target,
         flat.tensors,
         kind="state",
-        tree=flat.tree,
-        aliases=flat.aliases,
-        metadata=check_metadata(metadata),
         storage=storage,
+        options=WriteOptions(
+            tree=flat.tree, aliases=flat.aliases, metadata=check_metadata(metadata)
+        ),
     )
 
 

@@ -104,37 +104,57 @@ def layout(
     return shards
 
 
+@dataclass(frozen=True)
+class WriteOptions:
+    """What a save writes besides its tensors, and how.
+
+    Attributes:
+        tree: the typed-JSON skeleton of the saved object (None: a flat dict of tensors).
+        aliases: names of tensors stored under another name (tied weights), to that name.
+        metadata: the user's metadata (JSON values).
+        files: other members of a directory save (an exported program), written beside the
+            shards with their checksums in the manifest.
+        model: the manifest's model section.
+        dtype: the dtype each tensor is stored as, by name and tensor (default: its own).
+        threads: writer threads.
+        shard_bytes: the largest shard of a directory save.
+        checksum_chunk: tensors larger than this are hashed in pieces of this size.
+        checksums: False skips computing the tensors' checksums and leaves placeholders, so the
+            result fails verification and will not load: it exists only to measure what
+            checksums cost.
+        ready: called with a tensor's name before its memory is first read (it may block until
+            the data is there).
+        before_commit: runs after the data is written and before the save commits, and may
+            raise to abandon it.
+    """
+
+    tree: Any = None
+    aliases: Mapping[str, str] | None = None
+    metadata: Mapping[str, Any] | None = None
+    files: Mapping[str, bytes] | None = None
+    model: Any = None
+    dtype: Callable[[str, torch.Tensor], torch.dtype] | None = None
+    threads: int = WRITE_THREADS
+    shard_bytes: int = SHARD_BYTES
+    checksum_chunk: int = CHECKSUM_CHUNK
+    checksums: bool = True
+    ready: Callable[[str], None] | None = None
+    before_commit: Callable[[], None] | None = None
+
+
 def write_container(
     path: str,
     tensors: Mapping[str, torch.Tensor],
     *,
     kind: str,
-    tree: Any = None,
-    aliases: Mapping[str, str] | None = None,
-    metadata: Mapping[str, Any] | None = None,
-    dtype: Callable[[str, torch.Tensor], torch.dtype] | None = None,
     storage: Storage = DEFAULT_STORAGE,
-    threads: int = WRITE_THREADS,
-    shard_bytes: int = SHARD_BYTES,
-    ready: Callable[[str], None] | None = None,
-    before_commit: Callable[[], None] | None = None,
-    checksum_chunk: int = CHECKSUM_CHUNK,
-    files: Mapping[str, bytes] | None = None,
-    model: Any = None,
-    checksums: bool = True,
+    options: WriteOptions = WriteOptions(),  # frozen: one shared default is safe
 ) -> SaveInfo:
-    """Write ``tensors`` and their manifest to ``path`` (a ``.safetensors`` file or a directory).
-
-    ``checksums=False`` skips computing the tensors' checksums and leaves placeholders, so the
-    result fails verification and will not load: it exists only to measure what checksums cost.
-
-    ``files`` are other members of a directory save (an exported program), written beside the
-    shards with their checksums in the manifest; ``model`` is the manifest's model section.
-
-    ``ready(name)``, when given, is called before a tensor's memory is first read (it may block
-    until the data is there); ``before_commit()`` runs after the data is written and before the
-    save commits, and may raise to abandon it.
-    """
+    """Write ``tensors`` and their manifest to ``path`` (a ``.safetensors`` file or a directory),
+    as a save of ``kind``, with what ``options`` adds."""
+    tree, aliases, metadata = options.tree, options.aliases, options.metadata
+    dtype, threads, shard_bytes = options.dtype, options.threads, options.shard_bytes
+    files, model, checksum_chunk = options.files, options.model, options.checksum_chunk
     path = os.fspath(path)
     check_target_name(path)
     check_storage(path, storage)
@@ -177,7 +197,7 @@ def write_container(
         save_id="" if single else save_id,
     )
     data_bytes = sum(e.nbytes for e in entries.values())
-    hooks = WriteHooks(ready, before_commit, checksum_chunk, checksums)
+    hooks = WriteHooks(options.ready, options.before_commit, checksum_chunk, options.checksums)
     if single:
         file_bytes = _write_single(path, manifest, tensors, dtypes, storage, threads, hooks)
         written: tuple[str, ...] = (os.path.basename(path),)

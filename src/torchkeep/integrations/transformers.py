@@ -89,7 +89,14 @@ from pathlib import Path
 from typing import Any
 
 from torchkeep.checkpoint import load_from
-from torchkeep.container import Container, SaveInfo, open_container, read_manifest, write_container
+from torchkeep.container import (
+    Container,
+    SaveInfo,
+    WriteOptions,
+    open_container,
+    read_manifest,
+    write_container,
+)
 from torchkeep.errors import (
     CorruptCheckpointError,
     MissingDependencyError,
@@ -299,15 +306,17 @@ class TorchkeepTrainer(Trainer):
             os.fspath(path),
             flat.tensors,
             kind="state",
-            tree=flat.tree,
-            aliases=flat.aliases,
-            metadata={
-                "trainer": "transformers",
-                "transformers_version": transformers.__version__,
-                "global_step": self.state.global_step,
-            },
             storage=self._storage,
-            files=files,
+            options=WriteOptions(
+                tree=flat.tree,
+                aliases=flat.aliases,
+                metadata={
+                    "trainer": "transformers",
+                    "transformers_version": transformers.__version__,
+                    "global_step": self.state.global_step,
+                },
+                files=files,
+            ),
         )
 
     def _trainer_files(self, model: Any) -> dict[str, bytes]:

@@ -10,14 +10,13 @@ import signal
 import threading
 from collections.abc import Iterable, Mapping
 from concurrent.futures import Future
-from functools import partial
 from typing import Any
 
 import torch
 
 from torchkeep import distributed
 from torchkeep.checkpoint import load_from
-from torchkeep.container import WRITE_THREADS, SaveInfo, write_container
+from torchkeep.container import WRITE_THREADS, SaveInfo, WriteOptions, write_container
 from torchkeep.errors import CheckpointNotFoundError, CorruptCheckpointError, StorageError
 from torchkeep.manager.background import Background
 from torchkeep.manager.preemption import Preemption
@@ -240,20 +239,25 @@ class CheckpointManager:
         with self._lock:
             self._writing = step
         try:
-            write = (
-                partial(distributed.save, threads=WRITE_THREADS)
-                if any(is_dtensor(t) for t in tensors.values())
-                else write_container
-            )
-            info = write(
-                self.path(step),
-                tensors,
-                kind="state",
-                tree=tree,
-                aliases=aliases,
-                metadata=metadata,
-                storage=self._storage,
-            )
+            if any(is_dtensor(t) for t in tensors.values()):
+                info = distributed.save(
+                    self.path(step),
+                    tensors,
+                    kind="state",
+                    tree=tree,
+                    aliases=aliases,
+                    metadata=metadata,
+                    storage=self._storage,
+                    threads=WRITE_THREADS,
+                )
+            else:
+                info = write_container(
+                    self.path(step),
+                    tensors,
+                    kind="state",
+                    storage=self._storage,
+                    options=WriteOptions(tree=tree, aliases=aliases, metadata=metadata),
+                )
             entry = metadata[METADATA_KEY]
             with self._lock:
                 self._records[step] = Record(step, entry["time"], entry["metrics"])

@@ -12,7 +12,13 @@ from typing import Any
 
 import torch
 
-from torchkeep.container import SaveInfo, open_container, read_manifest, write_container
+from torchkeep.container import (
+    SaveInfo,
+    WriteOptions,
+    open_container,
+    read_manifest,
+    write_container,
+)
 from torchkeep.errors import CorruptCheckpointError, TorchkeepError
 from torchkeep.format import MODEL_KIND, PROGRAM_FILE, ModelSection
 from torchkeep.model.load import load_model
@@ -80,11 +86,10 @@ def convert_model(
         dst,
         cast,
         kind=MODEL_KIND,
-        aliases=aliases,
-        metadata=manifest.metadata,
-        files=files,
-        model=section.to_json(),
         storage=storage,
+        options=WriteOptions(
+            aliases=aliases, metadata=manifest.metadata, files=files, model=section.to_json()
+        ),
     )
 
 

@@ -12,7 +12,7 @@ from typing import Any
 from torch import nn
 
 from torchkeep.checkpoint import check_metadata
-from torchkeep.container import SaveInfo, write_container
+from torchkeep.container import SaveInfo, WriteOptions, write_container
 from torchkeep.errors import UnsupportedObjectError
 from torchkeep.format import MODEL_KIND, PROGRAM_FILE, ModelSection, is_single_file
 from torchkeep.model.assign import plain_attributes
@@ -104,11 +104,13 @@ def save_model(
         target,
         flat.tensors,
         kind=MODEL_KIND,
-        aliases=flat.aliases,
-        metadata=check_metadata(metadata),
-        files=files,
-        model=section.to_json(),
         storage=storage,
+        options=WriteOptions(
+            aliases=flat.aliases,
+            metadata=check_metadata(metadata),
+            files=files,
+            model=section.to_json(),
+        ),
     )
 
 

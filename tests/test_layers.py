@@ -14,6 +14,7 @@ only shrink (a listed module that is no longer long fails the test too, so the l
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -206,3 +207,61 @@ def test_the_checker_sees_a_breach() -> None:
     assert _layer("torchkeep.storage.local") == 1
     assert _layer("torchkeep.format.names") == 3
     assert _layer("torchkeep.integrations.lightning") == 9
+
+
+def _documented_tree() -> set[str]:
+    """The modules the architecture page's tree names, as paths under src/torchkeep."""
+    page = (SRC.parent / "docs" / "architecture.md").read_text()
+    block = page.split("## The tree", 1)[1].split("```", 2)[1]
+    paths: set[str] = set()
+    parents: list[str] = []
+    for line in block.splitlines():
+        name = line.strip().split(" ", 1)[0]
+        if not name:
+            continue
+        depth = (len(line) - len(line.lstrip())) // 2 - 1
+        if depth < 0:
+            continue  # the package itself
+        parents = parents[:depth]
+        if name.endswith("/"):
+            parents.append(name.rstrip("/"))
+            paths.add("/".join([*parents, "__init__.py"]))
+        else:
+            paths.add("/".join([*parents, name]))
+    return paths
+
+
+def test_the_architecture_page_shows_the_tree_as_built() -> None:
+    built = {str(p.relative_to(SRC / "torchkeep")) for p in (SRC / "torchkeep").rglob("*.py")}
+    built -= {"__init__.py"}
+    documented = _documented_tree()
+    assert built == documented, (
+        f"docs/architecture.md: missing {sorted(built - documented)}, "
+        f"gone {sorted(documented - built)}"
+    )
+
+
+def tree_text() -> str:
+    """The tree for docs/architecture.md: each module with its docstring's first sentence."""
+    lines = ["torchkeep/"]
+
+    def first(path: Path) -> str:
+        doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+        text = " ".join(doc.strip().split("\n\n")[0].split()).replace("``", "")
+        text = re.split(r"\.(?:\s|$)", text, maxsplit=1)[0]
+        return text if len(text) <= 88 else text[:87].rsplit(" ", 1)[0] + " …"
+
+    def walk(folder: Path, indent: str) -> None:
+        for p in sorted(folder.iterdir(), key=lambda p: (p.is_dir(), p.name)):
+            if p.is_dir() and (p / "__init__.py").exists():
+                lines.append(f"{indent + p.name + '/':<24} {first(p / '__init__.py')}".rstrip())
+                walk(p, indent + "  ")
+            elif p.suffix == ".py" and p.name != "__init__.py":
+                lines.append(f"{indent + p.name:<24} {first(p)}".rstrip())
+
+    walk(SRC / "torchkeep", "  ")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python tests/test_layers.py: the tree for docs/architecture.md
+    print(tree_text())

@@ -26,7 +26,11 @@ PAGES = {
     "reliability.md": "RELIABILITY.md",
 }
 # Link target as written in those files -> the same target inside the site.
-TARGETS = {"docs/bench.png": "bench.png", **{source: page for page, source in PAGES.items()}}
+TARGETS = {
+    "docs/bench.png": "bench.png",
+    "docs/architecture.md": "architecture.md",
+    **{source: page for page, source in PAGES.items()},
+}
 
 _LINK = re.compile(r"\]\((?P<target>[^)#\s]+)(?P<rest>[^)]*)\)")
 

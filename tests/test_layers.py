@@ -32,8 +32,6 @@ LAYERS: dict[str, int] = {
     "torchkeep.retention": 5,
     "torchkeep.sampler": 5,
     "torchkeep.legacy": 6,
-    "torchkeep.unpickler": 6,
-    "torchkeep.dcp": 6,
     "torchkeep.distributed": 7,
     "torchkeep.weights": 8,
     "torchkeep.checkpoint": 8,
@@ -66,7 +64,6 @@ FRONT_ENDS = (
 LONG: set[str] = {
     "torchkeep.checkpoint",
     "torchkeep.cli",
-    "torchkeep.dcp",
     "torchkeep.demo",
     "torchkeep.distributed",
     "torchkeep.integrations.lightning",

@@ -12,11 +12,10 @@ import torch
 
 from torchkeep import distributed
 from torchkeep.container import WRITE_THREADS, SaveInfo, open_container, write_container
-from torchkeep.dcp import load_dcp
 from torchkeep.distributed import read_sharded
 from torchkeep.errors import StateMismatchError, UnsupportedObjectError
 from torchkeep.format.detect import Kind, detect, readable
-from torchkeep.legacy import load_pickle_file
+from torchkeep.legacy import load_dcp, load_pickle_file
 from torchkeep.storage import Storage, storage_for
 from torchkeep.tree import (
     STATEFUL,

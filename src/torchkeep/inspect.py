@@ -11,7 +11,6 @@ from typing import Any
 import torch
 
 from torchkeep.container import open_container
-from torchkeep.dcp import load_dcp
 from torchkeep.errors import (
     CorruptCheckpointError,
     IncompleteCheckpointError,
@@ -21,7 +20,7 @@ from torchkeep.errors import (
 )
 from torchkeep.format import DTYPE_NAMES
 from torchkeep.format.detect import Kind, readable
-from torchkeep.legacy import load_pickle_file
+from torchkeep.legacy import load_dcp, load_pickle_file
 from torchkeep.model import model_summary
 from torchkeep.storage import Storage, is_url, storage_for
 from torchkeep.tree import decode

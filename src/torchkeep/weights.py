@@ -13,7 +13,6 @@ import torch
 
 from torchkeep.checkpoint import Device, check_metadata, convert
 from torchkeep.container import Container, SaveInfo, open_container, write_container
-from torchkeep.dcp import load_dcp
 from torchkeep.distributed import read_sharded
 from torchkeep.errors import (
     CorruptCheckpointError,
@@ -30,7 +29,7 @@ from torchkeep.format import (
     load_json,
 )
 from torchkeep.format.detect import Kind, detect, readable
-from torchkeep.legacy import load_pickle_file
+from torchkeep.legacy import load_dcp, load_pickle_file
 from torchkeep.storage import storage_for
 from torchkeep.tree import STATEFUL, TENSOR, dedupe, is_dtensor
 

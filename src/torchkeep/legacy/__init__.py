@@ -1,0 +1,31 @@
+"""Reading what other tools wrote, running none of their code.
+
+``unpickler`` is the restricted unpickler every pickle goes through; ``torch_zip`` the one
+validated table of a ``torch.save`` zip archive, whole or inside a DCP file; ``torch_save`` reads
+``torch.save`` files (zip and pre-1.6 streams); ``dcp_metadata`` and ``dcp`` read
+torch.distributed.checkpoint directories; ``scan`` lists what a pickle would run.
+"""
+
+from torchkeep.legacy.dcp import is_dcp_dir, load_dcp
+from torchkeep.legacy.scan import ScanReport, scan
+from torchkeep.legacy.torch_save import (
+    LEGACY_MAGIC,
+    LEGACY_PROTOCOL,
+    MAX_SCANNED_BYTES,
+    READ_CHUNK,
+    PendingLoad,
+    load_pickle_file,
+)
+
+__all__ = [
+    "LEGACY_MAGIC",
+    "LEGACY_PROTOCOL",
+    "MAX_SCANNED_BYTES",
+    "READ_CHUNK",
+    "PendingLoad",
+    "ScanReport",
+    "is_dcp_dir",
+    "load_dcp",
+    "load_pickle_file",
+    "scan",
+]

@@ -20,7 +20,7 @@ import torch  # not instrumented: the coverage that guides the fuzzer is torchke
 with atheris.instrument_imports(include=["torchkeep", "pickletools", "zipfile", "json"]):
     from torchkeep.errors import TorchkeepError
     from torchkeep.format import manifest_from_json, parse_header, read_header_length
-    from torchkeep.unpickler import _Storage, _storage_pid, _unpickle
+    from torchkeep.legacy.unpickler import FileStorage, storage_pid, unpickle
 
 MAX_ELEMENTS = 1 << 16  # a storage larger than this is refused, as a file too short would be
 
@@ -35,17 +35,17 @@ def _manifest(data: bytes) -> None:
 
 
 def _pickle(data: bytes) -> None:
-    storages: dict[str, _Storage] = {}
+    storages: dict[str, FileStorage] = {}
 
-    def storage(pid: Any) -> _Storage:
-        dtype, key, numel = _storage_pid(pid, "fuzz")
+    def storage(pid: Any) -> FileStorage:
+        dtype, key, numel = storage_pid(pid, "fuzz")
         if numel > MAX_ELEMENTS:
             raise TorchkeepError("storage too large for the fuzzer")
         if key not in storages:
-            storages[key] = _Storage(key, torch.zeros(numel, dtype=dtype))
+            storages[key] = FileStorage(key, torch.zeros(numel, dtype=dtype))
         return storages[key]
 
-    _unpickle(data, storage, "fuzz")
+    unpickle(data, storage, "fuzz")
 
 
 TARGETS = (_header, _manifest, _pickle)

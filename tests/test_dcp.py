@@ -21,7 +21,6 @@ from torch.distributed.checkpoint.filesystem import FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
 
 from conftest import SimpleNet
-from torchkeep.dcp import is_dcp_dir, load_dcp
 from torchkeep.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
@@ -29,6 +28,7 @@ from torchkeep.errors import (
     UnsafeFileError,
     UnsupportedFormatError,
 )
+from torchkeep.legacy.dcp import is_dcp_dir, load_dcp
 
 
 def save(state: dict[str, Any], path: Path) -> Path:

@@ -3,31 +3,21 @@ or a Hugging Face sharded directory, with an optional cast for deployment."""
 
 from __future__ import annotations
 
-import errno
-import json
 import os
-import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
 from torchkeep.checkpoint import load
-from torchkeep.container import DirectoryWrite, SaveInfo, WriteOptions, write_container
-from torchkeep.errors import StorageError, UnsupportedFormatError
-from torchkeep.format import HF_SAFETENSORS_INDEX, check_target_name, is_single_file
+from torchkeep.container import SaveInfo, WriteOptions, write_container
+from torchkeep.errors import UnsupportedFormatError
+from torchkeep.format import check_target_name, is_single_file
 from torchkeep.format.detect import Kind, readable
-from torchkeep.legacy import PendingLoad
+from torchkeep.legacy import PendingLoad, write_huggingface
 from torchkeep.model import convert_model, is_saved_model
-from torchkeep.storage import Storage, is_url, join, storage_for
+from torchkeep.storage import Storage, is_url, storage_for
 from torchkeep.tree import cast_dtype, dedupe, flatten
-from torchkeep.weights import load_state_dict
-
-
-def _read(src: str, kind: Kind) -> Any:
-    if kind is Kind.HUGGINGFACE:
-        return load_state_dict(src)  # its weights
-    return load(src)
 
 
 def _is_weights(obj: Any) -> bool:
@@ -111,14 +101,16 @@ def _convert(
         return convert_model(src, dst, dtype=dtype, storage=storage)
     if max_shard_size is None and kind.pickled:
         return _stream_pickle(src, dst, storage, dtype=dtype)
-    obj = _read(src, kind)
+    obj = load(src)  # of a Hugging Face directory: its weights, as load_state_dict reads them
     if max_shard_size is not None:
         if not _is_weights(obj):
             raise UnsupportedFormatError(
                 f"{src}: holds more than model weights; a Hugging Face directory holds weights "
                 "only. Convert to a torchkeep file or directory instead (no max_shard_size)"
             )
-        return _write_hf(obj, dst, storage, dtype=dtype, shard_bytes=parse_size(max_shard_size))
+        return write_huggingface(
+            obj, dst, storage, dtype=dtype, shard_bytes=parse_size(max_shard_size)
+        )
     return _write(obj, dst, storage, dtype=dtype)
 
 
@@ -172,70 +164,3 @@ def _stream_pickle(src: str, dst: str, storage: Storage, *, dtype: torch.dtype |
         )
     finally:
         pending.finish_quietly()
-
-
-def _write_hf(
-    weights: Mapping[str, torch.Tensor],
-    dst: str,
-    storage: Storage,
-    *,
-    dtype: torch.dtype | None,
-    shard_bytes: int,
-) -> SaveInfo:
-    if is_single_file(dst):
-        raise UnsupportedFormatError(
-            f"{dst}: a Hugging Face sharded checkpoint is a directory; give a name without the "
-            ".safetensors suffix"
-        )
-    check_target_name(dst)
-    started = time.perf_counter()
-    flat = dedupe(weights)  # tied weights are stored once, as Hugging Face does
-
-    sizes = {name: t.numel() * cast_dtype(t, dtype).itemsize for name, t in flat.tensors.items()}
-    shards: list[list[str]] = [[]]
-    size = 0
-    for name, nbytes in sizes.items():
-        if shards[-1] and size + nbytes > shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes
-    count = len(shards)
-    files = [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
-    if not storage.atomic_dirs and storage.exists(join(dst, HF_SAFETENSORS_INDEX)):
-        raise StorageError(
-            errno.EEXIST,
-            f"{dst}: holds a Hugging Face checkpoint; in object storage it cannot be replaced "
-            "without a moment where neither is whole. Convert to a new path, or delete it first",
-        )
-    write = DirectoryWrite.begin(dst, storage, marker=HF_SAFETENSORS_INDEX)
-    try:
-        total = 0
-        for file, names in zip(files, shards, strict=True):
-            write.wrote([file])
-            info = write_container(
-                join(write.staging, file),
-                {n: flat.tensors[n] for n in names},
-                kind="weights",
-                storage=storage,
-                options=WriteOptions(
-                    aliases={a: t for a, t in flat.aliases.items() if t in names},
-                    dtype=_cast(dtype),
-                ),
-            )
-            total += info.file_bytes
-        file_of = {n: file for file, names in zip(files, shards, strict=True) for n in names}
-        index = {
-            "metadata": {"total_size": sum(sizes.values())},
-            "weight_map": {**file_of, **{a: file_of[t] for a, t in flat.aliases.items()}},
-        }
-        text = json.dumps(index, indent=2, sort_keys=True).encode()
-        # The index is written last: a reader never sees it before every shard it names.
-        write.commit(text, marker=HF_SAFETENSORS_INDEX)
-    except BaseException:
-        write.discard()
-        raise
-    return SaveInfo(
-        dst, (*files, HF_SAFETENSORS_INDEX), len(flat.tensors), sum(sizes.values()),
-        total + len(text), time.perf_counter() - started,
-    )  # fmt: skip

@@ -11,7 +11,6 @@ from typing import Any
 import torch
 
 from torchkeep.container import open_container
-from torchkeep.dcp import load_dcp
 from torchkeep.errors import (
     CorruptCheckpointError,
     IncompleteCheckpointError,
@@ -21,11 +20,11 @@ from torchkeep.errors import (
 )
 from torchkeep.format import DTYPE_NAMES
 from torchkeep.format.detect import Kind, readable
-from torchkeep.legacy import load_pickle_file
+from torchkeep.legacy import MODEL_KEYS, load_dcp, load_pickle_file
 from torchkeep.model import model_summary
 from torchkeep.storage import Storage, is_url, storage_for
 from torchkeep.tree import decode
-from torchkeep.weights import MODEL_KEYS, WeightsSource
+from torchkeep.weights import WeightsSource
 
 
 @dataclass(frozen=True)

@@ -14,30 +14,13 @@ import torch
 from torchkeep._types import Device
 from torchkeep.checkpoint import check_metadata
 from torchkeep.container import Container, SaveInfo, WriteOptions, open_container, write_container
-from torchkeep.dcp import load_dcp
 from torchkeep.distributed import read_sharded
-from torchkeep.errors import (
-    CorruptCheckpointError,
-    StateMismatchError,
-    UnsupportedFormatError,
-    UnsupportedObjectError,
-)
-from torchkeep.format import (
-    HF_INDEX_FILES,
-    HF_WEIGHT_FILES,
-    Manifest,
-    Sharded,
-    check_member_name,
-    load_json,
-)
+from torchkeep.errors import StateMismatchError, UnsupportedObjectError
+from torchkeep.format import Sharded
 from torchkeep.format.detect import Kind, detect, readable
-from torchkeep.legacy import load_pickle_file
+from torchkeep.legacy import load_dcp, load_pickle_file, weight_names, weights_files, weights_in
 from torchkeep.storage import storage_for
-from torchkeep.tree import STATEFUL, TENSOR, cast_dtype, convert, dedupe, is_dtensor
-
-# Where a checkpoint keeps its model, in the order they are looked for.
-MODEL_KEYS = ("model_state_dict", "model", "state_dict", "module")
-MAX_INDEX_BYTES = 64 << 20
+from torchkeep.tree import cast_dtype, convert, dedupe, is_dtensor
 
 
 @dataclass(frozen=True)
@@ -107,37 +90,6 @@ def save_weights(
         storage=storage,
         options=WriteOptions(aliases=flat.aliases, metadata=check_metadata(metadata), dtype=cast),
     )
-
-
-def weight_names(container: Container) -> dict[str, str]:
-    """Map each state-dict key of the file's model to the stored tensor holding it."""
-    aliases = container.aliases
-    manifest = container.manifest
-    if manifest is None or manifest.tree is None:
-        keys = {name: name for name in container.entries}
-        keys.update(aliases)
-        if isinstance(manifest, Manifest) and isinstance(manifest.model, dict):
-            # A whole model also stores its non-persistent buffers, which state_dict leaves out.
-            for name in manifest.model.get("buffers") or []:
-                keys.pop(name, None)
-        return keys
-    tree = manifest.tree
-    for key in MODEL_KEYS:
-        if isinstance(tree, dict) and key in tree:
-            tree = tree[key]
-            break
-    if isinstance(tree, dict) and set(tree) == {STATEFUL, "state"}:
-        tree = tree["state"]
-    if not isinstance(tree, dict) or not any(_is_tensor(v) for v in tree.values()):
-        raise UnsupportedFormatError(
-            f"{container.path}: holds no model weights (looked for a dict of tensors under "
-            f"{', '.join(MODEL_KEYS)}); load it with tk.load instead"
-        )
-    return {k: aliases.get(v[TENSOR], v[TENSOR]) for k, v in tree.items() if _is_tensor(v)}
-
-
-def _is_tensor(node: Any) -> bool:
-    return isinstance(node, dict) and set(node) == {TENSOR}
 
 
 class _Part:
@@ -222,56 +174,19 @@ class WeightsSource:
         if kind is not Kind.HUGGINGFACE:
             self._open_file(path, kind)
             return
-        for index in HF_INDEX_FILES:
-            if os.path.exists(os.path.join(path, index)):
-                self._open_index(os.path.join(path, index))
-                return
-        for single in HF_WEIGHT_FILES:
-            if os.path.isfile(os.path.join(path, single)):
-                self._open_file(os.path.join(path, single))
-                return
-        # raises the error that explains what is missing
-        open_container(path, storage=self.storage).close()
+        for file in weights_files(self.storage, path):
+            self._open_file(file.path)
+            part = self.parts[-1]
+            part.names, part.loaded = file.select(part.names), file.select(part.loaded)
+            file.check_holds(set(part.shapes()))
 
-    def _open_file(self, path: str, kind: Kind | None = None, keys: set[str] | None = None) -> None:
+    def _open_file(self, path: str, kind: Kind | None = None) -> None:
         if not (kind or detect(self.storage, path)).pickled:
             container = open_container(path, storage=self.storage)
             self.parts.append(_Part(container=container, names=weight_names(container)))
         else:
             obj = load_pickle_file(path, verify=self.verify)
             self.parts.append(_Part(loaded=weights_in(obj, path)))
-        if keys is not None:
-            part = self.parts[-1]
-            part.names = {k: v for k, v in part.names.items() if k in keys}
-            part.loaded = {k: v for k, v in part.loaded.items() if k in keys}
-
-    def _open_index(self, index: str) -> None:
-        with open(index, "rb") as f:
-            raw = f.read(MAX_INDEX_BYTES + 1)
-        if len(raw) > MAX_INDEX_BYTES:
-            raise CorruptCheckpointError(
-                f"{index}: the index is larger than {MAX_INDEX_BYTES} bytes"
-            )
-        body = load_json(raw.decode("utf-8", "replace"), where=index)
-        weight_map = body.get("weight_map") if isinstance(body, dict) else None
-        if not isinstance(weight_map, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
-        ):
-            raise CorruptCheckpointError(f"{index}: no weight_map of names to files")
-        by_file: dict[str, set[str]] = {}
-        for key, file in weight_map.items():
-            by_file.setdefault(check_member_name(file, where=index), set()).add(key)
-        for file, keys in sorted(by_file.items()):
-            member = os.path.join(self._where, file)
-            if not os.path.isfile(member):
-                raise CorruptCheckpointError(f"{member}: named by {index} but missing")
-            self._open_file(member, keys=keys)
-            found = set(self.parts[-1].shapes())
-            if found != keys:
-                raise CorruptCheckpointError(
-                    f"{member}: holds {len(found)} of the {len(keys)} tensors {index} places there"
-                    f" (missing: {sorted(keys - found)[:5]})"
-                )
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: shape for part in self.parts for k, shape in part.shapes().items()}
@@ -307,25 +222,6 @@ class WeightsSource:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def weights_in(obj: Any, path: str) -> dict[str, torch.Tensor]:
-    """Return the model weights inside a loaded object: a flat dict of tensors, or one stored
-    under a key such as ``state_dict`` (Lightning) or ``model_state_dict`` (the tutorials)."""
-    candidates = [obj] + [obj[k] for k in MODEL_KEYS if isinstance(obj, Mapping) and k in obj]
-    for candidate in candidates:
-        if (
-            isinstance(candidate, Mapping)
-            and candidate
-            and all(
-                isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in candidate.items()
-            )
-        ):
-            return dict(candidate)
-    raise UnsupportedFormatError(
-        f"{path}: holds no model weights (a dict of tensors, or one under "
-        f"{', '.join(MODEL_KEYS)}); load it with tk.load instead"
-    )
 
 
 def load_state_dict(

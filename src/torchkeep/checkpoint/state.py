@@ -19,11 +19,10 @@ from torchkeep.container import (
     open_container,
     write_container,
 )
-from torchkeep.dcp import load_dcp
 from torchkeep.distributed import read_sharded
 from torchkeep.errors import UnsupportedObjectError
 from torchkeep.format.detect import Kind, detect, readable
-from torchkeep.legacy import load_pickle_file
+from torchkeep.legacy import load_dcp, load_huggingface, load_pickle_file
 from torchkeep.storage import Storage, storage_for
 from torchkeep.tree import (
     TENSOR,
@@ -134,8 +133,9 @@ def load(
     device: Device | None = None,
 ) -> Any:
     """Load state saved by ``save``, any safetensors file (as a flat dict of tensors), a
-    ``torch.save`` file (through a restricted unpickler that never runs code from the file), or
-    a torch.distributed.checkpoint directory (in one process, tensors reassembled in full).
+    ``torch.save`` file (through a restricted unpickler that never runs code from the file),
+    a torch.distributed.checkpoint directory (in one process, tensors reassembled in full), or
+    a Hugging Face model directory (its weights, the state dict ``load_state_dict`` returns).
 
     Args:
         path: the file or directory.
@@ -196,6 +196,8 @@ def load_from(
     foreign = None
     if kind is Kind.DCP:
         foreign = load_dcp(path, verify=verify)
+    elif kind is Kind.HUGGINGFACE:
+        foreign = load_huggingface(storage, path, verify=verify)  # as load_state_dict reads it
     elif kind.pickled:
         foreign = load_pickle_file(path, verify=verify)
     if foreign is not None:

@@ -5,24 +5,20 @@ where each chunk lies as ``(relative_path, offset, length)``), and ``__{rank}_{n
 holding at those spans one ``torch.save`` zip per tensor chunk or non-tensor value. Nested state is
 flattened to dotted keys; ``Metadata.planner_data`` maps each key back to its path.
 
-``.metadata`` is unpickled with stand-ins for DCP's dataclasses (``find_class`` imports nothing);
-every span is checked against the directory and its file, and every chunk against its tensor,
-before memory is allocated; payloads are read by the restricted unpickler (``torchkeep.unpickler``).
+``.metadata`` is unpickled with stand-ins for DCP's dataclasses (``dcp_metadata``); every span is
+checked against the directory and its file, and every chunk against its tensor, before memory is
+allocated; payloads are read through the one validated zip table (``torch_zip``) by the
+restricted unpickler (``unpickler``).
 """
 
 from __future__ import annotations
 
-import io
 import itertools
 import math
 import os
-import pickle
-import struct
-import zipfile
 import zlib
-from collections import OrderedDict
-from dataclasses import MISSING, dataclass, field, fields
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -36,201 +32,24 @@ from torchkeep.errors import (
 from torchkeep.format import DCP_METADATA_FILE
 from torchkeep.io import ReadItem, read_tensors
 from torchkeep.io.memory import tensor_bytes
-from torchkeep.storage import LocalSource
-from torchkeep.unpickler import (
-    FileStorage,
-    Refused,
-    check_memo,
-    modern_name,
-    scan_pickles,
-    storage_pid,
+from torchkeep.legacy.dcp_metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    StorageInfo,
+    TensorProperties,
+    TensorStorageMetadata,
+    read_metadata,
 )
-from torchkeep.unpickler import unpickle as unpickle_payload
+from torchkeep.legacy.torch_zip import DCP_PAYLOAD, ZipEntry, read_zip_table
+from torchkeep.legacy.unpickler import FileStorage, storage_pid
+from torchkeep.legacy.unpickler import unpickle as unpickle_payload
+from torchkeep.storage import LocalSource
 
-MAX_METADATA_BYTES = 256 << 20
 READ_THREADS = 2
 READ_CHUNK = 16 << 20
 _MAX_DEPTH = 64
-
-# ---------------------------------------------------------------------------------------------
-# stand-ins for DCP's metadata classes. find_class hands out only these classes (a BUILD aimed at
-# a class itself calls __setstate__ unbound, and fails), bound methods of private dicts and
-# immutable torch objects: no pickle can alter what the table gives a later load.
-
-
-class _StandIn:
-    """Filled once from the pickle's BUILD state, a dict of fields; checked where it is used."""
-
-    _extra_ok: ClassVar[bool] = False
-
-    def __setstate__(self, state: Any) -> None:
-        name = type(self).__name__.lstrip("_")
-        if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
-            raise CorruptCheckpointError(f"invalid state for {name}")
-        if self.__dict__:
-            raise CorruptCheckpointError(f"a {name} is built twice")
-        known = fields(self)  # type: ignore[arg-type]
-        unknown = sorted(set(state) - {f.name for f in known})
-        if unknown and not self._extra_ok:
-            raise UnsupportedFormatError(
-                f"{name} has fields {unknown} torchkeep does not know: the checkpoint was written "
-                "by a newer DCP. Upgrade torchkeep"
-            )
-        for f in known:
-            if f.name not in state and f.default is MISSING:
-                raise CorruptCheckpointError(f"a {name} lacks its {f.name}")
-            object.__setattr__(self, f.name, state.get(f.name, f.default))
-
-
-@dataclass(frozen=True, eq=False)
-class _ChunkStorageMetadata(_StandIn):
-    offsets: Any
-    sizes: Any
-
-
-@dataclass(frozen=True, eq=False)
-class _TensorProperties(_StandIn):
-    dtype: Any
-    layout: Any = torch.strided
-    requires_grad: Any = False
-    memory_format: Any = torch.contiguous_format
-    pin_memory: Any = False
-
-    def __setstate__(self, state: Any) -> None:
-        if isinstance(state, tuple) and len(state) == 5:  # DCP's TensorProperties.__getstate__
-            state = dict(zip([f.name for f in fields(self)], state, strict=True))
-        super().__setstate__(state)
-
-
-@dataclass(frozen=True, eq=False)
-class _TensorStorageMetadata(_StandIn):
-    properties: Any
-    size: Any
-    chunks: Any
-
-
-@dataclass(frozen=True, eq=False)
-class _BytesStorageMetadata(_StandIn):
-    pass
-
-
-@dataclass(frozen=True)  # a dict key of Metadata.storage_data
-class _MetadataIndex(_StandIn):
-    fqn: Any
-    offset: Any = None
-    index: Any = field(default=None, compare=False, hash=False)
-
-
-@dataclass(frozen=True, eq=False)
-class _StorageInfo(_StandIn):
-    relative_path: Any
-    offset: Any
-    length: Any
-    transform_descriptors: Any = None
-
-
-@dataclass(frozen=True, eq=False)
-class _StorageMeta(_StandIn):
-    _extra_ok: ClassVar[bool] = True  # informational only: fields added later are harmless
-    checkpoint_id: Any = None
-    save_id: Any = None
-    load_id: Any = None
-    modules: Any = ()
-
-
-@dataclass(frozen=True, eq=False)
-class _Metadata(_StandIn):
-    state_dict_metadata: Any
-    planner_data: Any = None
-    storage_data: Any = None
-    storage_meta: Any = None
-    version: Any = None
-
-
-class _Path(_StandIn):
-    """A ``pathlib`` path (``StorageMeta.checkpoint_id``), read as a string."""
-
-    def __new__(cls, *parts: Any) -> Any:
-        if not all(isinstance(p, str) for p in parts):
-            raise CorruptCheckpointError("a path made of something but strings")
-        return os.path.join(*parts) if parts else ""
-
-
-def _metadata_globals() -> dict[tuple[str, str], Any]:
-    dcp = "torch.distributed.checkpoint.metadata"
-    values = dict(vars(torch))  # no getattr: it would import torch's lazy submodules
-    layouts = {f"torch.{k}": v for k, v in values.items() if isinstance(v, torch.layout)}
-    formats = dict(enumerate((torch.contiguous_format, torch.channels_last, torch.preserve_format)))
-    table: dict[tuple[str, str], Any] = {
-        (dcp, "Metadata"): _Metadata,
-        (dcp, "TensorStorageMetadata"): _TensorStorageMetadata,
-        (dcp, "BytesStorageMetadata"): _BytesStorageMetadata,
-        (dcp, "ChunkStorageMetadata"): _ChunkStorageMetadata,
-        (dcp, "TensorProperties"): _TensorProperties,
-        (dcp, "MetadataIndex"): _MetadataIndex,
-        (dcp, "StorageMeta"): _StorageMeta,
-        (dcp, "_MEM_FORMAT_ENCODING"): formats.__getitem__,
-        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): _StorageInfo,
-        ("torch.serialization", "_get_layout"): layouts.__getitem__,
-        ("torch", "Size"): torch.Size,
-        ("collections", "OrderedDict"): OrderedDict,
-    }
-    for module, name in itertools.product(
-        ("pathlib", "pathlib._local"),
-        ("Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"),
-    ):
-        table[(module, name)] = _Path
-    for name, value in values.items():
-        if isinstance(value, (torch.dtype, torch.layout, torch.memory_format)):
-            table[("torch", name)] = value
-    return table
-
-
-METADATA_GLOBALS = _metadata_globals()
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        found = METADATA_GLOBALS.get(modern_name(module, name))
-        if found is None:
-            raise Refused(module, name)
-        return found
-
-    def persistent_load(self, pid: Any) -> Any:
-        raise CorruptCheckpointError("a persistent reference in a plain pickle")
-
-
-def _read_metadata(root: str) -> _Metadata:
-    path = os.path.join(root, DCP_METADATA_FILE)
-    if os.path.getsize(path) > MAX_METADATA_BYTES:
-        raise CorruptCheckpointError(
-            f"{path}: over {MAX_METADATA_BYTES} bytes, more than any DCP metadata; refused unread"
-        )
-    with open(path, "rb") as f:
-        data = f.read()
-    stream = io.BytesIO(data)
-    check_memo(stream, path)
-    try:
-        metadata = _MetadataUnpickler(stream).load()
-    except Refused:
-        bad = {n for n in scan_pickles(data) if tuple(n.rsplit(".", 1)) not in METADATA_GLOBALS}
-        raise UnsafeFileError(
-            f"{path}: loading it would import and call {', '.join(sorted(bad)[:12])}; refused, "
-            "nothing was run. DCP writes only its own dataclasses there: the file is not DCP's"
-        ) from None
-    except (CorruptCheckpointError, UnsupportedFormatError) as e:
-        raise type(e)(f"{path}: {e}") from None
-    except Exception as e:  # the pickle machine reports malformed input in many ways
-        raise CorruptCheckpointError(f"{path}: malformed pickle ({type(e).__name__}: {e})") from e
-    if stream.tell() != len(data) or not isinstance(metadata, _Metadata):
-        raise CorruptCheckpointError(f"{path}: not a DCP Metadata pickle, or bytes follow it")
-    version = metadata.version
-    if version is not None and (not isinstance(version, str) or version.split(".")[0] != "1"):
-        raise UnsupportedFormatError(
-            f"{path}: DCP metadata version {version!r:.40}; torchkeep reads 1.x. Upgrade torchkeep"
-        )
-    return metadata
-
 
 # ---------------------------------------------------------------------------------------------
 # the plan: every key checked against the metadata and the files before anything is allocated
@@ -281,7 +100,7 @@ def _tiles(size: tuple[int, ...], boxes: list[tuple[tuple[int, ...], tuple[int, 
 
 
 class _Planner:
-    def __init__(self, root: str, metadata: _Metadata) -> None:
+    def __init__(self, root: str, metadata: Metadata) -> None:
         self.root, self.real_root = root, os.path.realpath(root)
         self.where: dict[tuple[str, tuple[int, ...] | None], Any] = {}
         self.file_sizes: dict[str, int] = {}
@@ -289,7 +108,7 @@ class _Planner:
         if not isinstance(metadata.storage_data, dict):
             raise CorruptCheckpointError(f"{root}: the metadata has no storage table")
         for index, info in metadata.storage_data.items():
-            if not isinstance(index, _MetadataIndex) or not isinstance(index.fqn, str):
+            if not isinstance(index, MetadataIndex) or not isinstance(index.fqn, str):
                 raise CorruptCheckpointError(f"{root}: invalid storage index {index!r:.100}")
             offset = None if index.offset is None else _ints(index.offset, index.fqn)
             self.where[(index.fqn, offset)] = info
@@ -314,7 +133,7 @@ class _Planner:
 
     def piece(self, fqn: str, offsets: tuple[int, ...] | None, nbytes: int) -> tuple[str, int, int]:
         info, at = self.where.get((fqn, offsets)), "" if offsets is None else f" at {list(offsets)}"
-        if not isinstance(info, _StorageInfo):
+        if not isinstance(info, StorageInfo):
             raise CorruptCheckpointError(f"{self.root}: no storage entry for '{fqn}'{at}")
         if info.transform_descriptors:
             raise UnsupportedFormatError(
@@ -335,10 +154,10 @@ class _Planner:
     def entry(self, fqn: Any, meta: Any) -> _Entry:
         if not isinstance(fqn, str):
             raise CorruptCheckpointError(f"{self.root}: key {fqn!r:.100} is not a string")
-        if isinstance(meta, _BytesStorageMetadata):
+        if isinstance(meta, BytesStorageMetadata):
             return _Entry(fqn, None, (), (_Piece(*self.piece(fqn, None, 0), (), ()),))
-        if not isinstance(meta, _TensorStorageMetadata) or not isinstance(
-            meta.properties, _TensorProperties
+        if not isinstance(meta, TensorStorageMetadata) or not isinstance(
+            meta.properties, TensorProperties
         ):
             raise UnsupportedFormatError(f"{self.root}: '{fqn}' is a {type(meta).__name__}")
         dtype = meta.properties.dtype
@@ -348,7 +167,7 @@ class _Planner:
             raise UnsupportedFormatError(f"{self.root}: '{fqn}' is a sparse tensor; not supported")
         size = _ints(meta.size, f"'{fqn}' size")
         chunks = meta.chunks if isinstance(meta.chunks, (list, tuple)) else ()
-        if not chunks or not all(isinstance(c, _ChunkStorageMetadata) for c in chunks):
+        if not chunks or not all(isinstance(c, ChunkStorageMetadata) for c in chunks):
             raise CorruptCheckpointError(f"{self.root}: '{fqn}' has no valid chunk list")
         boxes = [(_ints(c.offsets, fqn), _ints(c.sizes, fqn)) for c in chunks]
         if not _tiles(size, boxes):
@@ -371,96 +190,32 @@ class _Planner:
 # payloads: a torch.save zip at (offset, length) of a file
 
 
-class _Window:
-    """``length`` bytes at ``offset`` of a source, as the seekable file ``zipfile`` parses."""
-
-    def __init__(self, source: LocalSource, offset: int, length: int) -> None:
-        self.source, self.base, self.length, self.pos = source, offset, length, 0
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.pos
-
-    def seek(self, pos: int, whence: int = 0) -> int:
-        self.pos = pos + (0, self.pos, self.length)[whence]
-        if self.pos < 0:
-            raise OSError("seek before the start of the payload")
-        return self.pos
-
-    def read(self, n: int = -1) -> bytes:
-        n = self.length - self.pos if n < 0 else min(n, self.length - self.pos)
-        data = self.source.read(self.base + self.pos, max(n, 0))
-        self.pos += len(data)
-        return data
-
-
-def _zip_records(source: LocalSource, piece: _Piece, what: str) -> dict[str, tuple[int, int, int]]:
-    """Return the payload's entries, ``name -> (offset in the file, size, crc)``, prefix dropped."""
-    try:
-        with zipfile.ZipFile(_Window(source, piece.offset, piece.length)) as z:
-            infos = z.infolist()
-    except (
-        zipfile.BadZipFile,
-        OSError,
-        ValueError,
-        EOFError,
-        struct.error,
-        NotImplementedError,
-    ) as e:
-        raise CorruptCheckpointError(f"{what}: not a torch.save payload ({e})") from e
-    pickles = [i.filename for i in infos if i.filename.endswith("data.pkl")]
-    if len(pickles) != 1 or pickles[0].count("/") != 1:
-        raise CorruptCheckpointError(f"{what}: a zip without exactly one data.pkl")
-    prefix = pickles[0].removesuffix("data.pkl")
-    records: dict[str, tuple[int, int, int]] = {}
-    for info in infos:
-        name, head = info.filename.removeprefix(prefix), info.header_offset
-        local = source.read(piece.offset + head, 30) if 0 <= head <= piece.length - 30 else b""
-        start = piece.length + 1  # no local header: the entry cannot fit
-        if local[:4] == b"PK\x03\x04":
-            start = head + 30 + sum(struct.unpack("<HH", local[26:30]))
-        if name in records or info.compress_type or start + info.file_size > piece.length:
-            raise CorruptCheckpointError(f"{what}: entry '{name}' is repeated, compressed or cut")
-        records[name] = (piece.offset + start, info.file_size, info.CRC)
-    end = 0
-    for offset, size, _ in sorted(records.values()):
-        if offset < end:  # entries sharing bytes would let a small file claim a lot of memory
-            raise CorruptCheckpointError(f"{what}: two entries of the payload overlap")
-        end = offset + size
-    order = records.get("byteorder")
-    if order is not None and source.read(order[0], min(order[1], 16)).strip() != b"little":
-        raise UnsupportedFormatError(f"{what}: big-endian payloads are not supported")
-    return records
-
-
 def _read_payload(source: LocalSource, piece: _Piece, what: str, verify: bool) -> Any:
-    records = _zip_records(source, piece, what)
-    storages: dict[str, tuple[FileStorage, tuple[int, int, int]]] = {}
+    table = read_zip_table(source, what, DCP_PAYLOAD, offset=piece.offset, length=piece.length)
+    storages: dict[str, tuple[FileStorage, ZipEntry]] = {}
 
     def storage(pid: Any) -> FileStorage:
         dtype, key, numel = storage_pid(pid, what)
         if key not in storages:
-            record = records.get(f"data/{key}")
-            if record is None or numel * dtype.itemsize != record[1]:
+            record = table.get(f"data/{key}")
+            if record is None or numel * dtype.itemsize != record.size:
                 raise CorruptCheckpointError(f"{what}: storage {key} is missing or mis-sized")
             # Bounded before allocating: the record lies inside the payload, inside the file.
             storages[key] = (FileStorage(key, torch.empty(numel, dtype=dtype)), record)
         return storages[key][0]
 
-    offset, size, crc = records["data.pkl"]
-    pickled = source.read(offset, size)
-    if verify and zlib.crc32(pickled) != crc:
+    data_pkl = table.entries[table.prefix + "data.pkl"]
+    pickled = source.read(data_pkl.offset, data_pkl.size)
+    if verify and zlib.crc32(pickled) != data_pkl.crc:
         raise CorruptCheckpointError(f"{what}: data.pkl does not match its CRC-32; corrupt")
     try:
         obj = unpickle_payload(pickled, storage, what)
     except UnsafeFileError as e:  # its `torchkeep scan` hint fits whole files only
         raise UnsafeFileError(str(e).split(". If you trust")[0]) from None
-    items = [ReadItem(s.key, record[0], s.data, None) for s, record in storages.values()]
+    items = [ReadItem(s.key, record.offset, s.data, None) for s, record in storages.values()]
     read_tensors(source, items, threads=READ_THREADS, chunk=READ_CHUNK, verify=False)
     for s, record in storages.values():
-        if verify and zlib.crc32(tensor_bytes(s.data)) != record[2]:
+        if verify and zlib.crc32(tensor_bytes(s.data)) != record.crc:
             raise CorruptCheckpointError(f"{what}: storage {s.key} does not match its CRC-32")
     return obj
 
@@ -579,7 +334,7 @@ def load_dcp(path: str | os.PathLike[str], *, verify: bool = True) -> dict[str, 
                 "was saved without collectives (one metadata per rank, not read). Use another step"
             )
         raise CheckpointNotFoundError(f"{root}: not a torch.distributed.checkpoint directory")
-    metadata = _read_metadata(root)
+    metadata = read_metadata(root)
     if not isinstance(metadata.state_dict_metadata, dict):
         raise CorruptCheckpointError(f"{root}: the metadata lists no keys")
     planner = _Planner(root, metadata)

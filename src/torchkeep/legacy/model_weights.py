@@ -1,0 +1,69 @@
+"""Where a file keeps a model's weights: under which key a checkpoint stores them, which stored
+tensor holds each state-dict key of a torchkeep or safetensors file, and the dict of tensors
+inside a loaded ``torch.save`` file or DCP checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from torchkeep.container import Container
+from torchkeep.errors import UnsupportedFormatError
+from torchkeep.format import Manifest
+from torchkeep.tree import STATEFUL, TENSOR
+
+# Where a checkpoint keeps its model, in the order they are looked for.
+MODEL_KEYS = ("model_state_dict", "model", "state_dict", "module")
+
+
+def weight_names(container: Container) -> dict[str, str]:
+    """Map each state-dict key of the file's model to the stored tensor holding it."""
+    aliases = container.aliases
+    manifest = container.manifest
+    if manifest is None or manifest.tree is None:
+        keys = {name: name for name in container.entries}
+        keys.update(aliases)
+        if isinstance(manifest, Manifest) and isinstance(manifest.model, dict):
+            # A whole model also stores its non-persistent buffers, which state_dict leaves out.
+            for name in manifest.model.get("buffers") or []:
+                keys.pop(name, None)
+        return keys
+    tree = manifest.tree
+    for key in MODEL_KEYS:
+        if isinstance(tree, dict) and key in tree:
+            tree = tree[key]
+            break
+    if isinstance(tree, dict) and set(tree) == {STATEFUL, "state"}:
+        tree = tree["state"]
+    if not isinstance(tree, dict) or not any(_is_tensor(v) for v in tree.values()):
+        raise UnsupportedFormatError(
+            f"{container.path}: holds no model weights (looked for a dict of tensors under "
+            f"{', '.join(MODEL_KEYS)}); load it with tk.load instead"
+        )
+    return {k: aliases.get(v[TENSOR], v[TENSOR]) for k, v in tree.items() if _is_tensor(v)}
+
+
+def _is_tensor(node: Any) -> bool:
+    return isinstance(node, dict) and set(node) == {TENSOR}
+
+
+def weights_in(obj: Any, path: str) -> dict[str, torch.Tensor]:
+    """Return the model weights inside a loaded object: a flat dict of tensors, or one stored
+    under a key such as ``state_dict`` (Lightning) or ``model_state_dict`` (the tutorials)."""
+    candidates = [obj] + [obj[k] for k in MODEL_KEYS if isinstance(obj, Mapping) and k in obj]
+    for candidate in candidates:
+        if (
+            isinstance(candidate, Mapping)
+            and candidate
+            and all(
+                isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in candidate.items()
+            )
+        ):
+            return dict(candidate)
+    raise UnsupportedFormatError(
+        f"{path}: holds no model weights (a dict of tensors, or one under "
+        f"{', '.join(MODEL_KEYS)}); load it with tk.load instead"
+    )

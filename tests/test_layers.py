@@ -67,7 +67,6 @@ LONG: set[str] = {
     "torchkeep.checkpoint",
     "torchkeep.cli",
     "torchkeep.dcp",
-    "torchkeep.demo",
     "torchkeep.distributed",
     "torchkeep.integrations.lightning",
     "torchkeep.integrations.transformers",

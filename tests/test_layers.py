@@ -58,6 +58,7 @@ FRONT_ENDS = (
     "torchkeep.cli",
     "torchkeep.demo",
     "torchkeep.bench",
+    "torchkeep.testing",
     "torchkeep.integrations",
     "torchkeep.__main__",
 )
@@ -65,7 +66,6 @@ FRONT_ENDS = (
 # Modules still over the size limit; the list may only shrink.
 LONG: set[str] = {
     "torchkeep.checkpoint",
-    "torchkeep.cli",
     "torchkeep.dcp",
     "torchkeep.distributed",
     "torchkeep.integrations.lightning",

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from torchkeep.bench.report import progress_to_stderr, publish
-from torchkeep.bench.training import format_training, measure_blocking, measure_steps
+from async_save_cases import format_training, measure_blocking, measure_steps
+from output import progress_to_stderr, publish
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,8 +14,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from output import progress_to_stderr, publish
 from torchkeep.bench import format_markdown, run_benchmark
-from torchkeep.bench.report import progress_to_stderr, publish
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,7 +25,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from torchkeep.bench.report import machine_info, progress_to_stderr, publish, script_header
+from output import progress_to_stderr, publish, script_header
+from torchkeep.bench.report import machine_info
 from torchkeep.bench.workload import MIB, make_state_dict, state_bytes
 
 TARGET = 0.65

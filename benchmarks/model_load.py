@@ -14,8 +14,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from torchkeep.bench.model import format_model_load, run_model_load
-from torchkeep.bench.report import progress_to_stderr, publish
+from model_load_cases import format_model_load, run_model_load
+from output import progress_to_stderr, publish
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,10 +25,11 @@ from typing import Any
 import fsspec
 
 import torchkeep as tk
-from torchkeep.bench.report import machine_info, progress_to_stderr, publish, script_header
+from output import progress_to_stderr, publish, script_header
+from torchkeep.bench.report import machine_info
 from torchkeep.bench.runner import run_interleaved
-from torchkeep.bench.s3 import MotoServer, options
 from torchkeep.bench.workload import MIB, make_state_dict, state_bytes
+from torchkeep.testing import MotoServer, options
 
 TORCHKEEP = "torchkeep"
 PUT = "s3fs put"

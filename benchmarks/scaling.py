@@ -19,6 +19,7 @@ import tempfile
 from functools import partial
 from pathlib import Path
 
+from output import progress_to_stderr, publish, script_header
 from torchkeep.bench.cases import (
     RAW,
     TORCHKEEP,
@@ -27,7 +28,7 @@ from torchkeep.bench.cases import (
     time_raw_write,
     time_save,
 )
-from torchkeep.bench.report import machine_info, progress_to_stderr, publish, script_header
+from torchkeep.bench.report import machine_info
 from torchkeep.bench.runner import run_interleaved
 from torchkeep.bench.workload import MIB, make_raw_buffer, make_state_dict, state_bytes
 

@@ -108,7 +108,7 @@ def run_script(
 @pytest.fixture(scope="session")
 def moto_server():
     """moto's S3 server on loopback, started once for the session."""
-    from torchkeep.bench.s3 import MotoServer
+    from torchkeep.testing import MotoServer
 
     server = MotoServer()
     yield server
@@ -118,7 +118,7 @@ def moto_server():
 @pytest.fixture
 def s3(moto_server):
     """A fresh bucket on the loopback S3 server: (its URL, the storage_options to reach it)."""
-    from torchkeep.bench.s3 import options
+    from torchkeep.testing import options
 
     return f"s3://{moto_server.new_bucket()}", options(moto_server.endpoint)
 

@@ -1,4 +1,4 @@
-"""Endpoints for the tests besides moto's S3 server (``torchkeep.bench.s3``): a proxy that fails
+"""Endpoints for the tests besides moto's S3 server (``torchkeep.testing``): a proxy that fails
 chosen requests, and a server that never answers."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from torchkeep.bench.s3 import MotoServer, free_port, options
+from torchkeep.testing import MotoServer, free_port, options
 
 __all__ = ["FailingProxy", "MotoServer", "free_port", "options", "silent_server"]
 

@@ -16,9 +16,9 @@ import torch
 
 import torchkeep as tk
 from conftest import run_script, small_filesystem
-from faults import InjectedFault
 from torchkeep.container import write_container
 from torchkeep.storage import LocalStorage, Sink
+from torchkeep.testing import InjectedFault
 
 
 class FaultySink:

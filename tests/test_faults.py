@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import torchkeep as tk
-from faults import DIRECTORY_STEPS, EXIT_CODE, FILE_STEPS, MANAGER_STEPS, FaultyStorage
 from torchkeep.container import WriteOptions, write_container
+from torchkeep.testing import DIRECTORY_STEPS, EXIT_CODE, FILE_STEPS, MANAGER_STEPS, FaultyStorage
 
 HERE = Path(__file__).parent
 # Steps after which the new save is already in place (a failure there reports an error, yet
@@ -45,7 +45,7 @@ _RUN = """
 import sys
 sys.path.insert(0, {tests!r})
 import torch
-from faults import FaultyStorage
+from torchkeep.testing import FaultyStorage
 from torchkeep.container import write_container
 tensors = {{f"w{{i}}": torch.full((256, 1024), 2.0 + i) for i in range(4)}}
 write_container({path!r}, tensors, kind="weights", storage=FaultyStorage({step!r}, "exit"))
@@ -97,7 +97,7 @@ import sys
 sys.path.insert(0, {tests!r})
 import torch
 import torchkeep as tk
-from faults import FaultyStorage
+from torchkeep.testing import FaultyStorage
 storage = FaultyStorage({step!r}, "exit")
 storage.armed = False
 with tk.CheckpointManager({root!r}, keep_last=1, async_save=False, storage=storage) as mgr:

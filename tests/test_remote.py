@@ -414,7 +414,7 @@ def test_error_writing_a_manifest_leaves_the_step_uncommitted(s3, moto_server):
 
 _KILLED_SAVE = """
 import sys, torch, torchkeep as tk
-from torchkeep.bench.s3 import options
+from torchkeep.testing import options
 run, endpoint = sys.argv[1], sys.argv[2]
 with tk.CheckpointManager(run, storage_options=options(endpoint)) as mgr:
     mgr.save(1, {"w": torch.ones(4)})

@@ -31,9 +31,9 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 import torchkeep as tk
-from faults import EXIT_CODE
 from torchkeep.integrations.transformers import TorchkeepTrainer
 from torchkeep.storage import LocalStorage
+from torchkeep.testing import EXIT_CODE
 
 STEPS = 6
 EVERY = 2
@@ -426,7 +426,7 @@ _KILLED_RUN = """
 import os, shutil, sys
 
 import torchkeep.storage.local
-from faults import EXIT_CODE
+from torchkeep.testing import EXIT_CODE
 from test_transformers import BEST, _after_stock, _model, _trainer
 from torchkeep.storage import LocalStorage
 

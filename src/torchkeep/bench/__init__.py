@@ -16,6 +16,9 @@ table. ``benchmarks/core.py`` is the command-line front end.
 
 The package: ``workload`` builds what is saved, ``cases`` times one run of each case,
 ``runner`` interleaves them, ``report`` describes the machine and writes the table.
+
+It holds what ``torchkeep bench`` runs; the benchmarks it does not run (async saves, whole-model
+loads, object storage, scaling, distributed saves) live with their scripts in ``benchmarks/``.
 """
 
 from __future__ import annotations

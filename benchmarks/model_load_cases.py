@@ -80,7 +80,7 @@ _SCRIPT = """
 import json, sys, time
 import torch
 import torchkeep as tk
-from torchkeep.bench.model import BenchModel, peak_kib, reset_peak
+from model_load_cases import BenchModel, peak_kib, reset_peak
 way, path, config = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 reset_peak()
 before = peak_kib()
@@ -159,8 +159,11 @@ def _run_once(way: str, path: str, config: dict[str, int]) -> dict[str, float]:
     for file in _files(path):
         drop_cache(file)
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(tk.__file__)))
+    here = os.path.dirname(os.path.abspath(__file__))  # this module, for the child to import
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (package_root, here, env.get("PYTHONPATH", "")) if p
+    )
     done = subprocess.run(
         [sys.executable, "-c", _SCRIPT, way, path, json.dumps(config)],
         capture_output=True,

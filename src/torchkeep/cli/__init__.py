@@ -1,6 +1,9 @@
-"""The ``torchkeep`` command line: a thin layer over the library. The only module that prints.
+"""The ``torchkeep`` command line: a thin layer over the library. The only package that prints.
 
 Exit codes: 0 ok, 1 a problem was found (corruption, a failed demo step), 2 a usage error.
+
+``render`` holds how sizes and ``inspect``'s description are written; ``python -m
+torchkeep.cli`` runs ``main`` (``__main__``).
 """
 
 from __future__ import annotations
@@ -15,17 +18,20 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
-from rich.tree import Tree
 
 import torchkeep as tk
+from torchkeep.cli.render import human, print_description
 from torchkeep.storage import is_url
+
+if TYPE_CHECKING:
+    from torchkeep.bench import BenchResult
+    from torchkeep.bench.gpu import GpuResult
 
 OK, PROBLEM, USAGE = 0, 1, 2
 DTYPE_CHOICES = {
@@ -34,14 +40,6 @@ DTYPE_CHOICES = {
     "fp32": torch.float32,
     "fp64": torch.float64,
 }
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def _print_json(console: Console, value: Any) -> None:
@@ -57,98 +55,8 @@ def cmd_inspect(args: argparse.Namespace, console: Console) -> int:
     if args.json:
         _print_json(console, info)
         return OK
-    console.print(
-        f"[bold]{info.path}[/bold]  ({info.format}{', ' + info.kind if info.kind else ''})"
-    )
-    if info.format_version is not None:
-        console.print(
-            f"format version {info.format_version}, written {info.created} by torchkeep "
-            f"{info.torchkeep_version} with torch {info.torch_version}"
-        )
-    console.print(
-        f"{len(info.tensors)} tensors, {_human(info.tensor_bytes)} of data, "
-        f"{_human(info.file_bytes)} on disk; checksums: {'yes' if info.checksummed else 'no'}"
-    )
-    table = Table(show_edge=False)
-    for column in ("tensor", "dtype", "shape", "size"):
-        table.add_column(column, justify="right" if column == "size" else "left")
-    shown = info.tensors if args.all else info.tensors[: args.limit]
-    for t in shown:
-        table.add_row(t.name, t.dtype, str(list(t.shape)), _human(t.nbytes))
-    console.print(table)
-    if len(shown) < len(info.tensors):
-        console.print(f"… and {len(info.tensors) - len(shown)} more (--all to list every one)")
-    if info.modules:
-        parts = [f"{name} {count:,}" for name, count in list(info.modules.items())[:12]]
-        more = f", … ({len(info.modules)} in all)" if len(info.modules) > 12 else ""
-        console.print(f"parameters: {sum(info.modules.values()):,} ({', '.join(parts)}{more})")
-    if info.optimizer:
-        console.print(info.optimizer, markup=False)
-    if info.model:
-        _print_model(console, info.model, info.file_bytes, everything=args.all)
-    if info.aliases:
-        console.print("tied: " + ", ".join(f"{a} = {t}" for a, t in info.aliases.items()))
-    if info.metadata:
-        console.print("metadata: " + json.dumps(info.metadata))
+    print_description(console, info, limit=args.limit, everything=args.all)
     return OK
-
-
-def _print_model(
-    console: Console, model: dict[str, Any], file_bytes: int, *, everything: bool
-) -> None:
-    """A saved model: how it can be rebuilt, what a conversion changed, its module tree."""
-    console.print(f"model: {model.get('class', '?').replace(':', '.')}", markup=False)
-    if model.get("recipe"):
-        modules = ", ".join(model.get("recipe_modules") or [])
-        console.print(f"  rebuilt by: {model['recipe']}", markup=False)
-        console.print(f"  (needs the code of: {modules})", markup=False)
-    else:
-        console.print(f"  no recipe: {model.get('recipe_problem')}", markup=False)
-    program = model.get("program")
-    if program:
-        inputs = ", ".join(
-            "["
-            + ", ".join("batch" if d is None else str(d) for d in spec["shape"])
-            + "] "
-            + str(spec["dtype"])
-            for spec in program.get("inputs", [])
-        )
-        console.print(
-            f"  exported program: {program.get('file')}, runs with no code; inputs {inputs}",
-            markup=False,
-        )
-    else:
-        console.print("  no exported program (save with example_inputs= to store one)")
-    converted = model.get("converted")
-    if converted:
-        console.print(
-            f"  converted to {converted.get('dtype')} from {converted.get('source')}: "
-            f"{_human(converted.get('source_bytes', 0))} → {_human(file_bytes)}; "
-            f"output difference: {converted.get('output_difference')}",
-            markup=False,
-        )
-    architecture = model.get("architecture")
-    if isinstance(architecture, dict):
-        tree = Tree(_module_label("", architecture))
-        _add_children(tree, architecture, depth=1, limit=None if everything else 3)
-        console.print(tree)
-
-
-def _module_label(name: str, node: dict[str, Any]) -> str:
-    kind = str(node.get("type", "?")).rpartition(":")[2]
-    label = f"{name}: {kind}" if name else kind
-    return f"{escape(label)} [dim]{node.get('parameters', 0):,} parameters[/dim]"
-
-
-def _add_children(tree: Tree, node: dict[str, Any], *, depth: int, limit: int | None) -> None:
-    children = node.get("children") or {}
-    if limit is not None and depth > limit and children:
-        tree.add(f"[dim]… {len(children)} children (--all to show)[/dim]")
-        return
-    for name, child in children.items():
-        if isinstance(child, dict):
-            branch = tree.add(_module_label(name, child))
-            _add_children(branch, child, depth=depth + 1, limit=limit)
 
 
 def cmd_verify(args: argparse.Namespace, console: Console) -> int:
@@ -163,7 +71,7 @@ def cmd_verify(args: argparse.Namespace, console: Console) -> int:
             note = "" if report.checksummed else " (no checksums: not written by torchkeep)"
             console.print(
                 f"[green]ok[/green] {path}: {report.tensors} tensors, "
-                f"{_human(report.tensor_bytes)}{note}"
+                f"{human(report.tensor_bytes)}{note}"
             )
         else:
             status = PROBLEM
@@ -204,7 +112,7 @@ def cmd_convert(args: argparse.Namespace, console: Console) -> int:
         if local_dir
         else tk.describe(args.src, storage_options=_options(args, args.src)).file_bytes
     )
-    size = f"{_human(info.file_bytes)}" + (f" (was {_human(before)})" if before else "")
+    size = f"{human(info.file_bytes)}" + (f" (was {human(before)})" if before else "")
     console.print(
         f"[green]wrote[/green] {info.path}: {info.tensors} tensors, {size}, "
         f"{len(info.files)} file(s), in {info.seconds:.2f}s"
@@ -291,7 +199,7 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
         groups.setdefault(path.relative_to(out).parts[0], []).append(path)
     for name, paths in sorted(groups.items()):
         shown = name + ("/" if (out / name).is_dir() else "")
-        table.add_row(shown, str(len(paths)), _human(sum(p.stat().st_size for p in paths)))
+        table.add_row(shown, str(len(paths)), human(sum(p.stat().st_size for p in paths)))
     console.print(table)
     if args.out is None:
         console.print("(a temporary directory, removed now; pass --out DIR to keep the files)")
@@ -316,6 +224,31 @@ def cmd_demo_worker(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_bench(args: argparse.Namespace, console: Console) -> int:
+    _require_bench_extras(args)
+    from torchkeep.bench import format_markdown
+    from torchkeep.bench.gpu import format_gpu
+
+    size = _bench_size(args)
+    console.print(
+        f"[bold]torchkeep bench[/bold]: {size / (1 << 20):.0f} MiB, {args.repeats} repeats, "
+        f"files under {args.dir or os.getcwd()}"
+    )
+    result, gpu = _run_bench(args, size, console)
+    text = format_markdown(result) + ("\n" + format_gpu(gpu) if gpu is not None else "")
+    console.print(text, markup=False)
+    if args.out:
+        Path(args.out).write_text(text)
+        console.print(f"wrote {args.out}")
+    if args.plot:
+        from torchkeep.bench.plot import plot
+
+        plot(result, args.plot)
+        console.print(f"wrote {args.plot}")
+    return OK
+
+
+def _require_bench_extras(args: argparse.Namespace) -> None:
+    """Fail now, before any run, if an extra the benchmark needs is missing."""
     try:
         import safetensors  # noqa: F401  (the benchmark compares with it)
     except ImportError as e:
@@ -323,15 +256,16 @@ def cmd_bench(args: argparse.Namespace, console: Console) -> int:
             "torchkeep bench compares with safetensors, which is not installed; "
             "install it with: pip install 'torchkeep[bench]'"
         ) from e
-    from torchkeep.bench import format_markdown, run_benchmark
-    from torchkeep.bench.gpu import GPU_RUNS, format_gpu, run_gpu_benchmark
-    from torchkeep.bench.runner import planned_runs
-    from torchkeep.convert import parse_size
-
     if args.plot:
-        from torchkeep.bench.plot import plot, pyplot
+        from torchkeep.bench.plot import pyplot
 
         pyplot()  # a missing extra is reported now, not after the run
+
+
+def _bench_size(args: argparse.Namespace) -> int:
+    """The state dict's size in bytes, once every option of ``bench`` is checked."""
+    from torchkeep.convert import parse_size
+
     try:
         size = args.size_mib << 20 if args.size_mib else parse_size(args.size)
     except ValueError as e:
@@ -349,12 +283,19 @@ def cmd_bench(args: argparse.Namespace, console: Console) -> int:
             raise ValueError(f"--device {args.device}: not a device ({e})") from e
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"--device {args.device}: this machine has no usable CUDA device")
+    return size
+
+
+def _run_bench(
+    args: argparse.Namespace, size: int, console: Console
+) -> tuple[BenchResult, GpuResult | None]:
+    """Run the benchmark (and the GPU cases with ``--device``) under a progress bar."""
+    from torchkeep.bench import run_benchmark
+    from torchkeep.bench.gpu import GPU_RUNS, run_gpu_benchmark
+    from torchkeep.bench.runner import planned_runs
+
     total = planned_runs(args.repeats) + (
         (args.repeats + 1) * GPU_RUNS if args.device is not None else 0
-    )
-    console.print(
-        f"[bold]torchkeep bench[/bold]: {size / (1 << 20):.0f} MiB, {args.repeats} repeats, "
-        f"files under {args.dir or os.getcwd()}"
     )
     with Progress(
         TextColumn("{task.description}"),
@@ -391,15 +332,7 @@ def cmd_bench(args: argparse.Namespace, console: Console) -> int:
             if args.device is not None
             else None
         )
-    text = format_markdown(result) + ("\n" + format_gpu(gpu) if gpu is not None else "")
-    console.print(text, markup=False)
-    if args.out:
-        Path(args.out).write_text(text)
-        console.print(f"wrote {args.out}")
-    if args.plot:
-        plot(result, args.plot)
-        console.print(f"wrote {args.plot}")
-    return OK
+    return result, gpu
 
 
 def _storage_option(text: str) -> tuple[str, Any]:
@@ -463,7 +396,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"torchkeep {tk.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_checkpoint_commands(sub)
+    _add_run_commands(sub)
+    return parser
 
+
+def _add_checkpoint_commands(sub: Any) -> None:
+    """The commands on checkpoints: inspect, verify, scan, convert, diff."""
     p = _command(sub, "inspect", "show what a checkpoint holds (reads headers only)",
                  "  torchkeep inspect model.safetensors\n  torchkeep inspect ckpt.pth --json\n",
                  cmd_inspect)  # fmt: skip
@@ -508,6 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
     _with_storage_options(p)
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
+
+def _add_run_commands(sub: Any) -> None:
+    """The commands that run something: the demo (and its worker), the benchmark."""
     p = _command(sub, "demo", "run the end-to-end demo",
                  "  torchkeep demo\n  torchkeep demo --out demo_files\n", cmd_demo)  # fmt: skip
     p.add_argument("--out", help="keep the files in this directory")
@@ -532,7 +474,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", help="also load to and save from this device (e.g. cuda)")
     p.add_argument("--verbose", action="store_true", help="print a line for every run")
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -553,7 +494,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run() -> Any:
     sys.exit(main())
-
-
-if __name__ == "__main__":
-    _run()

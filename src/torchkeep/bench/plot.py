@@ -6,11 +6,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from torchkeep._optional import importing
 from torchkeep.bench.cases import RAW, SAFETENSORS, TORCH, TORCHKEEP
 from torchkeep.bench.engine import CHECKSUMS_OFF, LAZY_OPEN, MEMCPY
 from torchkeep.bench.report import BenchResult, CaseResult
 from torchkeep.bench.workload import MIB
-from torchkeep.errors import MissingDependencyError
 
 COLORS = {
     TORCHKEEP: "#2a7ab0",
@@ -25,16 +25,11 @@ OTHER_COLOR = "#c08fc0"
 
 def pyplot() -> Any:
     """Return ``matplotlib.pyplot`` on a file-only backend, or raise with the install command."""
-    try:
+    with importing("plot", "drawing the benchmark chart needs matplotlib"):
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-    except ImportError as e:
-        raise MissingDependencyError(
-            "drawing the benchmark chart needs matplotlib; install it with: "
-            "pip install 'torchkeep[plot]'"
-        ) from e
     return plt
 
 

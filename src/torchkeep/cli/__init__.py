@@ -26,6 +26,7 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedCo
 from rich.table import Table
 
 import torchkeep as tk
+from torchkeep._optional import importing
 from torchkeep.cli.render import human, print_description
 from torchkeep.storage import is_url
 
@@ -249,13 +250,8 @@ def cmd_bench(args: argparse.Namespace, console: Console) -> int:
 
 def _require_bench_extras(args: argparse.Namespace) -> None:
     """Fail now, before any run, if an extra the benchmark needs is missing."""
-    try:
+    with importing("bench", "torchkeep bench compares with safetensors, which is not installed"):
         import safetensors  # noqa: F401  (the benchmark compares with it)
-    except ImportError as e:
-        raise tk.MissingDependencyError(
-            "torchkeep bench compares with safetensors, which is not installed; "
-            "install it with: pip install 'torchkeep[bench]'"
-        ) from e
     if args.plot:
         from torchkeep.bench.plot import pyplot
 

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import torchkeep as tk
-from torchkeep.errors import MissingDependencyError
+from torchkeep._optional import importing
 from torchkeep.storage import LocalStorage, Sink, hidden_target
 
 EPOCHS = 12
@@ -58,13 +58,12 @@ class DigitsMLP(nn.Module):
 
 def write_digits(path: Path) -> dict[str, int]:
     """Save scikit-learn's 1,797 handwritten digits, split into train, validation and test."""
-    try:
+    with importing(
+        "demo",
+        "torchkeep demo trains on scikit-learn's bundled handwritten digits, and "
+        "scikit-learn is not installed",
+    ):
         from sklearn.datasets import load_digits
-    except ImportError as e:
-        raise MissingDependencyError(
-            "torchkeep demo trains on scikit-learn's bundled handwritten digits, and "
-            "scikit-learn is not installed; install it with: pip install 'torchkeep[demo]'"
-        ) from e
     digits = load_digits()
     images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
     labels = torch.tensor(digits.target, dtype=torch.int64)

@@ -99,11 +99,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from torchkeep._optional import importing
 from torchkeep.checkpoint import load, save
 from torchkeep.container import check_replaceable
 from torchkeep.errors import (
     IncompleteCheckpointError,
-    MissingDependencyError,
     StorageError,
     UnsupportedFormatError,
     UnsupportedObjectError,
@@ -120,15 +120,11 @@ from torchkeep.storage import (
 )
 from torchkeep.tree import Stateful, path_name
 
-INSTALL = "pip install 'torchkeep[lightning]'"
-
-try:
+with importing(
+    "lightning",
+    "torchkeep.integrations.lightning needs Lightning, which cannot be imported ({error})",
+):
     from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
-except ImportError as e:
-    raise MissingDependencyError(
-        f"torchkeep.integrations.lightning needs Lightning, which cannot be imported ({e}); "
-        f"install it with: {INSTALL}"
-    ) from e
 
 __all__ = ["CHECKPOINT_FILE", "TorchkeepCheckpointIO"]
 
@@ -397,9 +393,7 @@ def _put_back(storage: LocalStorage, target: str) -> None:
     def aside(leftover: Leftover) -> bool:
         return leftover.moved_aside and leftover.target == target
 
-    for _, restored in recover_leftovers(
-        storage, os.path.dirname(target), _whole, belongs=aside
-    ):
+    for _, restored in recover_leftovers(storage, os.path.dirname(target), _whole, belongs=aside):
         if restored:
             log.warning(
                 "%s: put the previous checkpoint back, left aside by an interrupted save", target

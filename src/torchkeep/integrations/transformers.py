@@ -79,7 +79,6 @@ SageMaker model parallelism, TPUs and ``push_to_hub=True``, whose checkpoint pus
 from __future__ import annotations
 
 import errno
-import importlib.util
 import logging
 import os
 import re
@@ -88,6 +87,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from torchkeep._optional import importing, installed, missing
 from torchkeep.checkpoint import load_from
 from torchkeep.container import (
     Container,
@@ -99,7 +99,6 @@ from torchkeep.container import (
 )
 from torchkeep.errors import (
     CorruptCheckpointError,
-    MissingDependencyError,
     StateMismatchError,
     StorageError,
     UnsupportedFormatError,
@@ -109,23 +108,18 @@ from torchkeep.storage import DEFAULT_STORAGE, Leftover, Sink, Storage, recover_
 from torchkeep.tree import RNGState, flatten
 from torchkeep.weights import load_state_dict, load_weights, save_weights
 
-INSTALL = "pip install 'torchkeep[transformers]'"
-
-try:
+with importing(
+    "transformers",
+    "the Trainer integration needs transformers 5.17 or later, which cannot be imported ({error})",
+):
     import transformers
     from transformers import Trainer
     from transformers.trainer_callback import ExportableState
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, sort_checkpoints
-except ImportError as e:
-    raise MissingDependencyError(
-        f"the Trainer integration needs transformers 5.17 or later, which cannot be imported "
-        f"({e}); install it with: {INSTALL}"
-    ) from e
 # The Trainer imports accelerate only when it first places the model: say so now.
-if importlib.util.find_spec("accelerate") is None:
-    raise MissingDependencyError(
-        f"the transformers Trainer needs accelerate, which is not installed; install it with: "
-        f"{INSTALL}"
+if not installed("accelerate"):
+    raise missing(
+        "transformers", "the transformers Trainer needs accelerate, which is not installed"
     )
 
 __all__ = ["TorchkeepTrainer"]

@@ -12,14 +12,12 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from torchkeep.errors import MissingDependencyError, UnsupportedFormatError
+from torchkeep._optional import importing
+from torchkeep.errors import UnsupportedFormatError
 from torchkeep.storage.base import Storage
 from torchkeep.storage.fsspec import FsspecStorage
 from torchkeep.storage.local import DEFAULT_STORAGE
 from torchkeep.storage.s3 import S3Storage
-
-INSTALL = "pip install 'torchkeep[remote]'"
-
 
 # Object stores, where an object appears whole when its upload completes. Other fsspec file
 # systems (sftp, hdfs, ftp, …) write a file in place, so a crash could leave a torn one: mount
@@ -81,20 +79,17 @@ def storage_for(
 
 
 def _filesystem(url: str, protocol: str, options: dict[str, Any]) -> Any:
-    try:
+    with importing(
+        "remote", f"{url}: URLs are read and written through fsspec, which is not installed"
+    ):
         import fsspec
-    except ImportError as e:
-        raise MissingDependencyError(
-            f"{url}: URLs are read and written through fsspec, which is not installed; "
-            f"install it with: {INSTALL}"
-        ) from e
     try:
-        return fsspec.filesystem(protocol, **options)
-    except ImportError as e:
-        raise MissingDependencyError(
-            f"{url}: the {protocol}:// backend of fsspec is not installed ({e}); install it "
-            f"with: {INSTALL}" + ("" if protocol in ("s3", "s3a") else f" and {protocol}'s backend")
-        ) from e
+        with importing(
+            "remote",
+            f"{url}: the {protocol}:// backend of fsspec is not installed ({{error}})",
+            also="" if protocol in ("s3", "s3a") else f" and {protocol}'s backend",
+        ):
+            return fsspec.filesystem(protocol, **options)
     except ValueError as e:
         raise UnsupportedFormatError(f"{url}: fsspec knows no {protocol}:// storage ({e})") from e
     except TypeError as e:

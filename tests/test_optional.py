@@ -9,9 +9,12 @@ from torchkeep._optional import importing, install_command, installed, missing
 
 
 def test_a_missing_import_names_the_extra_to_install():
-    with pytest.raises(tk.MissingDependencyError) as info:
-        with importing("remote", "reading URLs needs a package ({error})", also=" and more"):
-            import torchkeep_no_such_package  # noqa: F401
+    what = "reading URLs needs a package ({error})"
+    with (
+        pytest.raises(tk.MissingDependencyError) as info,
+        importing("remote", what, also=" and more"),
+    ):
+        import torchkeep_no_such_package  # noqa: F401
     message = str(info.value)
     assert message.startswith("reading URLs needs a package (No module named ")
     assert message.endswith("; install it with: pip install 'torchkeep[remote]' and more")
@@ -20,9 +23,8 @@ def test_a_missing_import_names_the_extra_to_install():
 
 def test_a_missing_dependency_inside_passes_through_unchanged():
     inner = missing("demo", "inner")
-    with pytest.raises(tk.MissingDependencyError) as info:
-        with importing("plot", "outer"):
-            raise inner
+    with pytest.raises(tk.MissingDependencyError) as info, importing("plot", "outer"):
+        raise inner
     assert info.value is inner
 
 

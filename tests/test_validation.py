@@ -1037,3 +1037,17 @@ def test_a_signed_manifest_with_an_out_of_range_number_is_corrupt(tmp_path):
     text = _compact({**body, "manifest_checksum": body_checksum({**body, "extra": float("inf")})})
     manifest.write_text(text.replace('"manifest_checksum"', '"extra":1e400,"manifest_checksum"'))
     _assert_rejected(path, match="does not match its checksum")
+
+
+def test_one_tiling_check_for_every_chunked_tensor():
+    from torchkeep.format import tiles
+
+    halves = [((0, 0), (2, 4)), ((2, 0), (2, 4))]
+    assert tiles((4, 4), halves)
+    assert tiles((4, 4), [((0, 0), (4, 4)), ((4, 0), (0, 4))])  # an empty chunk holds nothing
+    assert tiles((), [((), ())])  # a scalar, in one chunk
+    assert not tiles((4, 4), halves[:1])  # a gap
+    assert not tiles((4, 4), [((0, 0), (3, 4)), ((1, 0), (3, 4))])  # an overlap, sizes adding up
+    assert not tiles((4, 4), [((0, 0), (2, 4)), ((3, 0), (2, 4))])  # outside the tensor
+    assert not tiles((4, 4), [((0,), (4,)), ((0, 0), (4, 4))])  # of another rank
+    assert not tiles((), [((), ()), ((), ())])  # a scalar twice

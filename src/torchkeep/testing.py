@@ -87,7 +87,12 @@ class FaultyStorage(LocalStorage):
     ``action`` "raise" raises an OSError (EIO), "exit" ends the process with EXIT_CODE."""
 
     def __init__(self, step: str, action: str = "raise", *, middle: int = 1 << 20) -> None:
-        assert step in MANAGER_STEPS and action in ("raise", "exit"), (step, action)
+        if step not in MANAGER_STEPS:
+            raise ValueError(
+                f"{step!r} is not a step of the write path; one of {', '.join(MANAGER_STEPS)}"
+            )
+        if action not in ("raise", "exit"):
+            raise ValueError(f"action {action!r} is neither 'raise' nor 'exit'")
         self.step = step
         self.action = action
         self.middle = middle

@@ -19,7 +19,7 @@ from torchkeep.errors import StateMismatchError, UnsupportedObjectError
 from torchkeep.format import Sharded
 from torchkeep.format.detect import Kind, detect, readable
 from torchkeep.legacy import load_dcp, load_pickle_file, weight_names, weights_files, weights_in
-from torchkeep.storage import storage_for
+from torchkeep.storage import Storage, storage_for
 from torchkeep.tree import cast_dtype, convert, dedupe, is_dtensor
 
 
@@ -49,6 +49,7 @@ def save_weights(
     dtype: torch.dtype | None = None,
     metadata: Mapping[str, Any] | None = None,
     storage_options: Mapping[str, Any] | None = None,
+    storage: Storage | None = None,
 ) -> SaveInfo:
     """Save a model's weights as a standard ``.safetensors`` file any tool can read.
 
@@ -61,6 +62,8 @@ def save_weights(
         metadata: JSON-serialisable values stored with the weights.
         storage_options: for a URL path (``s3://bucket/model.safetensors``), the options of
             its fsspec file system.
+        storage: write through this storage instead of the one ``path`` names (a
+            ``torchkeep.testing.FaultyStorage`` that injects faults, for example).
 
     Example:
         ```python
@@ -77,7 +80,7 @@ def save_weights(
             "save_weights takes a module or a dict of tensors, not "
             f"{type(model_or_state_dict).__name__}"
         )
-    storage, target = storage_for(path, storage_options)
+    storage, target = storage_for(path, storage_options, storage)
     flat = dedupe(state)
 
     def cast(name: str, t: torch.Tensor) -> torch.dtype:

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from torchkeep._types import Device
-from torchkeep.checkpoint.state import load, save
+from torchkeep.checkpoint.state import load, one_source, save
 from torchkeep.container import SaveInfo
 from torchkeep.errors import StateMismatchError
 from torchkeep.tree import RNGState, Stateful
@@ -111,7 +111,7 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    path: str | os.PathLike[str],
+    source: str | os.PathLike[str] | None = None,
     *,
     model: torch.nn.Module | None = None,
     optimizer: Stateful | None = None,
@@ -122,6 +122,7 @@ def load_checkpoint(
     storage_options: Mapping[str, Any] | None = None,
     device: Device | None = None,
     verify: bool = True,
+    path: str | os.PathLike[str] | None = None,
 ) -> Checkpoint:
     """Restore a checkpoint written by ``save_checkpoint`` into the objects given, in place.
 
@@ -129,7 +130,7 @@ def load_checkpoint(
     After loading, set ``model.eval()`` for inference or ``model.train()`` to resume training.
 
     Args:
-        path: the checkpoint file or directory; local, or an fsspec URL.
+        source: the checkpoint file or directory; local, or an fsspec URL.
         model: the module to load the weights into.
         optimizer: the optimizer to restore.
         scheduler: the learning-rate scheduler to restore.
@@ -139,6 +140,7 @@ def load_checkpoint(
         storage_options: for a URL, the options of its fsspec file system.
         device: ``map_location`` under the name the other loaders use; give one of the two.
         verify: check every tensor's checksum (on by default), as for ``load``.
+        path: ``source`` under its earlier name; give one of the two.
 
     Returns:
         The epoch, step, loss, metrics and extra state that were saved.
@@ -154,8 +156,9 @@ def load_checkpoint(
     """
     given = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
     into: dict[str, Any] = {_SLOTS[k]: v for k, v in given.items() if v is not None}
+    source = one_source(source, path, caller="load_checkpoint")
     state = load(
-        path,
+        source,
         into=into,
         map_location=map_location,
         device=device,
@@ -163,13 +166,13 @@ def load_checkpoint(
         storage_options=storage_options,
     )
     if not isinstance(state, dict):
-        raise StateMismatchError(f"{path}: holds no checkpoint dict")
+        raise StateMismatchError(f"{source}: holds no checkpoint dict")
     if rng and isinstance(state.get("rng_state"), Mapping):
         RNGState().load_state_dict(state["rng_state"])
     epoch = state.get("epoch")
     step = state.get("step")
     return Checkpoint(
-        path=os.fspath(path),
+        path=os.fspath(source),
         epoch=epoch,
         step=step,
         loss=state.get("loss"),

@@ -45,6 +45,23 @@ def one_device(map_location: Device | None, device: Device | None) -> Device | N
     return device if map_location is None else map_location
 
 
+def one_source(
+    source: str | os.PathLike[str] | None, path: str | os.PathLike[str] | None, *, caller: str
+) -> str | os.PathLike[str]:
+    """What a loader reads, given as ``source`` (the name every loader uses) or as ``path``
+    (the earlier name of ``load``, ``load_checkpoint`` and ``load_model``)."""
+    if source is not None and path is not None:
+        raise TypeError(
+            f"{caller}() takes what it reads as source= or as path= (its earlier name), "
+            "not both"
+        )
+    if source is not None:
+        return source
+    if path is not None:
+        return path
+    raise TypeError(f"{caller}() missing 1 required argument: 'source'")
+
+
 def check_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
     if metadata is None:
         return {}
@@ -65,6 +82,7 @@ def save(
     *,
     metadata: Mapping[str, Any] | None = None,
     storage_options: Mapping[str, Any] | None = None,
+    storage: Storage | None = None,
 ) -> SaveInfo:
     """Save any training state without pickle: the drop-in for ``torch.save(obj, path)``.
 
@@ -76,6 +94,8 @@ def save(
         metadata: JSON-serialisable values stored with the state.
         storage_options: for a URL, the options of its fsspec file system (credentials,
             ``endpoint_url``, …).
+        storage: write through this storage instead of the one ``path`` names (a
+            ``torchkeep.testing.FaultyStorage`` that injects faults, for example).
 
     Returns:
         What was written.
@@ -90,7 +110,7 @@ def save(
         tk.save({"model": model, "optimizer": optimizer, "epoch": 5}, "ckpt.safetensors")
         ```
     """
-    storage, target = storage_for(path, storage_options)
+    storage, target = storage_for(path, storage_options, storage)
     if distributed.active() and distributed.holds_dtensor(obj):
         # Every rank saves its part; a rank that cannot makes them all raise.
         failure: BaseException | None = None
@@ -123,7 +143,7 @@ def save(
 
 
 def load(
-    path: str | os.PathLike[str],
+    source: str | os.PathLike[str] | None = None,
     *,
     into: Any = None,
     map_location: Device | None = None,
@@ -131,6 +151,8 @@ def load(
     verify: bool = True,
     storage_options: Mapping[str, Any] | None = None,
     device: Device | None = None,
+    storage: Storage | None = None,
+    path: str | os.PathLike[str] | None = None,
 ) -> Any:
     """Load state saved by ``save``, any safetensors file (as a flat dict of tensors), a
     ``torch.save`` file (through a restricted unpickler that never runs code from the file),
@@ -138,7 +160,7 @@ def load(
     a Hugging Face model directory (its weights, the state dict ``load_state_dict`` returns).
 
     Args:
-        path: the file or directory.
+        source: the file or directory.
         into: a tree of the saved shape holding Stateful objects and preallocated tensors;
             they are restored in place (tensors of matching dtype and shape, on the CPU or a
             GPU, are read straight into their memory) and returned at their places in the
@@ -149,16 +171,19 @@ def load(
         verify: check every tensor's checksum (on by default).
         storage_options: for a URL (``s3://…``), the options of its fsspec file system.
         device: ``map_location`` under the name the other loaders use; give one of the two.
+        storage: read through this storage instead of the one ``source`` names (a
+            ``torchkeep.testing.FaultyStorage`` that injects faults, for example).
+        path: ``source`` under its earlier name; give one of the two.
 
     Returns:
         The saved object; Stateful objects come back as their state dicts unless given in ``into``.
 
     Raises:
-        CheckpointNotFoundError: nothing is saved at ``path``.
-        IncompleteCheckpointError: the save at ``path`` never committed.
+        CheckpointNotFoundError: nothing is saved at ``source``.
+        IncompleteCheckpointError: the save at ``source`` never committed.
         CorruptCheckpointError: a header, size or checksum does not match; the message names
             the tensor.
-        UnsupportedFormatError: ``path`` holds a format torchkeep does not read.
+        UnsupportedFormatError: ``source`` holds a format torchkeep does not read.
         UnsafeFileError: a ``torch.save`` file names code that unpickling it would run.
         StateMismatchError: ``into`` does not fit the saved state.
 
@@ -167,8 +192,9 @@ def load(
         state = tk.load("ckpt.safetensors", into={"model": model, "optimizer": optimizer})
         ```
     """
+    source = one_source(source, path, caller="load")
     map_location = one_device(map_location, device)
-    storage, target = storage_for(path, storage_options)
+    storage, target = storage_for(source, storage_options, storage)
     with readable(storage, target) as (storage, target, kind):
         return load_from(
             storage,

@@ -15,20 +15,20 @@ Loading: each rank reads only the chunks that overlap its own part of each desti
 the chunk is exactly its part. Without destinations, or without a process group, sharded tensors
 come back whole.
 
-``group`` is this process as a rank (the collectives, the failures that cross ranks), ``save``
-the save in its named phases, ``load`` the resharded reads and the placement of an optimizer's
+``group`` is this process as a rank (the collectives, the failures that cross ranks), ``saving``
+the save in its named phases, ``loading`` the resharded reads and the placement of an optimizer's
 state.
 """
 
 from torchkeep.distributed.group import Box, active, agree, local_box
-from torchkeep.distributed.load import (
+from torchkeep.distributed.loading import (
     fill_local,
     fill_module,
     place_optimizer_state,
     plan_optimizer,
     read_sharded,
 )
-from torchkeep.distributed.save import ShardedInfo, holds_dtensor, save
+from torchkeep.distributed.saving import ShardedInfo, holds_dtensor, save
 
 __all__ = [
     "Box",

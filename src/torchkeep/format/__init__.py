@@ -59,6 +59,7 @@ from torchkeep.format.names import (
     check_member_name,
     check_target_name,
     chunk_name,
+    hf_shard_name,
     is_single_file,
     pickle_kind,
     shard_name,
@@ -73,6 +74,7 @@ from torchkeep.format.sections import (
     check_tree,
     model_section_problem,
     parse_distributed,
+    tiles,
 )
 
 __all__ = [
@@ -119,6 +121,7 @@ __all__ = [
     "dtype_name",
     "encode_header",
     "entry_if_valid",
+    "hf_shard_name",
     "is_int",
     "is_single_file",
     "load_json",
@@ -132,4 +135,5 @@ __all__ = [
     "read_header_length",
     "shard_name",
     "signed_manifest_text",
+    "tiles",
 ]

@@ -34,6 +34,7 @@ from torchkeep.format.names import (
     check_member_name,
 )
 from torchkeep.format.sections import (
+    ModelSection,
     Sharded,
     check_tree,
     model_section_problem,
@@ -69,6 +70,10 @@ class Manifest:
     model: Any = None
     distributed: dict[str, Sharded] | None = None
     save_id: str = ""  # a directory save's: every shard's header names it
+
+    def model_section(self) -> ModelSection | None:
+        """The model section as read (checked when the manifest was parsed), or None."""
+        return None if self.model is None else ModelSection.from_json(self.model)
 
 
 def manifest_to_json(manifest: Manifest) -> str:

@@ -99,6 +99,12 @@ def shard_name(index: int, save_id: str = "") -> str:
     return f"shard-{index:05d}{tag}.safetensors"
 
 
+def hf_shard_name(index: int, count: int) -> str:
+    """The name transformers gives shard ``index`` (from 0) of ``count`` in a sharded safetensors
+    directory: ``model-00001-of-00003.safetensors``."""
+    return f"model-{index + 1:05d}-of-{count:05d}.safetensors"
+
+
 def chunk_name(name: str, offsets: Iterable[int]) -> str:
     """The stored name of the chunk of sharded tensor ``name`` that starts at ``offsets``."""
     return f"{name}@{','.join(map(str, offsets))}"

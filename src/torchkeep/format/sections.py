@@ -85,7 +85,6 @@ def parse_distributed(
         if name in tensors:
             raise bad(f"names {name!r} as a stored tensor and as a sharded one")
         parsed: list[Chunk] = []
-        covered = 0
         for chunk in chunks:
             if not isinstance(chunk, dict) or set(chunk) != {"tensor", "offsets"}:
                 raise bad(f"entry {name!r} has a malformed chunk")
@@ -110,9 +109,8 @@ def parse_distributed(
                     f"chunk {stored!r} does not lie inside {name!r} ({dtype}{shape})"
                 )
             parsed.append(Chunk(stored, tuple(offsets)))
-            covered += math.prod(entry.shape)
         boxes = [(c.offsets, tensors[c.tensor].shape) for c in parsed]
-        if covered != math.prod(shape) or _overlapping(boxes):
+        if not tiles(tuple(shape), boxes):
             raise bad(f"the chunks of {name!r} do not cover it exactly once")
         result[name] = Sharded(dtype, tuple(shape), tuple(parsed))
     return result
@@ -127,8 +125,21 @@ def _is_shape(value: Any) -> bool:
 
 MAX_GRID_CELLS = 1 << 22
 
+Box = tuple[tuple[int, ...], tuple[int, ...]]  # a chunk's offsets and sizes
 
-def _overlapping(boxes: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> bool:
+
+def tiles(size: tuple[int, ...], boxes: list[Box]) -> bool:
+    """The one tiling check of chunked tensors (torchkeep's distributed saves, DCP's chunks):
+    whether the boxes lie inside ``size``, cover it, and do not overlap."""
+    for offsets, sizes in boxes:
+        if len(offsets) != len(size) or len(sizes) != len(size):
+            return False
+        if any(o + n > m for o, n, m in zip(offsets, sizes, size, strict=True)):
+            return False
+    return sum(math.prod(s) for _, s in boxes) == math.prod(size) and not _overlapping(boxes)
+
+
+def _overlapping(boxes: list[Box]) -> bool:
     """Whether any two non-empty boxes overlap. The boxes' edges cut each dimension into
     segments; each box covers a block of the grid they make, and two boxes overlap exactly
     when they share a cell. A sharding makes a grid of about one cell per chunk."""

@@ -29,7 +29,7 @@ from torchkeep.errors import (
     UnsafeFileError,
     UnsupportedFormatError,
 )
-from torchkeep.format import DCP_METADATA_FILE
+from torchkeep.format import DCP_METADATA_FILE, tiles
 from torchkeep.io import ReadItem, read_tensors
 from torchkeep.io.memory import tensor_bytes
 from torchkeep.legacy.dcp_metadata import (
@@ -78,25 +78,6 @@ def _ints(values: Any, what: str) -> tuple[int, ...]:
     if not all(type(v) is int and v >= 0 for v in values):
         raise CorruptCheckpointError(f"{what}: {values!r:.100} holds negative or non-integers")
     return tuple(values)
-
-
-def _tiles(size: tuple[int, ...], boxes: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> bool:
-    """Return True when the boxes lie inside ``size``, cover it and do not overlap."""
-    for o, s in boxes:
-        if len(o) != len(size) or len(s) != len(size):
-            return False
-        if any(a + n > m for a, n, m in zip(o, s, size, strict=True)):
-            return False
-    if sum(math.prod(s) for _, s in boxes) != math.prod(size):
-        return False
-    boxes = sorted(b for b in boxes if b[0] and all(b[1]))  # empty boxes hold nothing
-    for i, (o, s) in enumerate(boxes):
-        for p, t in boxes[i + 1 :]:
-            if p[0] >= o[0] + s[0]:
-                break  # sorted by the first offset: no later box reaches back into this one
-            if all(a < b + m and b < a + n for a, n, b, m in zip(o, s, p, t, strict=True)):
-                return False
-    return True
 
 
 class _Planner:
@@ -170,7 +151,7 @@ class _Planner:
         if not chunks or not all(isinstance(c, ChunkStorageMetadata) for c in chunks):
             raise CorruptCheckpointError(f"{self.root}: '{fqn}' has no valid chunk list")
         boxes = [(_ints(c.offsets, fqn), _ints(c.sizes, fqn)) for c in chunks]
-        if not _tiles(size, boxes):
+        if not tiles(size, boxes):
             raise CorruptCheckpointError(
                 f"{self.root}: the chunks of '{fqn}' do not tile its size {list(size)}: "
                 f"{boxes!r:.200}"

@@ -33,6 +33,7 @@ from torchkeep.format import (
     HF_WEIGHT_FILES,
     check_member_name,
     check_target_name,
+    hf_shard_name,
     is_single_file,
     load_json,
 )
@@ -168,7 +169,7 @@ def write_huggingface(
     sizes = {name: t.numel() * target(t).itemsize for name, t in flat.tensors.items()}
     shards = _shards(sizes, shard_bytes)
     count = len(shards)
-    files = [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+    files = [hf_shard_name(i, count) for i in range(count)]
     if not storage.atomic_dirs and storage.exists(join(dst, HF_SAFETENSORS_INDEX)):
         raise StorageError(
             errno.EEXIST,

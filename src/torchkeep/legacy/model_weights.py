@@ -26,9 +26,10 @@ def weight_names(container: Container) -> dict[str, str]:
     if manifest is None or manifest.tree is None:
         keys = {name: name for name in container.entries}
         keys.update(aliases)
-        if isinstance(manifest, Manifest) and isinstance(manifest.model, dict):
+        section = manifest.model_section() if isinstance(manifest, Manifest) else None
+        if section is not None:
             # A whole model also stores its non-persistent buffers, which state_dict leaves out.
-            for name in manifest.model.get("buffers") or []:
+            for name in section.buffers:
                 keys.pop(name, None)
         return keys
     tree = manifest.tree

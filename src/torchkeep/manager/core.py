@@ -86,10 +86,7 @@ class CheckpointManager:
         storage: Storage | None = None,
         policy: Policy | None = None,
     ) -> None:
-        if storage is None:
-            storage, where = storage_for(root, storage_options)
-        else:
-            where = os.fspath(root)
+        storage, where = storage_for(root, storage_options, storage)
         self.root = where.rstrip("/") if is_url(where) else os.path.abspath(where)
         given = Policy(keep_last, keep_best, monitor, mode, keep_every)
         if policy is not None and not isinstance(policy, Policy):

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from torchkeep._types import Device
+from torchkeep.checkpoint.state import one_source
 from torchkeep.container import Container, open_container
 from torchkeep.errors import (
     CorruptCheckpointError,
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 
 
 def load_model(
-    path: str | os.PathLike[str],
+    source: str | os.PathLike[str] | None = None,
     *,
     device: Device = "cpu",
     dtype: torch.dtype | None = None,
@@ -44,6 +45,7 @@ def load_model(
     allowed_modules: Iterable[str] = (),
     verify: bool = True,
     storage_options: Mapping[str, Any] | None = None,
+    path: str | os.PathLike[str] | None = None,
 ) -> nn.Module:
     """Load a model saved by ``save_model``, in ``eval()`` mode, with no pickle.
 
@@ -56,6 +58,8 @@ def load_model(
     loading them runs code from the file.
 
     Args:
+        source: the directory ``save_model`` wrote, or a ``torch.save(model)`` file; local, or
+            an fsspec URL.
         device: where the model's tensors are placed (``"cuda"``, say).
         dtype: cast floating-point parameters and buffers (``torch.bfloat16`` to deploy).
         trust_code: allow importing and calling anything the file names, and pickles.
@@ -63,6 +67,7 @@ def load_model(
         verify: check every tensor and the exported program against their checksums (a
             damaged file raises ``CorruptCheckpointError``); as for every loader.
         storage_options: for a URL (``s3://…``), the options of its fsspec file system.
+        path: ``source`` under its earlier name; give one of the two.
 
     Raises:
         UnsafeFileError: rebuilding needs code that is not allowed, and no program was saved;
@@ -77,11 +82,12 @@ def load_model(
         raise ValueError(
             f"dtype must be a floating-point dtype such as torch.bfloat16, not {dtype}"
         )
-    storage, source = storage_for(path, storage_options)
-    with readable(storage, source) as (storage, source, kind):
+    given = one_source(source, path, caller="load_model")
+    storage, target = storage_for(given, storage_options)
+    with readable(storage, target) as (storage, target, kind):
         return _load_model(
             storage,
-            source,
+            target,
             kind,
             device=device,
             dtype=dtype,

@@ -24,7 +24,7 @@ from torchkeep.model.recipe import (
     qualified_name,
     recipe_for,
 )
-from torchkeep.storage import storage_for
+from torchkeep.storage import Storage, storage_for
 from torchkeep.tree import dedupe
 
 
@@ -37,6 +37,7 @@ def save_model(
     recipe: tuple[Any, Mapping[str, Any]] | None = None,
     metadata: Mapping[str, Any] | None = None,
     storage_options: Mapping[str, Any] | None = None,
+    storage: Storage | None = None,
 ) -> SaveInfo:
     """Save a whole model, architecture and weights, so that it loads with no pickle.
 
@@ -57,6 +58,8 @@ def save_model(
             ``nn.Sequential``, classes with no arguments or that store them as attributes).
         metadata: JSON values stored with the model.
         storage_options: for a URL path (``s3://…``), the options of its fsspec file system.
+        storage: write through this storage instead of the one ``path`` names (a
+            ``torchkeep.testing.FaultyStorage`` that injects faults, for example).
 
     Raises:
         UnsupportedObjectError: neither a recipe nor a program can be stored; the message says
@@ -73,7 +76,7 @@ def save_model(
             f"save_model takes a torch.nn.Module, not {type(model).__name__}; "
             "save weights or state with tk.save_weights or tk.save"
         )
-    storage, target = storage_for(path, storage_options)
+    storage, target = storage_for(path, storage_options, storage)
     if is_single_file(target):
         raise UnsupportedObjectError(
             f"{target}: a whole model is saved as a directory; pass a name without "

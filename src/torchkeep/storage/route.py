@@ -38,16 +38,26 @@ def join(root: str, name: str) -> str:
 
 
 def storage_for(
-    path: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None
+    path: str | os.PathLike[str],
+    storage_options: Mapping[str, Any] | None = None,
+    storage: Storage | None = None,
 ) -> tuple[Storage, str]:
-    """Return the storage for ``path`` and the path as that storage names it.
+    """Return the storage for ``path`` and the path as that storage names it: ``storage``
+    itself when one is given (the public seam where tests inject faults).
 
     Raises:
         MissingDependencyError: a URL whose fsspec backend is not installed.
         UnsupportedFormatError: a URL scheme fsspec does not know.
-        ValueError: ``storage_options`` for a local path.
+        ValueError: ``storage_options`` for a local path, or with ``storage``.
     """
     text = os.fspath(path)
+    if storage is not None:
+        if storage_options:
+            raise ValueError(
+                f"{text}: storage_options configure the storage a URL names; give them or a "
+                "storage, not both"
+            )
+        return storage, text
     if text.startswith("file://"):
         text = text[len("file://") :]
     if not is_url(text):

@@ -1,8 +1,9 @@
 """Optional extras: the one place where a missing one becomes ``MissingDependencyError``.
 
-Every import of an optional package (fsspec, Lightning, transformers, scikit-learn for the demo,
-safetensors and matplotlib for the benchmark) happens inside ``importing``, and every message
-ends with the same install command, ``pip install 'torchkeep[<extra>]'``.
+Every optional package (fsspec, Lightning, transformers, scikit-learn for the demo, safetensors
+and matplotlib for the benchmark) is first imported inside ``importing`` (an integration's
+package imports its framework there before any of its modules does), and every message ends
+with the same install command, ``pip install 'torchkeep[<extra>]'``.
 """
 
 from __future__ import annotations

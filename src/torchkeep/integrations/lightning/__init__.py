@@ -101,4 +101,6 @@ with importing(
 from torchkeep.integrations.lightning.files import CHECKPOINT_FILE
 from torchkeep.integrations.lightning.plugin import TorchkeepCheckpointIO
 
+TorchkeepCheckpointIO.__module__ = __name__  # where users import it from, as its repr says
+
 __all__ = ["CHECKPOINT_FILE", "TorchkeepCheckpointIO"]

@@ -103,4 +103,6 @@ from torchkeep.integrations.transformers.saving import TRAINING_ARGS as TRAINING
 from torchkeep.integrations.transformers.stock import TRAINER_STATE as TRAINER_STATE
 from torchkeep.integrations.transformers.trainer import TorchkeepTrainer
 
+TorchkeepTrainer.__module__ = __name__  # where users import it from, as its repr says
+
 __all__ = ["TorchkeepTrainer"]

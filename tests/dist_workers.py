@@ -42,8 +42,12 @@ def run(rank: int, world: int, init: str, job: str, args: dict[str, Any]) -> Non
     finally:
         dist.barrier()
         dist.destroy_process_group()
-    # Leave without the interpreter's teardown: gloo's threads can abort it ("terminate called
-    # without an active exception") after all the work is done and checked.
+    exit_without_teardown()
+
+
+def exit_without_teardown() -> None:
+    """End a rank's process without the interpreter's teardown: gloo's threads can abort it
+    ("terminate called without an active exception") after all the work is done and checked."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

@@ -245,11 +245,9 @@ def _rank(rank: int, world: int, init: str, path: str, module_file: str) -> None
     finally:
         dist.barrier()
         dist.destroy_process_group()
-    # Leave without the interpreter's teardown, where gloo's threads can abort it (as
-    # tests/dist_workers.py does).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    from dist_workers import exit_without_teardown
+
+    exit_without_teardown()
 
 
 def write_distributed(directory: Path) -> None:

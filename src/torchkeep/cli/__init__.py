@@ -363,6 +363,13 @@ def _with_storage_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _with_paths(parser: argparse.ArgumentParser) -> None:
+    """The arguments of a command that checks many paths: the paths, --json, storage options."""
+    parser.add_argument("paths", nargs="+")
+    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    _with_storage_options(parser)
+
+
 def _options(args: argparse.Namespace, *paths: str) -> dict[str, Any] | None:
     """The storage options given, for a command on ``paths`` if any of them is a URL."""
     given = dict(args.storage_option)
@@ -411,16 +418,12 @@ def _add_checkpoint_commands(sub: Any) -> None:
     p = _command(sub, "verify", "check every checksum; exit 1 if anything is damaged",
                  "  torchkeep verify ckpt.safetensors\n  torchkeep verify runs/step_*\n",
                  cmd_verify)  # fmt: skip
-    p.add_argument("paths", nargs="+")
-    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
-    _with_storage_options(p)
+    _with_paths(p)
 
     p = _command(sub, "scan", "list the code a pickle file would run; exit 1 if any",
                  "  torchkeep scan downloaded.pth\n  torchkeep scan *.bin --json\n",
                  cmd_scan)  # fmt: skip
-    p.add_argument("paths", nargs="+")
-    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
-    _with_storage_options(p)
+    _with_paths(p)
 
     p = _command(sub, "convert", "convert any checkpoint to safetensors or a torchkeep directory",
                  "  torchkeep convert model.pth model.safetensors\n"

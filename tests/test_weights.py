@@ -210,3 +210,30 @@ def test_sharded_weights_directory(tmp_path):
     tk.load_weights(fresh, tmp_path / "sharded")
     assert_same_state(model, fresh)
     assert tk.verify(tmp_path / "sharded").ok
+
+
+def test_tied_keys_the_file_lacks_are_filled_through_their_tie(tmp_path):
+    model = TiedLM()
+    state = {k: v for k, v in model.state_dict().items() if k != "head.weight"}
+    safetensors.torch.save_file(state, tmp_path / "untied.safetensors")  # the head left out
+    for strict in (True, False):
+        fresh = TiedLM()
+        assert tk.load_weights(fresh, tmp_path / "untied.safetensors", strict=strict).ok
+        assert_same_state(model, fresh)
+        assert fresh.head.weight is fresh.embed.weight
+    # A module that does not tie the head still misses it.
+    untied = TiedLM()
+    untied.head.weight = torch.nn.Parameter(untied.embed.weight.detach().clone())
+    with pytest.raises(tk.StateMismatchError, match=r"missing from the file: head\.weight"):
+        tk.load_weights(untied, tmp_path / "untied.safetensors")
+    result = tk.load_weights(untied, tmp_path / "untied.safetensors", strict=False)
+    assert result.missing == ("head.weight",)
+
+
+def test_tied_keys_are_read_once_into_their_shared_memory(tmp_path):
+    model = TiedLM()
+    torch.save(model.state_dict(), tmp_path / "model.pt")  # both names, one storage
+    fresh = TiedLM()
+    assert tk.load_weights(fresh, tmp_path / "model.pt").ok
+    assert_same_state(model, fresh)
+    assert fresh.head.weight is fresh.embed.weight

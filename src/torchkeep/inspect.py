@@ -20,7 +20,7 @@ from torchkeep.errors import (
 )
 from torchkeep.format import DTYPE_NAMES
 from torchkeep.format.detect import Kind, readable
-from torchkeep.legacy import MODEL_KEYS, load_dcp, load_pickle_file
+from torchkeep.legacy import MODEL_KEYS, load_dcp, load_pickle_file, weights_files
 from torchkeep.model import model_summary
 from torchkeep.storage import Storage, is_url, storage_for
 from torchkeep.tree import decode
@@ -140,7 +140,7 @@ def _describe(storage: Storage, path: str, kind: Kind) -> Description:
     if kind is Kind.DCP:
         return _describe_object(path, load_dcp(path), "torch.distributed.checkpoint directory")
     if kind is Kind.HUGGINGFACE:
-        return _describe_weights_directory(path)
+        return _describe_weights_directory(storage, path)
     return _describe_container(storage, path)
 
 
@@ -188,15 +188,17 @@ def _describe_container(storage: Storage, path: str) -> Description:
         )
 
 
-def _describe_weights_directory(path: str) -> Description:
+def _describe_weights_directory(storage: Storage, path: str) -> Description:
     tensors: list[TensorInfo] = []
-    files = 0
+    aliases: dict[str, str] = {}
     with WeightsSource(path, verify=False) as weights:
         for part in weights.parts:
             if part.container is not None:
-                files += part.container.file_bytes()
                 entries = part.container.entries
                 for key, name in part.names.items():
+                    if key != name:  # a tied name its shard's manifest records
+                        aliases[key] = name
+                        continue
                     e = entries[name]
                     tensors.append(TensorInfo(key, e.dtype, e.shape, e.nbytes, e.file))
             else:
@@ -210,8 +212,9 @@ def _describe_weights_directory(path: str) -> Description:
         kind="weights",
         format_version=None,
         tensors=tuple(tensors),
+        aliases=aliases,
         tensor_bytes=sum(t.nbytes for t in tensors),
-        file_bytes=files,
+        file_bytes=sum(os.path.getsize(f.path) for f in weights_files(storage, path)),
         modules=_modules(tensors),
     )
 

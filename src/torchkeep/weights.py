@@ -180,7 +180,7 @@ class WeightsSource:
         for file in weights_files(self.storage, path):
             self._open_file(file.path)
             part = self.parts[-1]
-            part.names, part.loaded = file.select(part.names), file.select(part.loaded)
+            part.names, part.loaded = file.select_names(part.names), file.select(part.loaded)
             file.check_holds(set(part.shapes()))
 
     def _open_file(self, path: str, kind: Kind | None = None) -> None:
@@ -287,6 +287,11 @@ def load_weights(
     on a GPU through pinned staging buffers, disk reads overlapping the copies); the others are
     read, then copied in (cast and moved to where each parameter lives).
 
+    Tied weights (parameters the model shares, such as a language model's embedding and
+    output head) are read once, into their shared memory: a key the file lacks is not missing
+    when the model ties it to one the file holds, as files that store each tied tensor once
+    (``save_pretrained``'s) do.
+
     Args:
         strict: raise if any key is missing, unexpected or of another shape (the default);
             with ``strict=False`` the matching keys are loaded and the rest reported.
@@ -313,17 +318,18 @@ def load_weights(
         rename = {_strip(k, strip_prefix): k for k in stored}
         shapes = {k: stored[original] for k, original in rename.items()}
         expected = model.state_dict()
-        missing = tuple(k for k in expected if k not in shapes)
-        unexpected = tuple(k for k in shapes if k not in expected)
         mismatched = tuple(
             k for k in expected if k in shapes and tuple(expected[k].shape) != shapes[k]
         )
+        fitting = [k for k in expected if k in shapes and k not in mismatched]
+        wanted, tied = _one_per_tie(model, expected, fitting)
+        missing = tuple(k for k in expected if k not in shapes and k not in tied)
+        unexpected = tuple(k for k in shapes if k not in expected)
         result = LoadResult(missing, unexpected, mismatched)
         if strict and not result.ok:
             raise StateMismatchError(
                 _mismatch_message(weights.path, model, result, expected, shapes)
             )
-        wanted = [k for k in expected if k in shapes and k not in mismatched]
         # Read straight into the parameters (on any device) unless they must move.
         target = None if device is None else _concrete(torch.device(device))
         dests = {
@@ -334,6 +340,45 @@ def load_weights(
     # load_state_dict runs the module's own hooks; copying a tensor onto itself is skipped.
     model.load_state_dict(state, strict=False)
     return result
+
+
+def _one_per_tie(
+    model: torch.nn.Module, expected: Mapping[str, torch.Tensor], held: list[str]
+) -> tuple[list[str], set[str]]:
+    """Return the keys of ``held`` (those the file holds with the model's shape, in the
+    model's order) to read, one per group of tied keys, and every key tied to one of those:
+    reading that one fills them all, and reading two into the same memory would race."""
+    group_of = _tie_groups(model, expected)
+    read: set[int] = set()
+    wanted = []
+    for key in held:
+        group = group_of.get(key)
+        if group is None or group not in read:
+            wanted.append(key)
+        if group is not None:
+            read.add(group)
+    return wanted, {k for k, group in group_of.items() if group in read}
+
+
+def _tie_groups(model: torch.nn.Module, expected: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """Number each group of two or more state-dict keys whose tensors the model shares: the
+    same memory (address, dtype, shape and strides), or the same parameter or buffer object
+    where memory says nothing (meta tensors, empty ones, DTensors, sparse layouts)."""
+    objects = {
+        **dict(model.named_parameters(remove_duplicate=False)),
+        **dict(model.named_buffers(remove_duplicate=False)),
+    }
+    groups: dict[tuple[Any, ...], list[str]] = {}
+    for key, t in expected.items():
+        if t.device.type == "meta" or t.numel() == 0 or t.layout != torch.strided or is_dtensor(t):
+            if key not in objects:
+                continue
+            identity: tuple[Any, ...] = ("object", id(objects[key]))
+        else:
+            identity = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+        groups.setdefault(identity, []).append(key)
+    tied = [keys for keys in groups.values() if len(keys) > 1]
+    return {key: number for number, keys in enumerate(tied) for key in keys}
 
 
 def _concrete(device: torch.device) -> torch.device:

@@ -15,9 +15,16 @@ from torchkeep.errors import (
     TorchkeepError,
 )
 from torchkeep.format import (
+    DCP_METADATA_FILE,
+    HF_CONFIG_FILE,
+    HF_INDEX_FILES,
+    HF_SHARD_NAME,
+    HF_WEIGHT_FILES,
     MANIFEST_FILE,
     MANIFEST_KEY,
     MAX_MANIFEST_BYTES,
+    PROGRAM_FILE,
+    SHARD_NAME,
     SHARD_SAVE_KEY,
     Header,
     Manifest,
@@ -53,15 +60,13 @@ def read_manifest(directory: str, storage: Storage = DEFAULT_STORAGE) -> Manifes
     """Read and validate the manifest of a directory save (its commit marker).
 
     Raises:
-        IncompleteCheckpointError: there is none: the save never committed.
+        IncompleteCheckpointError: there is none: the save never committed, or the directory
+            is not a torchkeep save (the message says which, and what the directory holds).
         CorruptCheckpointError, UnsupportedFormatError: it is damaged, or of a newer format.
     """
     manifest_path = f"{directory}/{MANIFEST_FILE}"
     if not storage.exists(manifest_path):
-        raise IncompleteCheckpointError(
-            f"{directory}: no {MANIFEST_FILE}; this save never committed (it was interrupted) "
-            "or the directory is not a torchkeep checkpoint. Load the previous checkpoint."
-        )
+        raise IncompleteCheckpointError(_without_manifest(storage, directory))
 
     def check(size: int) -> None:
         if size > MAX_MANIFEST_BYTES:
@@ -76,6 +81,54 @@ def read_manifest(directory: str, storage: Storage = DEFAULT_STORAGE) -> Manifes
     except UnicodeDecodeError as e:
         raise CorruptCheckpointError(f"{manifest_path}: not UTF-8 text") from e
     return manifest_from_json(text, where=manifest_path)
+
+
+READABLE = (
+    "torchkeep reads its own saves (a .safetensors file, or a directory committed by its "
+    f"{MANIFEST_FILE}), safetensors and torch.save files, Hugging Face model directories "
+    f"({' or '.join(HF_WEIGHT_FILES)}, or shards and their index) and "
+    f"torch.distributed.checkpoint directories ({DCP_METADATA_FILE} and .distcp files)"
+)
+
+
+def _without_manifest(storage: Storage, directory: str) -> str:
+    """Say what a path without a manifest is: a torchkeep save that never committed (its
+    shards are there), another tool's directory, or no checkpoint at all."""
+    if not storage.is_dir(directory):
+        return f"{directory}: no {MANIFEST_FILE}: not a torchkeep directory save. {READABLE}."
+    names = storage.list_dir(directory)
+    members = [n for n in names if SHARD_NAME.fullmatch(n) or n == PROGRAM_FILE]
+    if members:
+        return (
+            f"{directory}: no {MANIFEST_FILE} beside the files of a save ({', '.join(members[:3])}"
+            f"{', …' if len(members) > 3 else ''}); this save never committed (it was "
+            "interrupted). Load the previous checkpoint."
+        )
+    shards = [n for n in names if HF_SHARD_NAME.fullmatch(n)]
+    if set(names) & {*HF_INDEX_FILES, *HF_WEIGHT_FILES}:
+        what = (
+            "a Hugging Face model directory, not a torchkeep save: read its weights with "
+            "tk.load_state_dict, tk.load_weights or tk.load"
+        )
+    elif DCP_METADATA_FILE in names:
+        what = "a torch.distributed.checkpoint directory, not a torchkeep save (read it: tk.load)"
+    elif shards:
+        what = (
+            f"Hugging Face weight shards ({', '.join(shards[:2])}, …) without the index that "
+            f"names them ({' or '.join(HF_INDEX_FILES)}): the save that wrote them did not "
+            "finish, or the index was removed"
+        )
+    elif HF_CONFIG_FILE in names:
+        what = (
+            f"no checkpoint: it holds {HF_CONFIG_FILE}, as a Hugging Face model directory does, "
+            f"but no weights ({', '.join(HF_WEIGHT_FILES)} or an index of shards)"
+        )
+    elif not names:
+        what = "an empty directory, not a checkpoint"
+    else:
+        listed = ", ".join(names[:5]) + (f", … ({len(names)} in all)" if len(names) > 5 else "")
+        what = f"not a checkpoint: it holds {listed} and no {MANIFEST_FILE}"
+    return f"{directory}: {what}. {READABLE}."
 
 
 def open_directory(

@@ -39,6 +39,8 @@ DCP_METADATA_FILE = ".metadata"  # torch.distributed.checkpoint's commit marker
 HF_SAFETENSORS_INDEX = "model.safetensors.index.json"
 HF_INDEX_FILES = (HF_SAFETENSORS_INDEX, "pytorch_model.bin.index.json")
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+HF_CONFIG_FILE = "config.json"
+HF_SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors|pytorch_model-\d{5}-of-\d{5}\.bin")
 
 # Opcodes a pickle of protocol 0 or 1 (no PROTO opcode) starts with: GLOBAL, MARK, the empty
 # containers, None and the scalars.

@@ -65,12 +65,24 @@ class WeightsFile:
         """Return the entries of ``found``, read from the file, that its index places there."""
         return {k: v for k, v in found.items() if self.keys is None or k in self.keys}
 
+    def select_names(self, names: Mapping[str, str]) -> dict[str, str]:
+        """Return the keys of ``names`` (state-dict key to stored tensor, of a safetensors
+        file) that its index places there, and the tied names the file's manifest records
+        for them: an index lists a tied tensor once, under the name it is stored as."""
+        if self.keys is None:
+            return dict(names)
+        held = {names[k] for k in self.keys if k in names}
+        return {k: n for k, n in names.items() if k in self.keys or n in held}
+
     def check_holds(self, found: Set[str]) -> None:
-        """Raise unless ``found``, the keys read from the file, are all its index places there."""
-        if self.keys is not None and found != self.keys:
+        """Raise unless ``found``, the keys read from the file, hold all its index places there."""
+        if self.keys is None:
+            return
+        missing = self.keys - found
+        if missing:
             raise CorruptCheckpointError(
-                f"{self.path}: holds {len(found)} of the {len(self.keys)} tensors {self.index} "
-                f"places there (missing: {sorted(self.keys - found)[:5]})"
+                f"{self.path}: holds {len(self.keys) - len(missing)} of the {len(self.keys)} "
+                f"tensors {self.index} places there (missing: {sorted(missing)[:5]})"
             )
 
 
@@ -137,7 +149,7 @@ def _read_weights(storage: Storage, file: WeightsFile, *, verify: bool) -> dict[
         file.check_holds(set(loaded))
         return loaded
     with open_container(file.path, storage=storage) as container:
-        names = file.select(weight_names(container))
+        names = file.select_names(weight_names(container))
         file.check_holds(set(names))
         tensors = container.read(sorted(set(names.values())), verify=verify)
     return {k: tensors[n] for k, n in names.items()}
@@ -153,7 +165,8 @@ def write_huggingface(
 ) -> SaveInfo:
     """Write ``weights`` as a Hugging Face sharded directory at ``dst``: safetensors shards of
     at most ``shard_bytes`` (``model-00001-of-0000N.safetensors``), then the index that commits
-    them (``model.safetensors.index.json``); floating-point tensors cast to ``dtype``."""
+    them (``model.safetensors.index.json``); floating-point tensors cast to ``dtype``. Tied
+    weights are stored once: the index names the stored one, the shard's manifest its ties."""
     if is_single_file(dst):
         raise UnsupportedFormatError(
             f"{dst}: a Hugging Face sharded checkpoint is a directory; give a name without the "
@@ -192,10 +205,14 @@ def write_huggingface(
                 ),
             )
             total += info.file_bytes
-        file_of = {n: file for file, names in zip(files, shards, strict=True) for n in names}
+        # As transformers writes it: each name under the shard that stores it; tied names are
+        # left out (each shard's manifest records them, and models tie them again on load).
         index = {
-            "metadata": {"total_size": sum(sizes.values())},
-            "weight_map": {**file_of, **{a: file_of[t] for a, t in flat.aliases.items()}},
+            "metadata": {
+                "total_parameters": sum(t.numel() for t in flat.tensors.values()),
+                "total_size": sum(sizes.values()),
+            },
+            "weight_map": {n: f for f, names in zip(files, shards, strict=True) for n in names},
         }
         text = json.dumps(index, indent=2, sort_keys=True).encode()
         # The index is written last: a reader never sees it before every shard it names.

@@ -6,9 +6,10 @@ Tied weights are checked both ways: an index that ``tk.convert`` writes lists wh
 holds, as transformers' does, and ``tk.load_weights`` fills the names a file leaves out through
 the model's own ties. A directory that is no checkpoint is said to be what it is.
 
-The models are tiny GPT-2s, Llamas and T5s built from a config (nothing is downloaded). The installed
-transformers (5.x) always writes safetensors (``safe_serialization=False`` is ignored), so the
-``pytorch_model.bin`` layout (shards and their index) is written here as transformers 4.x wrote it.
+The models are tiny GPT-2s, Llamas and T5s built from a config (nothing is downloaded). The
+installed transformers (5.x) always writes safetensors (``safe_serialization=False`` is ignored),
+so the ``pytorch_model.bin`` layout (shards and their index) is written here as transformers 4.x
+wrote it.
 """
 
 from __future__ import annotations

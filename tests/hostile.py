@@ -134,6 +134,7 @@ def _spec(dtype: str = "F32", shape=(2, 2), offsets=(0, 16)) -> dict:
 
 def _header_cases() -> dict[str, tuple[bytes, type[tk.TorchkeepError]]]:
     corrupt = tk.CorruptCheckpointError
+    unsupported = tk.UnsupportedFormatError
     data = bytes(16)
     good = {"w": _spec()}
     cases: dict[str, tuple[bytes, type[tk.TorchkeepError]]] = {
@@ -184,8 +185,22 @@ def _header_cases() -> dict[str, tuple[bytes, type[tk.TorchkeepError]]]:
         "float-dim": (_safetensors({"w": _spec(shape=(2.0, 2))}, data), corrupt),
         "bool-dim": (_safetensors({"w": _spec(shape=(True, 4), offsets=(0, 16))}, data), corrupt),
         "absurd-rank": (_safetensors({"w": _spec(shape=(1,) * 100_000, offsets=(0, 4))}, bytes(4)), corrupt),
-        "unknown-dtype": (_safetensors({"w": _spec(dtype="F128")}, data), corrupt),
+        "unknown-dtype": (_safetensors({"w": _spec(dtype="F128")}, data), unsupported),
+        "dtype-torch-lacks": (
+            _safetensors({"w": _spec(dtype="F6_E2M3", shape=(4,), offsets=(0, 3))}, bytes(3)),
+            unsupported,
+        ),
         "dtype-not-a-string": (_safetensors({"w": _spec(dtype=7)}, data), corrupt),
+        "dtype-name-a-megabyte": (_safetensors({"w": _spec(dtype="F" * (1 << 20))}, data), corrupt),
+        "f4-half-a-byte": (_safetensors({"w": _spec(dtype="F4", shape=(3,), offsets=(0, 2))}, bytes(2)), corrupt),
+        "f4-odd-last-dim": (
+            _safetensors({"w": _spec(dtype="F4", shape=(2, 3), offsets=(0, 3))}, bytes(3)),
+            unsupported,
+        ),
+        "f4-shape-claims-an-exabyte": (
+            _safetensors({"w": _spec(dtype="F4", shape=(1 << 62, 1 << 4), offsets=(0, 1 << 65))}),
+            corrupt,
+        ),
         "spec-missing-fields": (_safetensors({"w": {"dtype": "F32"}}, data), corrupt),
         "spec-not-a-dict": (_safetensors({"w": [0, 16]}, data), corrupt),
         "trailing-bytes": (_safetensors(good, data + b"extra!!!"), corrupt),

@@ -167,7 +167,8 @@ def load(
             result.
         map_location: the device every loaded tensor is moved to (read straight there, a GPU
             through pinned staging buffers, unless ``dtype`` casts them first).
-        dtype: the dtype floating-point tensors are cast to (integer tensors are never cast).
+        dtype: the dtype float16, bfloat16, float32 and float64 tensors are cast to (integer,
+            boolean, complex, float8 and float4 tensors keep theirs).
         verify: check every tensor's checksum (on by default).
         storage_options: for a URL (``s3://…``), the options of its fsspec file system.
         device: ``map_location`` under the name the other loaders use; give one of the two.

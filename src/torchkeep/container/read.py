@@ -261,6 +261,7 @@ def _fits(dest: torch.Tensor | None, entry: TensorEntry) -> bool:
         and tuple(dest.shape) == entry.shape
         and dest.is_contiguous()
         and not dest.requires_grad
+        and not (dest.is_conj() or dest.is_neg())  # its memory does not hold its values
     )
 
 

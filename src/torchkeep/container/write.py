@@ -93,7 +93,7 @@ def layout(
             shards.append([])
             position = 0
         entry = TensorEntry(
-            dtype=dtype_name(dtype, where=name),
+            dtype=dtype_name(dtype, where=name, shape=tuple(t.shape)),
             shape=tuple(t.shape),
             begin=position,
             end=position + nbytes,

@@ -13,7 +13,11 @@ from typing import Any
 
 import torch
 
-from torchkeep.errors import CorruptCheckpointError, UnsupportedFormatError
+from torchkeep.errors import (
+    CorruptCheckpointError,
+    UnsupportedFormatError,
+    UnsupportedObjectError,
+)
 from torchkeep.format.names import HEADER_ALIGN, MAX_HEADER_BYTES, MAX_RANK, pickle_kind
 
 DTYPE_NAMES: dict[torch.dtype, str] = {
@@ -32,11 +36,35 @@ DTYPE_NAMES: dict[torch.dtype, str] = {
     torch.uint16: "U16",
     torch.uint32: "U32",
     torch.uint64: "U64",
+    torch.float8_e4m3fnuz: "F8_E4M3FNUZ",
+    torch.float8_e5m2fnuz: "F8_E5M2FNUZ",
+    torch.complex64: "C64",
 }
+# Dtypes of later torch versions than the oldest supported, by their torch and safetensors names.
+_LATER_DTYPES = {"float8_e8m0fnu": "F8_E8M0", "float4_e2m1fn_x2": "F4"}
+DTYPE_NAMES.update(
+    (getattr(torch, attribute), name)
+    for attribute, name in _LATER_DTYPES.items()
+    if isinstance(getattr(torch, attribute, None), torch.dtype)
+)
 DTYPES: dict[str, torch.dtype] = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 ITEMSIZES: dict[str, int] = {
     name: dtype.itemsize for dtype, name in DTYPE_NAMES.items()
 }
+# Sub-byte dtypes: the header counts their elements, torch packs this many into one item of
+# the last dimension (F4 is torch's float4_e2m1fn_x2, two values to a byte).
+PACKED: dict[str, int] = {"F4": 2} if "F4" in DTYPES else {}
+# safetensors dtypes that torch has no dtype for: files holding them are valid, but unreadable.
+WITHOUT_TORCH_DTYPE = frozenset({"F6_E2M3", "F6_E3M2", *_LATER_DTYPES.values()}) - set(DTYPES)
+
+
+def file_shape(dtype: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape a header records for a tensor of torch shape ``shape``: a packed dtype counts
+    its elements, not torch's items, along the last dimension."""
+    per_item = PACKED.get(dtype)
+    if per_item is None or not shape:
+        return shape
+    return (*shape[:-1], shape[-1] * per_item)
 
 
 @dataclass(frozen=True)
@@ -65,17 +93,32 @@ class Header:
     data_start: int
 
 
-def dtype_name(dtype: torch.dtype, *, where: str) -> str:
-    """Return the safetensors name of ``dtype``, or raise naming ``where`` it was found."""
-    try:
-        return DTYPE_NAMES[dtype]
-    except KeyError:
-        from torchkeep.errors import UnsupportedObjectError
-
-        raise UnsupportedObjectError(
-            f"{where}: torchkeep does not store tensors of dtype {dtype}; convert it first "
-            "(complex tensors: torch.view_as_real)"
-        ) from None
+def dtype_name(
+    dtype: torch.dtype, *, where: str, shape: tuple[int, ...] | None = None
+) -> str:
+    """Return the safetensors name of ``dtype``, or raise naming ``where`` it was found (also
+    for a tensor of ``shape`` that its safetensors dtype cannot describe)."""
+    name = DTYPE_NAMES.get(dtype)
+    if name is not None:
+        if name in PACKED and shape == ():
+            raise UnsupportedObjectError(
+                f"{where}: a 0-dimensional {str(dtype).removeprefix('torch.')} tensor; "
+                f"safetensors' {name} counts values along the last dimension, which this "
+                "tensor lacks: store t.reshape(1)"
+            )
+        return name
+    torch_name = str(dtype).removeprefix("torch.")
+    advice = (
+        f"store torch.view_as_real(t) ({str(dtype.to_real()).removeprefix('torch.')} pairs in "
+        "a last dimension of 2) and rebuild it with torch.view_as_complex"
+        if dtype.is_complex
+        else "convert it to one of: "
+        + ", ".join(str(d).removeprefix("torch.") for d in DTYPE_NAMES)
+    )
+    raise UnsupportedObjectError(
+        f"{where}: torchkeep does not store tensors of dtype {torch_name}: safetensors has no "
+        f"name for it; {advice}"
+    )
 
 
 def encode_header(
@@ -88,7 +131,7 @@ def encode_header(
     for name, entry in tensors.items():
         header[name] = {
             "dtype": entry.dtype,
-            "shape": list(entry.shape),
+            "shape": list(file_shape(entry.dtype, entry.shape)),
             "data_offsets": [entry.begin, entry.end],
         }
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
@@ -166,7 +209,7 @@ def entry_if_valid(
     if type(dtype) is not str or type(shape) is not list or type(offsets) is not list:
         return None
     itemsize = ITEMSIZES.get(dtype)
-    if itemsize is None or len(offsets) != 2 or len(shape) > MAX_RANK:
+    if itemsize is None or dtype in PACKED or len(offsets) != 2 or len(shape) > MAX_RANK:
         return None
     begin, end = offsets
     if type(begin) is not int or type(end) is not int or not 0 <= begin <= end:
@@ -187,6 +230,9 @@ def entry_if_valid(
 
 
 def parse_tensor_spec(name: str, spec: Any, *, where: str) -> TensorEntry:
+    """Validate one tensor's header entry; its shape comes back as torch's (``file_shape`` is
+    the inverse). A well-formed entry of a dtype torch or torchkeep cannot hold is an
+    ``UnsupportedFormatError``, anything malformed a ``CorruptCheckpointError``."""
     if type(spec) is dict and len(spec) == 3:
         entry = entry_if_valid(
             spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
@@ -199,10 +245,8 @@ def parse_tensor_spec(name: str, spec: Any, *, where: str) -> TensorEntry:
             f"{at}: expected exactly dtype, shape and data_offsets"
         )
     dtype = spec["dtype"]
-    if not isinstance(dtype, str) or dtype not in ITEMSIZES:
-        raise CorruptCheckpointError(
-            f"{at}: unknown dtype {dtype!r}; known: {', '.join(sorted(ITEMSIZES))}"
-        )
+    if not isinstance(dtype, str) or not dtype or len(dtype) > _MAX_DTYPE_NAME:
+        raise CorruptCheckpointError(f"{at}: the dtype {dtype!r:.80} is not a dtype name")
     shape = spec["shape"]
     if not isinstance(shape, list) or len(shape) > MAX_RANK:
         raise CorruptCheckpointError(
@@ -222,20 +266,56 @@ def parse_tensor_spec(name: str, spec: Any, *, where: str) -> TensorEntry:
         raise CorruptCheckpointError(
             f"{at}: data_offsets {offsets} must be [begin, end], begin<=end"
         )
-    if math.prod(d for d in shape if d) * ITEMSIZES[dtype] >= 2**63:
+    if dtype not in ITEMSIZES:
+        raise UnsupportedFormatError(f"{at} has dtype {dtype!r}, {_unknown_dtype(dtype)}")
+    torch_shape = _torch_shape(dtype, shape, at=at)
+    if math.prod(d for d in torch_shape if d) * ITEMSIZES[dtype] >= 2**63:
         raise CorruptCheckpointError(
             f"{at}: shape {shape} is larger than any tensor can be"
         )
     # Python integers do not overflow: the product is exact, and compared before any allocation.
-    nbytes = math.prod(shape) * ITEMSIZES[dtype]
+    nbytes = math.prod(torch_shape) * ITEMSIZES[dtype]
     if nbytes != offsets[1] - offsets[0]:
         raise CorruptCheckpointError(
             f"{at}: shape {shape} of {dtype} needs {nbytes} bytes but its span holds "
             f"{offsets[1] - offsets[0]}"
         )
     return TensorEntry(
-        dtype=dtype, shape=tuple(shape), begin=offsets[0], end=offsets[1]
+        dtype=dtype, shape=torch_shape, begin=offsets[0], end=offsets[1]
     )
+
+
+_MAX_DTYPE_NAME = 64
+
+
+def _unknown_dtype(dtype: str) -> str:
+    known = ", ".join(sorted(ITEMSIZES))
+    if dtype in WITHOUT_TORCH_DTYPE:
+        why = f"a safetensors dtype that this torch ({torch.__version__}) has no dtype for"
+    else:
+        why = "which is not a safetensors dtype that torchkeep knows"
+    return (
+        f"{why}; torchkeep reads {known}. Read the file with the library that wrote it and "
+        "convert the tensor to one of those"
+    )
+
+
+def _torch_shape(dtype: str, shape: list[int], *, at: str) -> tuple[int, ...]:
+    per_item = PACKED.get(dtype)
+    if per_item is None:
+        return tuple(shape)
+    if math.prod(shape) % per_item:
+        raise CorruptCheckpointError(
+            f"{at}: {math.prod(shape)} values of {dtype} do not fill whole bytes; the header "
+            "is corrupt"
+        )
+    if shape[-1] % per_item:
+        raise UnsupportedFormatError(
+            f"{at}: a {dtype} tensor of shape {shape}, which torch cannot hold: its "
+            f"{DTYPES[dtype]} packs {per_item} values into each item of the last dimension, "
+            f"so that dimension must be a multiple of {per_item}"
+        )
+    return (*shape[:-1], shape[-1] // per_item)
 
 
 def _check_spans(

@@ -19,6 +19,7 @@ from torchkeep.format.header import (
     Header,
     TensorEntry,
     entry_if_valid,
+    file_shape,
     load_json,
     parse_tensor_spec,
 )
@@ -100,7 +101,7 @@ def _manifest_body(m: Manifest) -> dict[str, Any]:
     for name, e in m.tensors.items():
         entry: dict[str, Any] = {
             "dtype": e.dtype,
-            "shape": list(e.shape),
+            "shape": list(file_shape(e.dtype, e.shape)),
             "offsets": [e.begin, e.end],
             "checksum": e.checksum,
         }

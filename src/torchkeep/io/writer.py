@@ -49,7 +49,7 @@ class _Pieces:
         # are only viewed, so the extra memory stays at one chunk per thread.
         with self._lock:
             if self._flat is None:
-                t = self.item.tensor.detach()
+                t = self.item.tensor.detach().resolve_conj().resolve_neg()
                 self._flat = (t if t.is_contiguous() else t.contiguous()).reshape(-1)
             return self._flat
 
@@ -90,10 +90,20 @@ class _Staging:
         return raw
 
 
+def _plain_bytes(t: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether ``t``'s memory is already the bytes to write."""
+    return (
+        t.device.type == "cpu"
+        and t.dtype == dtype
+        and t.is_contiguous()
+        and not (t.is_conj() or t.is_neg())  # such views keep the values before them
+    )
+
+
 def _piece_bytes(pieces: _Pieces, begin: int, end: int, staging: _Staging) -> memoryview:
     item = pieces.item
     t = item.tensor
-    if t.device.type == "cpu" and t.dtype == item.dtype and t.is_contiguous():
+    if _plain_bytes(t, item.dtype):
         return tensor_bytes(t.detach())[begin:end]
     size = item.dtype.itemsize
     part = pieces.flat()[begin // size : end // size]
@@ -139,8 +149,9 @@ def _write_batch(
         begin = item.offset - start
         if item.nbytes:
             t = item.tensor.detach()
-            if not (t.device.type == "cpu" and t.dtype == item.dtype and t.is_contiguous()):
-                t = t.to(device="cpu", dtype=item.dtype).contiguous()
+            if not _plain_bytes(t, item.dtype):
+                t = t.resolve_conj().resolve_neg().to(device="cpu", dtype=item.dtype)
+                t = t.contiguous()
             ctypes.memmove(base + begin, t.data_ptr(), item.nbytes)
         if digest is not None:
             pieces.digests[0] = digest(view[begin : begin + item.nbytes])

@@ -61,7 +61,8 @@ def load_model(
         source: the directory ``save_model`` wrote, or a ``torch.save(model)`` file; local, or
             an fsspec URL.
         device: where the model's tensors are placed (``"cuda"``, say).
-        dtype: cast floating-point parameters and buffers (``torch.bfloat16`` to deploy).
+        dtype: cast float16, bfloat16, float32 and float64 parameters and buffers
+            (``torch.bfloat16`` to deploy); float8 and float4 ones keep theirs.
         trust_code: allow importing and calling anything the file names, and pickles.
         allowed_modules: modules (and their sub-modules) the recipe may import and call from.
         verify: check every tensor and the exported program against their checksums (a

@@ -1,5 +1,5 @@
-"""Moving and casting loaded tensors: the one rule that a dtype given to a loader applies to
-floating-point tensors only (integer and boolean tensors keep theirs)."""
+"""Moving and casting loaded tensors: the one rule that a dtype given to a loader or a save
+applies to the ordinary floating-point tensors only (float16, bfloat16, float32, float64)."""
 
 from __future__ import annotations
 
@@ -9,18 +9,25 @@ import torch
 
 from torchkeep._types import Device
 
+# What a ``dtype=`` casts. Integer and boolean tensors keep their dtype (indices, counts,
+# masks); complex ones too (a real dtype would drop the imaginary part). Float8 and float4
+# tensors are quantized weights whose values mean something only with the scales stored
+# beside them: casting them would change what the model computes, so they keep theirs.
+CAST_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+
 
 def cast_dtype(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
-    """The dtype ``tensor`` is stored or loaded as: ``dtype`` if it is floating point, else its
-    own."""
-    return dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+    """The dtype ``tensor`` is stored or loaded as: ``dtype`` if the tensor's own is in
+    ``CAST_DTYPES``, else its own."""
+    return dtype if dtype is not None and tensor.dtype in CAST_DTYPES else tensor.dtype
 
 
 def convert(
     tensor: torch.Tensor, *, map_location: Device | None, dtype: torch.dtype | None
 ) -> torch.Tensor:
-    """Move ``tensor`` to ``map_location`` and cast it to ``dtype`` if it is floating point."""
-    if dtype is not None and tensor.is_floating_point():
+    """Move ``tensor`` to ``map_location`` and cast it to ``dtype`` if its own dtype is in
+    ``CAST_DTYPES``."""
+    if dtype is not None and tensor.dtype in CAST_DTYPES:
         tensor = tensor.to(dtype)
     if map_location is not None:
         tensor = tensor.to(map_location)

@@ -18,7 +18,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from torchkeep.errors import UnsupportedObjectError
-from torchkeep.format import Tag
+from torchkeep.format import Tag, dtype_name
 from torchkeep.tree.dtensor import is_dtensor
 
 TENSOR = Tag.TENSOR
@@ -88,6 +88,8 @@ def _tensor_identity(t: torch.Tensor) -> tuple[Any, ...]:
         tuple(t.stride()),
         t.dtype,
         str(t.device),
+        t.is_conj(),
+        t.is_neg(),
     )
 
 
@@ -187,11 +189,7 @@ def _add_tensor(
         )
     if t.device.type == "meta":
         raise UnsupportedObjectError(f"{where}: a meta tensor has no data to save")
-    if t.is_complex():
-        raise UnsupportedObjectError(
-            f"{where}: torchkeep does not store complex tensors; save "
-            "torch.view_as_real(t) and rebuild with torch.view_as_complex"
-        )
+    dtype_name(t.dtype, where=where, shape=tuple(t.shape))  # refuses what safetensors cannot hold
     identity = _tensor_identity(t) if t.numel() else None
     if identity is not None and identity in seen:
         original = seen[identity]

@@ -13,6 +13,7 @@ from torchkeep import distributed
 from torchkeep.errors import StateMismatchError
 from torchkeep.format import Tag
 from torchkeep.tree import (
+    METADATA,
     STATEFUL,
     TENSOR,
     Stateful,
@@ -88,7 +89,7 @@ def check_into(
             raise StateMismatchError(f"{where}: the checkpoint holds no module state here")
         expected = into.state_dict()
         missing = [k for k in expected if k not in state]
-        unexpected = [k for k in state if k not in expected]
+        unexpected = [k for k in state if k not in expected and k != METADATA]
         resized = [
             f"{k} (saved {list(shape(state[k]) or ())}, module {list(expected[k].shape)})"
             for k in expected
@@ -126,7 +127,7 @@ def check_into(
 
 
 def _is_tagged(tree: dict[str, Any]) -> bool:
-    return len(tree) == 1 and next(iter(tree)).startswith("$")
+    return len(tree) == 1 and next(iter(tree)).startswith("$") and METADATA not in tree
 
 
 def restore(tree: Any, value: Any, into: Any, path: tuple[str, ...]) -> Any:

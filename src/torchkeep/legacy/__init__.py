@@ -1,7 +1,8 @@
 """Reading what other tools wrote, running none of their code.
 
-``unpickler`` is the restricted unpickler every pickle goes through; ``torch_zip`` the one
-validated table of a ``torch.save`` zip archive, whole or inside a DCP file; ``torch_save`` reads
+``unpickler`` is the restricted unpickler every pickle goes through, ``rebuild`` its stand-ins
+for torch's tensor-rebuilding functions; ``torch_zip`` the one validated table of a
+``torch.save`` zip archive, whole or inside a DCP file; ``torch_save`` reads
 ``torch.save`` files (zip and pre-1.6 streams); ``dcp_metadata`` and ``dcp`` read
 torch.distributed.checkpoint directories; ``huggingface`` reads and writes Hugging Face model
 directories; ``model_weights`` finds a model's weights in what was read; ``pickle_scan`` lists

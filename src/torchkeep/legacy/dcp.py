@@ -42,8 +42,9 @@ from torchkeep.legacy.dcp_metadata import (
     TensorStorageMetadata,
     read_metadata,
 )
+from torchkeep.legacy.rebuild import FileStorage
 from torchkeep.legacy.torch_zip import DCP_PAYLOAD, ZipEntry, read_zip_table
-from torchkeep.legacy.unpickler import FileStorage, storage_pid
+from torchkeep.legacy.unpickler import storage_pid
 from torchkeep.legacy.unpickler import unpickle as unpickle_payload
 from torchkeep.storage import LocalSource
 

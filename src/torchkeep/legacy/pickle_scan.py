@@ -11,7 +11,7 @@ from torchkeep.errors import CorruptCheckpointError, UnsafeFileError, Unsupporte
 from torchkeep.format.detect import Kind, readable
 from torchkeep.legacy.torch_save import MAX_SCANNED_BYTES
 from torchkeep.legacy.torch_zip import ZipTable, read_file_entry, read_zip_file
-from torchkeep.legacy.unpickler import ALLOWED_GLOBALS, scan_pickles
+from torchkeep.legacy.unpickler import classify, scan_pickles
 from torchkeep.storage import storage_for
 
 
@@ -22,7 +22,8 @@ class ScanReport:
     Attributes:
         format: ``safetensors``, ``torch zip``, ``torch legacy``, ``torchscript`` or ``unknown``.
         globals: every global the file's pickles name (module.name), sorted.
-        unsafe: those outside torchkeep's allowlist: loading with pickle would import and call them.
+        unsafe: those that loading with pickle would import and call, outside torch's own
+            (torch's tensor-rebuilding functions are never listed here).
         safe: True when torchkeep can load the file without running any of its code.
     """
 
@@ -86,12 +87,19 @@ def _scan(path: str, kind: Kind) -> ScanReport:
             return ScanReport(path, "unknown", (), (), False, "not a checkpoint torchkeep knows")
         return ScanReport(path, "safetensors", (), (), True, "safe: no pickle, no code")
     found = tuple(sorted(set(names)))
-    unsafe = tuple(n for n in found if tuple(n.rsplit(".", 1)) not in ALLOWED_GLOBALS)
+    dangerous, unread = classify(found)
+    unsafe = tuple(dangerous)
     if unsafe:
         verdict = f"unsafe: loading with pickle would import and call {', '.join(unsafe)}"
+    elif unread:
+        verdict = (
+            f"unsupported: only torch's own functions ({', '.join(unread)}), which run no code "
+            "of the file's, but torchkeep does not read what they rebuild yet"
+        )
     elif problems:
         # Nothing to run was seen before the damage; what pickle makes of the rest is unknown.
         verdict = f"refused: a malformed pickle ({problems[0]}); torchkeep will not load it"
     else:
         verdict = "safe: only plain data; torchkeep loads it without running code"
-    return ScanReport(path, fmt, found, unsafe, not unsafe and not problems, verdict)
+    safe = not unsafe and not unread and not problems
+    return ScanReport(path, fmt, found, unsafe, safe, verdict)

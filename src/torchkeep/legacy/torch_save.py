@@ -26,15 +26,16 @@ from torchkeep.errors import (
 from torchkeep.format.detect import Kind, detect
 from torchkeep.io import ReadItem, read_tensors
 from torchkeep.io.checksum import ZIP_CRC32
+from torchkeep.legacy.rebuild import FileStorage, Rebuilders
 from torchkeep.legacy.torch_zip import read_file_entry, read_zip_file
 from torchkeep.legacy.unpickler import (
-    FileStorage,
+    BUILT,
     Refused,
     RestrictedUnpickler,
     check_memo,
+    refusal,
     storage_pid,
     unpickle,
-    unsafe_error,
 )
 from torchkeep.storage import DEFAULT_STORAGE, LocalSource
 
@@ -52,6 +53,8 @@ READ_CHUNK = 16 << 20
 class _Loaded:
     obj: Any
     storages: list[tuple[FileStorage, int, int, int | None]] = field(default_factory=list)
+    # Conj/neg views, materialized once the storages are read.
+    rebuilders: Rebuilders = field(default_factory=Rebuilders)
 
 
 def _load_zip(path: str, *, meta: bool) -> _Loaded:
@@ -79,7 +82,7 @@ def _load_zip(path: str, *, meta: bool) -> _Loaded:
         return storages[key]
 
     pickled = archive.entries[archive.prefix + "data.pkl"]
-    loaded.obj = unpickle(read_file_entry(path, pickled), storage, path)
+    loaded.obj = unpickle(read_file_entry(path, pickled), storage, path, loaded.rebuilders)
     return loaded
 
 
@@ -101,14 +104,16 @@ def _read_stream(path: str, stream: io.BufferedReader, file_size: int, *, meta: 
 
     def next_pickle(storage: Callable[[Any], FileStorage]) -> Any:
         start = stream.tell()
-        check_memo(stream, path)
+        check_memo(stream, path, builds=BUILT)
         try:
-            return RestrictedUnpickler(stream, storage).load()
+            return RestrictedUnpickler(stream, storage, loaded.rebuilders).load()
         except Refused:
             stream.seek(start)
-            raise unsafe_error(path, stream.read(MAX_SCANNED_BYTES)) from None
-        except (CorruptCheckpointError, UnsupportedFormatError, UnsafeFileError):
-            raise
+            raise refusal(path, stream.read(MAX_SCANNED_BYTES)) from None
+        except (CorruptCheckpointError, UnsupportedFormatError, UnsafeFileError) as e:
+            if str(e).startswith(path):
+                raise
+            raise type(e)(f"{path}: {e}") from e  # raised while rebuilding, without the path
         except Exception as e:
             raise CorruptCheckpointError(
                 f"{path}: malformed pickle ({type(e).__name__}: {e})"
@@ -219,12 +224,15 @@ def load_pickle_file(
     With ``verify``, every zip entry's CRC-32 is checked.
 
     Raises:
-        UnsafeFileError: the file names a global outside the allowlist (all of them listed).
-        CorruptCheckpointError, UnsupportedFormatError.
+        UnsafeFileError: the file names code that unpickling it would run (all of it listed).
+        UnsupportedFormatError: it holds objects torchkeep does not read yet (those that torch
+            rebuilds with its own functions are named).
+        CorruptCheckpointError: a size, a CRC-32 or the pickle does not hold together.
     """
     loaded = _load(path, meta=meta)
     if not meta and loaded.storages:
         _read_storages(path, loaded, verify=verify, threads=threads)
+        loaded.rebuilders.materialize()
     return loaded.obj
 
 
@@ -236,9 +244,9 @@ class PendingLoad:
     def __init__(self, path: str, *, verify: bool = True, threads: int = 2) -> None:
         loaded = _load(path, meta=False)
         self.obj = loaded.obj
-        self._events = {
-            s.data.untyped_storage().data_ptr(): threading.Event() for s, *_ in loaded.storages
-        }
+        # A conj/neg view's tensor is ready once the whole read is: it is made from the storages.
+        made = [s.data for s, *_ in loaded.storages] + loaded.rebuilders.deferred
+        self._events = {t.untyped_storage().data_ptr(): threading.Event() for t in made}
         self._error: BaseException | None = None
 
         def done(item: ReadItem) -> None:
@@ -247,6 +255,7 @@ class PendingLoad:
         def run() -> None:
             try:
                 _read_storages(path, loaded, verify=verify, threads=threads, on_done=done)
+                loaded.rebuilders.materialize()
             except BaseException as e:  # handed to finish(), in the caller's thread
                 self._error = e
             finally:

@@ -2,28 +2,43 @@
 
 A ``torch.save`` file is a pickle: loading it with ``pickle`` runs whatever code it names. Here
 it is unpickled by ``RestrictedUnpickler``, whose ``find_class`` never imports anything: it
-returns torchkeep's own stand-ins from a fixed table of plain types (tensor rebuilders that
-validate bounds, containers, numbers, dtypes, ``torch.Size``, numpy scalars, argparse
-namespaces). Any other global ends the load with ``UnsafeFileError`` listing every global the
-file names, found by ``_RecordingUnpickler``, which unpickles with inert placeholders.
+returns torchkeep's own stand-ins from a fixed table of plain types (the tensor rebuilders of
+``rebuild``, containers, numbers, dtypes, ``torch.Size``, numpy scalars, argparse namespaces).
+Before it runs, the opcodes are walked without running them (``check_memo``): a BUILD that
+would change anything but a container made by the pickle is refused. Any other global ends
+the load with ``UnsafeFileError`` listing every global that would run code, found by
+``_RecordingUnpickler``, which unpickles with inert placeholders; torch's own functions that
+torchkeep does not read yet are named apart, never as code that would run (``classify``).
 """
 
 from __future__ import annotations
 
 import _compat_pickle
 import io
-import math
 import pickle
 import pickletools
 import struct
-from collections import OrderedDict
-from collections.abc import Callable
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import IO, Any, ClassVar
 
 import torch
 
-from torchkeep.errors import CorruptCheckpointError, UnsafeFileError, UnsupportedFormatError
+from torchkeep.errors import (
+    CorruptCheckpointError,
+    TorchkeepError,
+    UnsafeFileError,
+    UnsupportedFormatError,
+)
+from torchkeep.legacy.rebuild import (
+    FileStorage,
+    Function,
+    ParameterType,
+    Rebuilders,
+    Sealed,
+    TensorType,
+)
 
 _STORAGE_DTYPES = {
     "DoubleStorage": torch.float64,
@@ -46,33 +61,13 @@ _STORAGE_DTYPES = {
 # stand-ins: what the restricted unpickler hands out instead of importing
 
 
-class _Sealed(type):
-    """A metaclass whose classes cannot be changed: a pickle's BUILD opcode applied to an
-    allowlisted class must not alter it for later loads."""
-
-    def __setattr__(cls, name: str, value: Any) -> None:
-        raise UnsafeFileError(f"a pickle tried to change {cls.__name__}.{name}; refused")
-
-
 @dataclass(frozen=True, slots=True)
 class _StorageType:
     name: str
     dtype: torch.dtype
 
 
-class _TensorType(metaclass=_Sealed):
-    """Marks ``torch.Tensor`` / ``torch.nn.Parameter`` in ``_rebuild_from_type_v2``."""
-
-
-@dataclass(frozen=True, slots=True)
-class FileStorage:
-    """A storage the file holds: a flat tensor of ``numel`` elements, filled after unpickling."""
-
-    key: str
-    data: torch.Tensor
-
-
-class AttributeDict(dict[str, Any], metaclass=_Sealed):
+class AttributeDict(dict[str, Any], metaclass=Sealed):
     """A dict whose items are also attributes: how torchkeep reads ``argparse.Namespace`` and
     Lightning's ``AttributeDict`` (plain data, saved again as a dict)."""
 
@@ -87,119 +82,6 @@ class AttributeDict(dict[str, Any], metaclass=_Sealed):
             self.update(state)
 
 
-def _check_shape(values: Any, what: str) -> tuple[int, ...]:
-    if not isinstance(values, (tuple, list, torch.Size)) or len(values) > 64:
-        raise CorruptCheckpointError(f"tensor {what} {values!r} is not a tuple of integers")
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
-        raise CorruptCheckpointError(f"tensor {what} {values!r} must hold non-negative integers")
-    return tuple(int(v) for v in values)
-
-
-def _view(
-    storage: Any, offset: Any, size: Any, stride: Any, dtype: torch.dtype | None
-) -> torch.Tensor:
-    if not isinstance(storage, FileStorage):
-        raise CorruptCheckpointError("a tensor is rebuilt from something that is not a storage")
-    data = storage.data
-    if dtype is not None and dtype != data.dtype:
-        if data.dtype != torch.uint8 or data.numel() % dtype.itemsize:
-            raise CorruptCheckpointError(f"storage {storage.key} cannot be viewed as {dtype}")
-        data = data.view(dtype)
-    shape = _check_shape(size, "size")
-    strides = _check_shape(stride, "stride")
-    if len(shape) != len(strides) or not isinstance(offset, int) or offset < 0:
-        raise CorruptCheckpointError(
-            f"storage {storage.key}: invalid view {offset}, {size}, {stride}"
-        )
-    if math.prod(shape) > data.numel():
-        raise UnsupportedFormatError(
-            f"a tensor of size {list(shape)} expands storage {storage.key} of {data.numel()} "
-            "elements (stride 0); torchkeep does not rebuild expanded tensors from files, "
-            "since their size is not bounded by the file. Save tensor.contiguous() instead"
-        )
-    if all(shape):
-        last = offset + sum((n - 1) * s for n, s in zip(shape, strides, strict=True))
-        if last >= data.numel():
-            raise CorruptCheckpointError(
-                f"a tensor of size {list(shape)} reaches element {last} of storage {storage.key}, "
-                f"which holds {data.numel()}"
-            )
-    return data.as_strided(shape, strides, offset)
-
-
-def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any) -> torch.Tensor:
-    return _view(storage, offset, size, stride, None)
-
-
-def _rebuild_tensor_v2(
-    storage: Any,
-    offset: Any,
-    size: Any,
-    stride: Any,
-    requires_grad: Any,
-    hooks: Any,
-    metadata: Any = None,
-) -> torch.Tensor:
-    if metadata:
-        raise UnsupportedFormatError("tensors with conj/neg metadata are not supported")
-    return _view(storage, offset, size, stride, None)
-
-
-def _rebuild_tensor_v3(
-    storage: Any,
-    offset: Any,
-    size: Any,
-    stride: Any,
-    requires_grad: Any,
-    hooks: Any,
-    dtype: Any,
-    metadata: Any = None,
-) -> torch.Tensor:
-    if not isinstance(dtype, torch.dtype):
-        raise CorruptCheckpointError(f"tensor dtype {dtype!r} is not a dtype")
-    return _view(storage, offset, size, stride, dtype)
-
-
-def _rebuild_parameter(data: Any, requires_grad: Any, hooks: Any, state: Any = None) -> Any:
-    if not isinstance(data, torch.Tensor):
-        raise CorruptCheckpointError("a parameter is rebuilt from something that is not a tensor")
-    return data
-
-
-class _Function:
-    """An allowlisted function as the unpickler hands it out: callable, and immutable (no
-    ``__dict__``, no ``__defaults__`` to rewrite, BUILD refused), so one file cannot change
-    how the next is read."""
-
-    __slots__ = ("_function",)
-    _function: Callable[..., Any]
-
-    def __init__(self, function: Callable[..., Any]) -> None:
-        object.__setattr__(self, "_function", function)
-
-    def __call__(self, *args: Any) -> Any:
-        return self._function(*args)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        raise UnsafeFileError("a pickle tried to change an allowlisted function; refused")
-
-    def __setstate__(self, state: Any) -> None:
-        raise UnsafeFileError("a pickle tried to change an allowlisted function; refused")
-
-
-_REBUILD_TENSOR = _Function(_rebuild_tensor)
-_REBUILD_TENSOR_V2 = _Function(_rebuild_tensor_v2)
-_REBUILD_TENSOR_V3 = _Function(_rebuild_tensor_v3)
-_REBUILD_PARAMETER = _Function(_rebuild_parameter)
-_REBUILDERS = (_REBUILD_TENSOR, _REBUILD_TENSOR_V2, _REBUILD_TENSOR_V3, _REBUILD_PARAMETER)
-
-
-def _rebuild_from_type_v2(func: Any, new_type: Any, args: Any, state: Any) -> Any:
-    if func not in _REBUILDERS or new_type is not _TensorType or not isinstance(args, tuple):
-        raise UnsafeFileError("a tensor subclass is rebuilt with a function outside the allowlist")
-    return func(*args)
-
-
 def _codecs_encode(text: Any, encoding: Any = "utf-8") -> bytes:
     # Protocol 2 pickles store bytes as _codecs.encode(text, "latin1").
     if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
@@ -207,7 +89,7 @@ def _codecs_encode(text: Any, encoding: Any = "utf-8") -> bytes:
     return text.encode("latin1")
 
 
-class _NumpyDType(metaclass=_Sealed):
+class _NumpyDType(metaclass=Sealed):
     """A numpy dtype, recorded as its spec string; numpy itself is never imported."""
 
     _FORMATS: ClassVar[dict[str, str]] = {
@@ -239,29 +121,36 @@ def _numpy_scalar(dtype: Any, raw: Any = b"") -> int | float | bool:
     return dtype.value(raw)
 
 
+def _bytearray(data: Any = b"", encoding: Any = None) -> bytearray:
+    # Pickled as bytearray(bytes) or bytearray(text, "latin-1"); never from a length.
+    if isinstance(data, bytes) and encoding is None:
+        return bytearray(data)
+    if isinstance(data, str) and encoding in ("latin1", "latin-1"):
+        return bytearray(data, "latin-1")
+    raise CorruptCheckpointError("bytearray is allowed only to rebuild its bytes")
+
+
 def _allowed_globals() -> dict[tuple[str, str], Any]:
     table: dict[tuple[str, str], Any] = {
         ("collections", "OrderedDict"): OrderedDict,
-        ("torch._utils", "_rebuild_tensor"): _REBUILD_TENSOR,
-        ("torch._utils", "_rebuild_tensor_v2"): _REBUILD_TENSOR_V2,
-        ("torch._utils", "_rebuild_tensor_v3"): _REBUILD_TENSOR_V3,
-        ("torch._utils", "_rebuild_parameter"): _REBUILD_PARAMETER,
-        ("torch._utils", "_rebuild_parameter_with_state"): _REBUILD_PARAMETER,
-        ("torch._tensor", "_rebuild_from_type_v2"): _Function(_rebuild_from_type_v2),
-        ("torch", "Tensor"): _TensorType,
-        ("torch.nn.parameter", "Parameter"): _TensorType,
+        ("collections", "Counter"): Counter,
+        ("torch", "Tensor"): TensorType,
+        ("torch.nn.parameter", "Parameter"): ParameterType,
         ("torch", "Size"): torch.Size,
         ("torch", "device"): torch.device,
-        ("_codecs", "encode"): _Function(_codecs_encode),
+        ("_codecs", "encode"): Function(_codecs_encode),
         ("builtins", "set"): set,
         ("builtins", "frozenset"): frozenset,
         ("builtins", "complex"): complex,
         ("builtins", "slice"): slice,
+        ("builtins", "bytearray"): Function(_bytearray),
         ("argparse", "Namespace"): AttributeDict,
         ("numpy", "dtype"): _NumpyDType,
-        ("numpy.core.multiarray", "scalar"): _Function(_numpy_scalar),
-        ("numpy._core.multiarray", "scalar"): _Function(_numpy_scalar),
+        ("numpy.core.multiarray", "scalar"): Function(_numpy_scalar),
+        ("numpy._core.multiarray", "scalar"): Function(_numpy_scalar),
     }
+    # The names of the tensor-rebuilding functions; each load has stand-ins of its own.
+    table.update(Rebuilders(defer=False).table)
     for name, dtype in _STORAGE_DTYPES.items():
         table[("torch", name)] = _StorageType(name, dtype)
     # torch.save names the untyped storage of newer dtypes (float8, uint16, …) by its module.
@@ -300,19 +189,28 @@ def modern_name(module: str, name: str) -> tuple[str, str]:
 
 
 class RestrictedUnpickler(pickle.Unpickler):
-    def __init__(self, file: io.BufferedIOBase, storage: Callable[[Any], FileStorage]) -> None:
+    """Unpickles with the stand-ins of ``ALLOWED_GLOBALS``, the tensor-rebuilding ones those
+    of ``rebuilders``; each storage reference is ``storage(pid)``'s ``TypedStorage``."""
+
+    def __init__(
+        self,
+        file: io.BufferedIOBase,
+        storage: Callable[[Any], FileStorage],
+        rebuilders: Rebuilders,
+    ) -> None:
         super().__init__(file)
         self._storage = storage
+        self._rebuilders = rebuilders.table
 
     def find_class(self, module: str, name: str) -> Any:
         module, name = modern_name(module, name)
-        found = ALLOWED_GLOBALS.get((module, name))
+        found = self._rebuilders.get((module, name)) or ALLOWED_GLOBALS.get((module, name))
         if found is None:
             raise Refused(module, name)
         return found
 
     def persistent_load(self, pid: Any) -> Any:
-        return self._storage(pid)
+        return self._storage(pid).typed
 
 
 class _Inert:
@@ -352,16 +250,94 @@ class _RecordingUnpickler(pickle.Unpickler):
 
 
 _MEMO_PUTS = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})
+_MEMO_GETS = frozenset({"GET", "BINGET", "LONG_BINGET"})
+_STRINGS = frozenset({
+    "STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "SHORT_BINUNICODE", "BINUNICODE",
+    "BINUNICODE8",
+})  # fmt: skip
+_MAKERS = frozenset({"REDUCE", "NEWOBJ", "NEWOBJ_EX", "OBJ"})
+_FILLERS = frozenset({"APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS"})  # keep their target
+
+# The objects a pickle may change after making them (BUILD): what torch.save writes so.
+BUILT = frozenset(
+    {("collections", "OrderedDict"), ("argparse", "Namespace"), ("numpy", "dtype")}
+    | {name for name, value in ALLOWED_GLOBALS.items() if value is AttributeDict}
+)
 
 
-def check_memo(stream: IO[bytes], where: str) -> None:
+class _Stack:
+    """What each object on a pickle machine's stack is, as far as BUILD needs to know: a
+    global (its name), an object made by calling one (``made`` and its name), a string (for
+    STACK_GLOBAL), or something else (None)."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self.items: list[tuple[str, Any] | None] = []
+        self.marks: list[int] = []
+        self.memo: dict[int, tuple[str, Any] | None] = {}
+
+    def step(self, opcode: pickletools.OpcodeInfo, arg: Any, builds: frozenset[Any]) -> None:
+        name, items = opcode.name, self.items
+        if name == "MARK":
+            self.marks.append(len(items))
+            return
+        if name in _MEMO_PUTS or name == "MEMOIZE":
+            if items:
+                self.memo[arg if name != "MEMOIZE" else len(self.memo)] = items[-1]
+            return
+        if name in _MEMO_GETS:
+            items.append(self.memo.get(arg))
+            return
+        before = opcode.stack_before
+        if pickletools.markobject in before:
+            if not self.marks:
+                raise CorruptCheckpointError(f"{self.where}: malformed pickle (no mark)")
+            start = self.marks.pop() - before.index(pickletools.markobject)
+        else:
+            start = len(items) - len(before)
+        if start < 0:
+            raise CorruptCheckpointError(f"{self.where}: malformed pickle (stack underflow)")
+        args = items[start:]
+        del items[start:]
+        made: tuple[str, Any] | None = None
+        if name == "GLOBAL":
+            made = ("global", modern_name(*str(arg).split(" ", 1)))
+        elif name == "STACK_GLOBAL" and all(a and a[0] == "str" for a in args):
+            made = ("global", modern_name(args[0][1], args[1][1]))  # type: ignore[index]
+        elif name in _STRINGS:
+            made = ("str", arg)
+        elif name in _MAKERS and args and args[0] and args[0][0] == "global":
+            made = ("made", args[0][1])
+        elif name == "INST":
+            made = ("made", modern_name(*str(arg).split(" ", 1)))
+        elif name == "BUILD":
+            target = args[0] if args else None
+            if target is None or target[0] != "made" or target[1] not in builds:
+                what = ".".join(target[1]) if target and target[0] != "str" else "an object"
+                raise CorruptCheckpointError(
+                    f"{self.where}: the pickle changes {what} after making it (BUILD), which "
+                    "torch.save never does; the file is corrupt or crafted"
+                )
+            made = target
+        elif name in _FILLERS and args:
+            made = args[0]
+        elif name == "DUP" and args:
+            items.append(args[0])
+            made = args[0]
+        items.extend([made] * len(opcode.stack_after))
+
+
+def check_memo(stream: IO[bytes], where: str, *, builds: frozenset[Any] | None = None) -> None:
     """Walk the opcodes of the pickle at the stream's position with the reference parser
     (pickletools) without running them, then go back there. Refused: a pickle that parser
     rejects, and a memo index beyond the entries stored so far (the C unpickler sizes its memo
     to the largest index, so five bytes could make it fill gigabytes). A pickler numbers its
-    entries in order, so no file it wrote is refused."""
+    entries in order, so no file it wrote is refused. With ``builds``, also refused: a BUILD
+    applied to anything but an object made by one of those globals (a tensor's ``__setstate__``
+    could resize its storage to any size, a class's attributes would change for later loads)."""
     start = stream.tell()
     stored = 0
+    stack = _Stack(where) if builds is not None else None
     try:
         for opcode, arg, _ in pickletools.genops(stream):
             if opcode.name in _MEMO_PUTS:
@@ -373,6 +349,8 @@ def check_memo(stream: IO[bytes], where: str) -> None:
                 stored = max(stored, arg + 1)
             elif opcode.name == "MEMOIZE":
                 stored += 1
+            if stack is not None and builds is not None:
+                stack.step(opcode, arg, builds)
     except (ValueError, MemoryError) as e:
         # Malformed by the reference parser. The C unpickler parses some opcodes more loosely
         # (an INT line cut by a NUL byte), so it could go on past this point: refuse here.
@@ -417,13 +395,20 @@ def storage_pid(pid: Any, where: str) -> tuple[torch.dtype, str, int]:
     return pid[1].dtype, pid[2], pid[4]
 
 
-def unpickle(data: bytes, storage: Callable[[Any], FileStorage], where: str) -> Any:
+def unpickle(
+    data: bytes,
+    storage: Callable[[Any], FileStorage],
+    where: str,
+    rebuilders: Rebuilders | None = None,
+) -> Any:
+    """Unpickle ``data`` without running code from it. Without ``rebuilders`` (whose
+    ``materialize()`` the caller runs once the storages are read), conj/neg views are refused."""
     stream = io.BytesIO(data)
-    check_memo(stream, where)
+    check_memo(stream, where, builds=BUILT)
     try:
-        obj = RestrictedUnpickler(stream, storage).load()
+        obj = RestrictedUnpickler(stream, storage, rebuilders or Rebuilders(defer=False)).load()
     except Refused:
-        raise unsafe_error(where, data) from None
+        raise refusal(where, data) from None
     except (CorruptCheckpointError, UnsupportedFormatError, UnsafeFileError) as e:
         if str(e).startswith(where):
             raise
@@ -439,11 +424,57 @@ def unpickle(data: bytes, storage: Callable[[Any], FileStorage], where: str) -> 
     return obj
 
 
-def unsafe_error(where: str, data: bytes) -> UnsafeFileError:
-    names = scan_pickles(data)
-    bad = sorted({n for n in names if tuple(n.rsplit(".", 1)) not in ALLOWED_GLOBALS})
+# What torch.load(weights_only=True) reads and torchkeep does not yet: torch's own functions
+# and types, which run no code of the file's. They are never reported as code that would run.
+TORCH_ONLY = frozenset(
+    {
+        "torch._utils._rebuild_qtensor",
+        "torch._utils._rebuild_sparse_tensor",
+        "torch._utils._rebuild_nested_tensor",
+        "torch._utils._rebuild_wrapper_subclass",
+        "torch._utils._rebuild_device_tensor_from_numpy",
+        "torch._utils._rebuild_device_tensor_from_cpu_tensor",
+        "torch.serialization._get_layout",
+        "torch.per_tensor_affine",
+        "torch.per_tensor_symmetric",
+        "torch.per_channel_affine",
+        "torch.per_channel_symmetric",
+        "torch.per_channel_affine_float_qparams",
+        "torch.storage.TypedStorage",
+    }
+    | {f"torch.{t}Storage" for t in ("QInt8", "QUInt8", "QInt32", "QUInt4x2", "QUInt2x4")}
+    | {
+        f"torch{where}.{t}{kind}"
+        for where, kind in (
+            ("", "Tensor"), (".cuda", "Tensor"), (".sparse", "Tensor"), (".cuda.sparse", "Tensor"),
+            (".cuda", "Storage"),
+        )
+        for t in ("Double", "Float", "Half", "BFloat16", "Long", "Int", "Short", "Char", "Byte",
+                  "Bool", "ComplexDouble", "ComplexFloat")
+    }
+)  # fmt: skip
+
+
+def classify(names: Iterable[str]) -> tuple[list[str], list[str]]:
+    """Split the globals a pickle names that torchkeep refuses into those that would run code
+    outside torch (sorted) and torch's own that torchkeep does not read yet (sorted)."""
+    refused = sorted({n for n in names if tuple(n.rsplit(".", 1)) not in ALLOWED_GLOBALS})
+    return [n for n in refused if n not in TORCH_ONLY], [n for n in refused if n in TORCH_ONLY]
+
+
+def refusal(where: str, data: bytes) -> TorchkeepError:
+    """Why a pickle naming a global outside the allowlist is refused: UnsafeFileError listing
+    the code it would run, or, when it names only torch's own functions that torchkeep does not
+    read yet, UnsupportedFormatError naming them."""
+    unsafe, unread = classify(scan_pickles(data))
+    if not unsafe:
+        return UnsupportedFormatError(
+            f"{where}: it holds objects that torch rebuilds with {', '.join(unread[:12])}, which "
+            "torchkeep does not read yet (they run no code of the file's); nothing was run. "
+            "Load it with torch.load(path, weights_only=True), then save the state with tk.save"
+        )
     return UnsafeFileError(
-        f"{where}: loading it would import and call {', '.join(bad[:12])}"
-        f"{' …' if len(bad) > 12 else ''}; refused, nothing was run. If you trust the file, "
+        f"{where}: loading it would import and call {', '.join(unsafe[:12])}"
+        f"{' …' if len(unsafe) > 12 else ''}; refused, nothing was run. If you trust the file, "
         f"inspect it with `torchkeep scan {where}`"
     )

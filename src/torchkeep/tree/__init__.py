@@ -7,6 +7,7 @@ from torchkeep.tree.cast import cast_dtype, convert, convert_tree
 from torchkeep.tree.decode import decode
 from torchkeep.tree.dtensor import is_dtensor
 from torchkeep.tree.flatten import (
+    METADATA,
     STATEFUL,
     TENSOR,
     Flat,
@@ -18,6 +19,7 @@ from torchkeep.tree.flatten import (
 from torchkeep.tree.rng import RNGState
 
 __all__ = [
+    "METADATA",
     "STATEFUL",
     "TENSOR",
     "Flat",

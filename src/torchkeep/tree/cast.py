@@ -26,22 +26,37 @@ def convert(
     tensor: torch.Tensor, *, map_location: Device | None, dtype: torch.dtype | None
 ) -> torch.Tensor:
     """Move ``tensor`` to ``map_location`` and cast it to ``dtype`` if its own dtype is in
-    ``CAST_DTYPES``."""
-    if dtype is not None and tensor.dtype in CAST_DTYPES:
-        tensor = tensor.to(dtype)
-    if map_location is not None:
-        tensor = tensor.to(map_location)
-    return tensor
+    ``CAST_DTYPES``. What it was stays as it was: a parameter, ``requires_grad``, its Python
+    attributes; a meta tensor, which has no data to move, stays on the meta device."""
+    cast = dtype if dtype is not None and tensor.dtype in CAST_DTYPES else None
+    device = map_location if tensor.device.type != "meta" else None
+    if cast is None and device is None:
+        return tensor
+    with torch.no_grad():  # a leaf stays a leaf
+        result = tensor.to(device=device, dtype=cast)
+    if result is tensor:
+        return tensor
+    if isinstance(tensor, torch.nn.Parameter):
+        result = torch.nn.Parameter(result, requires_grad=tensor.requires_grad)
+    elif tensor.requires_grad:
+        result.requires_grad_(True)
+    if type(tensor) in (torch.Tensor, torch.nn.Parameter) and vars(tensor):
+        vars(result).update(vars(tensor))
+    return result
 
 
 def convert_tree(obj: Any, map_location: Device | None, dtype: torch.dtype | None) -> Any:
-    """``convert`` every tensor of a nest of dicts, lists and tuples."""
+    """``convert`` every tensor of a nest of dicts, lists and tuples; a module state dict
+    keeps its ``_metadata``."""
     if map_location is None and dtype is None:
         return obj
     if isinstance(obj, torch.Tensor):
         return convert(obj, map_location=map_location, dtype=dtype)
     if isinstance(obj, dict):
-        return type(obj)({k: convert_tree(v, map_location, dtype) for k, v in obj.items()})
+        result = type(obj)({k: convert_tree(v, map_location, dtype) for k, v in obj.items()})
+        if hasattr(obj, "__dict__") and "_metadata" in vars(obj):
+            setattr(result, "_metadata", vars(obj)["_metadata"])  # noqa: B010
+        return result
     if isinstance(obj, (list, tuple)) and type(obj) in (list, tuple):
         return type(obj)(convert_tree(v, map_location, dtype) for v in obj)
     return obj

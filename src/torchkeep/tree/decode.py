@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import base64
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from torchkeep.errors import StateMismatchError
+from torchkeep.errors import CorruptCheckpointError, StateMismatchError
 from torchkeep.format import Tag
+from torchkeep.tree.flatten import METADATA
 
 
 def decode(tree: Any, tensor: Callable[[str], Any]) -> Any:
@@ -44,7 +46,23 @@ def decode(tree: Any, tensor: Callable[[str], Any]) -> Any:
             return {_freeze(decode(k, tensor)): decode(v, tensor) for k, v in value}
     if Tag.STATEFUL in tree and set(tree) == {Tag.STATEFUL, "state"}:
         return decode(tree["state"], tensor)
+    if METADATA in tree:
+        return _with_metadata(tree, tensor)
     return {k: decode(v, tensor) for k, v in tree.items()}
+
+
+def _with_metadata(tree: dict[str, Any], tensor: Callable[[str], Any]) -> OrderedDict[Any, Any]:
+    """A module state dict: an OrderedDict of its items, with its ``_metadata`` as saved."""
+    items = decode({k: v for k, v in tree.items() if k != METADATA}, tensor)
+    versions = decode(tree[METADATA], tensor)
+    if not isinstance(items, dict) or not isinstance(versions, dict):
+        raise CorruptCheckpointError(
+            f"the saved state holds a malformed {METADATA} entry (the version records of a "
+            "module state dict); the manifest is corrupt"
+        )
+    result: OrderedDict[Any, Any] = OrderedDict(items)
+    setattr(result, "_metadata", OrderedDict(versions))  # noqa: B010
+    return result
 
 
 def _freeze(key: Any) -> Any:

@@ -4,7 +4,8 @@ A tree is any nesting of dict, list and tuple over tensors, Python scalars (int,
 inf and nan, bool, str, bytes, None), ``torch.dtype``, ``torch.device``, ``torch.Size`` and
 Stateful objects (anything with ``state_dict()``/``load_state_dict()``). Tensors are named by
 their dotted path (``optimizer_state_dict.state.0.exp_avg``); everything else is kept as typed
-JSON, so ints stay ints, dict keys keep their types and tuples stay tuples. Nothing is pickled.
+JSON, so ints stay ints, dict keys keep their types and tuples stay tuples, and a module state
+dict keeps its ``_metadata`` (``$metadata`` beside its items). Nothing is pickled.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from torchkeep.tree.dtensor import is_dtensor
 
 TENSOR = Tag.TENSOR
 STATEFUL = Tag.STATEFUL
+# Beside a mapping's items: its ``_metadata``, the version records that a module's state_dict()
+# carries and load_state_dict() reads. Written only for a mapping that has them.
+METADATA = "$metadata"
 _PLAIN_TENSOR_TYPES = (
     torch.Tensor,
     torch.nn.Parameter,
@@ -135,6 +139,16 @@ def _encode(obj: Any, path: tuple[str, ...], flat: Flat, seen: dict[tuple[Any, .
 def _encode_mapping(
     obj: Mapping[Any, Any], path: tuple[str, ...], flat: Flat, seen: dict[tuple[Any, ...], str]
 ) -> Any:
+    encoded = _encode_items(obj, path, flat, seen)
+    versions = vars(obj).get("_metadata") if hasattr(obj, "__dict__") else None
+    if versions is None:
+        return encoded
+    return {**encoded, METADATA: _encode(versions, (*path, "_metadata"), flat, seen)}
+
+
+def _encode_items(
+    obj: Mapping[Any, Any], path: tuple[str, ...], flat: Flat, seen: dict[tuple[Any, ...], str]
+) -> dict[str, Any]:
     plain = all(isinstance(k, str) and not k.startswith("$") for k in obj)
     if plain:
         return {k: _encode(v, (*path, k), flat, seen) for k, v in obj.items()}

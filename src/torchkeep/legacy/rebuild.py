@@ -1,0 +1,343 @@
+"""Tensors rebuilt from a ``torch.save`` pickle as ``torch.load(weights_only=True)`` returns them.
+
+These are torchkeep's stand-ins for torch's rebuilding functions: plain tensors, parameters with
+their ``requires_grad``, tensors' plain Python attributes, meta tensors, and conj/neg views
+(materialized once their storage is read). Each checks what the file claims (sizes against the
+storage, dtypes, flags) before anything is made. Storages are torch's own ``TypedStorage``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+
+from torchkeep.errors import CorruptCheckpointError, UnsafeFileError, UnsupportedFormatError
+
+_T = TypeVar("_T", bound=torch.Tensor)
+
+MAX_ELEMENTS = 1 << 62  # of a meta tensor, which has no storage to bound it
+
+
+class Sealed(type):
+    """A metaclass whose classes cannot be changed: a pickle's BUILD opcode applied to an
+    allowlisted class must not alter it for later loads."""
+
+    def __setattr__(cls, name: str, value: Any) -> None:
+        raise UnsafeFileError(f"a pickle tried to change {cls.__name__}.{name}; refused")
+
+
+class Function:
+    """An allowlisted function as the unpickler hands it out: callable, and immutable (no
+    ``__dict__``, no ``__defaults__`` to rewrite, BUILD refused), so one file cannot change
+    how the next is read."""
+
+    __slots__ = ("_function",)
+    _function: Callable[..., Any]
+
+    def __init__(self, function: Callable[..., Any]) -> None:
+        object.__setattr__(self, "_function", function)
+
+    def __call__(self, *args: Any) -> Any:
+        return self._function(*args)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise UnsafeFileError("a pickle tried to change an allowlisted function; refused")
+
+    def __setstate__(self, state: Any) -> None:
+        raise UnsafeFileError("a pickle tried to change an allowlisted function; refused")
+
+
+class TensorType(metaclass=Sealed):
+    """Marks ``torch.Tensor`` in ``_rebuild_from_type_v2``."""
+
+
+class ParameterType(metaclass=Sealed):
+    """Marks ``torch.nn.Parameter`` in ``_rebuild_from_type_v2``; called, as pickles of old
+    torch releases do (``Parameter(data, requires_grad)``), it makes the parameter."""
+
+    def __new__(cls, data: Any = None, requires_grad: Any = True) -> Any:
+        return parameter(data, requires_grad)
+
+
+@dataclass(frozen=True, slots=True)
+class FileStorage:
+    """A storage the file holds: ``data``, a flat tensor filled after unpickling, and
+    ``typed``, the same memory as the ``torch.storage.TypedStorage`` the pickle sees."""
+
+    key: str
+    data: torch.Tensor
+    typed: torch.storage.TypedStorage = field(init=False)
+
+    def __post_init__(self) -> None:
+        typed = torch.storage.TypedStorage(  # type: ignore[no-untyped-call]
+            wrap_storage=self.data.untyped_storage(), dtype=self.data.dtype, _internal=True
+        )
+        object.__setattr__(self, "typed", typed)
+
+
+def check_shape(values: Any, what: str) -> tuple[int, ...]:
+    if not isinstance(values, (tuple, list, torch.Size)) or len(values) > 64:
+        raise CorruptCheckpointError(f"tensor {what} {values!r:.200} is not a tuple of integers")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+        raise CorruptCheckpointError(
+            f"tensor {what} {values!r:.200} must hold non-negative integers"
+        )
+    return tuple(int(v) for v in values)
+
+
+def _check_flag(value: Any, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise CorruptCheckpointError(f"tensor {what} {value!r:.50} is not True or False")
+    return value
+
+
+def _view(
+    storage: Any, offset: Any, size: Any, stride: Any, dtype: torch.dtype | None
+) -> torch.Tensor:
+    untyped = getattr(storage, "_untyped_storage", None)
+    base = getattr(storage, "dtype", None)
+    if (
+        not isinstance(storage, torch.storage.TypedStorage)
+        or not isinstance(untyped, torch.UntypedStorage)
+        or not isinstance(base, torch.dtype)
+    ):
+        raise CorruptCheckpointError("a tensor is rebuilt from something that is not a storage")
+    dtype = base if dtype is None else dtype
+    if dtype != base and (base != torch.uint8 or untyped.nbytes() % dtype.itemsize):
+        raise CorruptCheckpointError(
+            f"a storage of {untyped.nbytes()} bytes cannot be viewed as {dtype}"
+        )
+    numel = untyped.nbytes() // dtype.itemsize
+    shape = check_shape(size, "size")
+    strides = check_shape(stride, "stride")
+    if len(shape) != len(strides) or not isinstance(offset, int) or offset < 0:
+        raise CorruptCheckpointError(
+            f"a storage of {numel} elements: invalid view {offset!r:.50}, {size!r:.200}, "
+            f"{stride!r:.200}"
+        )
+    if math.prod(shape) > numel:
+        raise UnsupportedFormatError(
+            f"a tensor of size {list(shape)} expands a storage of {numel} elements (stride 0); "
+            "torchkeep does not rebuild expanded tensors from files, since their size is not "
+            "bounded by the file. Save tensor.contiguous() instead"
+        )
+    if all(shape):
+        last = offset + sum((n - 1) * s for n, s in zip(shape, strides, strict=True))
+        if last >= numel:
+            raise CorruptCheckpointError(
+                f"a tensor of size {list(shape)} reaches element {last} of a storage of {numel}"
+            )
+    # As torch rebuilds it: a tensor of its own over the storage's memory, not a view of another.
+    tensor = torch.empty((0,), dtype=dtype, device=untyped.device)
+    return tensor.set_(untyped, offset, shape, strides)
+
+
+def _with_grad(tensor: torch.Tensor, requires_grad: Any) -> torch.Tensor:
+    if _check_flag(requires_grad, "requires_grad"):
+        if not (tensor.is_floating_point() or tensor.is_complex()):
+            raise CorruptCheckpointError(
+                f"a {tensor.dtype} tensor is saved as requiring gradients, which only "
+                "floating-point and complex tensors can"
+            )
+        tensor.requires_grad_(True)
+    return tensor
+
+
+def parameter(data: Any, requires_grad: Any) -> torch.nn.Parameter:
+    if not isinstance(data, torch.Tensor):
+        raise CorruptCheckpointError("a parameter is rebuilt from something that is not a tensor")
+    if _check_flag(requires_grad, "requires_grad") and not (
+        data.is_floating_point() or data.is_complex()
+    ):
+        raise CorruptCheckpointError(
+            f"a {data.dtype} parameter is saved as requiring gradients, which only "
+            "floating-point and complex tensors can"
+        )
+    return torch.nn.Parameter(data.detach(), requires_grad)
+
+
+_PLAIN = (
+    type(None), bool, int, float, complex, str, bytes, bytearray, slice,
+    torch.dtype, torch.device, torch.Size, torch.Tensor, torch.storage.TypedStorage,
+)  # fmt: skip
+
+
+def is_plain(value: Any) -> bool:
+    """Whether ``value`` is plain data: scalars, strings, tensors, storages, dtypes, devices and
+    containers of them (none of the unpickler's stand-ins, no class)."""
+    stack, seen = [value], set()
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, type):
+            return False
+        if isinstance(node, _PLAIN):
+            continue
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, (list, tuple, set, frozenset)):
+            stack.extend(node)
+        else:
+            return False
+    return True
+
+
+def set_state(tensor: _T, state: Any) -> _T:
+    """Give ``tensor`` the Python attributes saved with it (``t.foo = 3`` before
+    ``torch.save``): plain data only, and none that would replace one of torch's own."""
+    parts = state if isinstance(state, tuple) else (state, None)
+    if len(parts) != 2:
+        raise CorruptCheckpointError(f"a tensor's saved state {state!r:.100} is malformed")
+    for part in parts:
+        if part is None:
+            continue
+        if not isinstance(part, dict):
+            raise CorruptCheckpointError(f"a tensor's saved state {part!r:.100} is not a dict")
+        for name, value in part.items():
+            if not isinstance(name, str) or not name.isidentifier() or hasattr(type(tensor), name):
+                raise CorruptCheckpointError(
+                    f"a tensor's saved attribute {name!r:.50} would replace one of torch's; "
+                    "the file is corrupt or crafted"
+                )
+            if not is_plain(value):
+                raise CorruptCheckpointError(
+                    f"a tensor's saved attribute {name!r} holds a {type(value).__name__}, "
+                    "which is not plain data; the file is corrupt or crafted"
+                )
+            setattr(tensor, name, value)
+    return tensor
+
+
+class Rebuilders:
+    """The tensor-rebuilding stand-ins of one load. With ``defer``, conj/neg views are
+    materialized by ``materialize()`` once the storages are read; without, they are refused.
+
+    Attributes:
+        table: the stand-ins by (module, name), for the unpickler's ``find_class``.
+        deferred: each materialized view's tensor, filled by ``materialize()``.
+    """
+
+    def __init__(self, *, defer: bool = True) -> None:
+        self._defer = defer
+        self._pending: list[tuple[torch.Tensor, torch.Tensor, bool, bool]] = []
+        tensor = Function(self._rebuild_tensor)
+        tensor_v2 = Function(self._rebuild_tensor_v2)
+        tensor_v3 = Function(self._rebuild_tensor_v3)
+        param = Function(self._rebuild_parameter)
+        param_with_state = Function(self._rebuild_parameter)
+        meta = Function(self._rebuild_meta)
+        self._functions = (tensor, tensor_v2, tensor_v3, param, param_with_state, meta)
+        self.table: dict[tuple[str, str], Any] = {
+            ("torch._utils", "_rebuild_tensor"): tensor,
+            ("torch._utils", "_rebuild_tensor_v2"): tensor_v2,
+            ("torch._utils", "_rebuild_tensor_v3"): tensor_v3,
+            ("torch._utils", "_rebuild_parameter"): param,
+            ("torch._utils", "_rebuild_parameter_with_state"): param_with_state,
+            ("torch._utils", "_rebuild_meta_tensor_no_storage"): meta,
+            ("torch._tensor", "_rebuild_from_type_v2"): Function(self._rebuild_from_type_v2),
+        }
+
+    @property
+    def deferred(self) -> list[torch.Tensor]:
+        return [out for out, *_ in self._pending]
+
+    def materialize(self) -> None:
+        """Fill each conj/neg view's tensor from its storage, which must have been read."""
+        with torch.no_grad():
+            for out, view, conj, neg in self._pending:
+                value = view.conj() if conj else view
+                out.copy_(value.neg() if neg else value)
+
+    def _resolved(self, view: torch.Tensor, metadata: Any) -> torch.Tensor:
+        if not metadata:
+            return view
+        if (
+            not isinstance(metadata, dict)
+            or not set(metadata) <= {"conj", "neg"}
+            or not all(isinstance(v, bool) for v in metadata.values())
+        ):
+            raise CorruptCheckpointError(f"tensor metadata {metadata!r:.100} is malformed")
+        conj, neg = metadata.get("conj", False), metadata.get("neg", False)
+        if conj and not view.is_complex():
+            raise CorruptCheckpointError(f"a {view.dtype} tensor is saved as a conjugate view")
+        if not (conj or neg):
+            return view
+        if not self._defer:
+            raise UnsupportedFormatError("conj/neg views of tensors are not read here")
+        out = torch.empty(view.shape, dtype=view.dtype, device=view.device)
+        if out.device.type != "meta":
+            self._pending.append((out, view, conj, neg))
+        return out
+
+    def _rebuild_tensor(self, storage: Any, offset: Any, size: Any, stride: Any) -> torch.Tensor:
+        return _view(storage, offset, size, stride, None)
+
+    def _rebuild_tensor_v2(
+        self,
+        storage: Any,
+        offset: Any,
+        size: Any,
+        stride: Any,
+        requires_grad: Any,
+        hooks: Any,
+        metadata: Any = None,
+    ) -> torch.Tensor:
+        tensor = self._resolved(_view(storage, offset, size, stride, None), metadata)
+        return _with_grad(tensor, requires_grad)
+
+    def _rebuild_tensor_v3(
+        self,
+        storage: Any,
+        offset: Any,
+        size: Any,
+        stride: Any,
+        requires_grad: Any,
+        hooks: Any,
+        dtype: Any,
+        metadata: Any = None,
+    ) -> torch.Tensor:
+        if not isinstance(dtype, torch.dtype):
+            raise CorruptCheckpointError(f"tensor dtype {dtype!r:.50} is not a dtype")
+        tensor = self._resolved(_view(storage, offset, size, stride, dtype), metadata)
+        return _with_grad(tensor, requires_grad)
+
+    def _rebuild_parameter(
+        self, data: Any, requires_grad: Any, hooks: Any, state: Any = None
+    ) -> torch.nn.Parameter:
+        # The hooks are never restored: torch.save writes them empty.
+        result = parameter(data, requires_grad)
+        return result if state is None else set_state(result, state)
+
+    def _rebuild_meta(self, dtype: Any, size: Any, stride: Any, requires_grad: Any) -> Any:
+        if not isinstance(dtype, torch.dtype):
+            raise CorruptCheckpointError(f"tensor dtype {dtype!r:.50} is not a dtype")
+        shape, strides = check_shape(size, "size"), check_shape(stride, "stride")
+        if len(shape) != len(strides) or math.prod(shape) >= MAX_ELEMENTS:
+            raise CorruptCheckpointError(
+                f"a meta tensor of size {list(shape)} and stride {list(strides)} is malformed"
+            )
+        tensor = torch.empty_strided(shape, strides, dtype=dtype, device="meta")
+        return _with_grad(tensor, requires_grad)
+
+    def _rebuild_from_type_v2(self, func: Any, new_type: Any, args: Any, state: Any) -> Any:
+        if (
+            not any(func is f for f in self._functions)
+            or not (new_type is TensorType or new_type is ParameterType)
+            or not isinstance(args, tuple)
+        ):
+            raise UnsafeFileError(
+                "a tensor subclass is rebuilt with a function outside the allowlist"
+            )
+        result = func(*args)
+        if new_type is ParameterType and type(result) is not torch.nn.Parameter:
+            result = parameter(result, result.requires_grad)
+        elif new_type is TensorType and type(result) is not torch.Tensor:
+            result = result.as_subclass(torch.Tensor)
+        return set_state(result, state)

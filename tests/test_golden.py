@@ -23,9 +23,10 @@ records the commit and the torch release)::
 
 Regenerate them only for a deliberate format change (then from this checkout, without
 PYTHONPATH): a difference here is otherwise a change users would see in their files. One such
-change: a module state dict keeps its ``_metadata`` (a ``$metadata`` entry beside its items), so
-``single/`` was written again from this checkout with that entry, its only difference from the
-file 12bdb57 wrote, which ``golden/older/single/`` keeps (``test_torch_files`` reads it).
+change: a module state dict keeps its ``_metadata`` (a ``$metadata`` entry beside its items, in
+format version 3), so ``single/`` was written again from this checkout with that entry and that
+version, its only differences from the file 12bdb57 wrote, which ``golden/older/single/`` keeps
+(``test_torch_files`` reads it).
 
 A save records when it was made, the versions of torch and torchkeep and a random save id;
 ``pinned()`` fixes them (``time.gmtime``, ``uuid.uuid4``, ``torch.__version__`` and the version

@@ -250,3 +250,18 @@ def test_ordered_dict_state_dict_loads_into_module(tmp_path):
     fresh = SimpleNet()
     fresh.load_state_dict(tk.load(tmp_path / "sd.safetensors"))
     assert_same_state(model, fresh)
+
+
+def test_a_save_is_written_as_the_lowest_format_version_that_holds_it(tmp_path):
+    def version(path):
+        return tk.describe(path).format_version
+
+    tk.save({"w": torch.ones(2), "n": 1}, tmp_path / "plain.safetensors")
+    assert version(tmp_path / "plain.safetensors") == 1
+    tk.save({"model": torch.nn.Linear(2, 2).state_dict()}, tmp_path / "versions.safetensors")
+    assert version(tmp_path / "versions.safetensors") == 3  # the state dict's _metadata
+    tk.save({"z": torch.ones(2, dtype=torch.complex64)}, tmp_path / "complex.safetensors")
+    assert version(tmp_path / "complex.safetensors") == 3  # a dtype of version 3
+    plain = {k: v.clone() for k, v in torch.nn.Linear(2, 2).state_dict().items()}
+    tk.save({"model": plain}, tmp_path / "dict.safetensors")  # a plain dict has no _metadata
+    assert version(tmp_path / "dict.safetensors") == 1

@@ -63,8 +63,8 @@ def convert(
         src: a ``torch.save`` file, a safetensors or torchkeep file or directory, or a Hugging
             Face model directory.
         dst: ``*.safetensors`` for one file; any other name for a directory.
-        dtype: cast floating-point tensors to this dtype (e.g. ``torch.bfloat16`` to halve the
-            size for deployment); integer tensors are never cast.
+        dtype: cast float16/bfloat16/float32/float64 tensors to this dtype (e.g.
+            ``torch.bfloat16`` to halve the size for deployment); other dtypes are never cast.
         max_shard_size: write a Hugging Face sharded directory (``model-00001-of-0000N.safetensors``
             plus ``model.safetensors.index.json``) with shards of at most this size (bytes or a
             string such as ``"5GB"``). The source must hold model weights.

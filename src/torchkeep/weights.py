@@ -58,7 +58,8 @@ def save_weights(
     Args:
         model_or_state_dict: a module, or a dict of tensors such as ``model.state_dict()``.
         path: the ``.safetensors`` file (or a directory, for sharded weights).
-        dtype: cast floating-point tensors to this dtype as they are written (e.g. bfloat16).
+        dtype: cast float16/bfloat16/float32/float64 tensors to this dtype as they are written
+            (e.g. bfloat16); other dtypes are kept.
         metadata: JSON-serialisable values stored with the weights.
         storage_options: for a URL path (``s3://bucket/model.safetensors``), the options of
             its fsspec file system.
@@ -246,7 +247,7 @@ def load_state_dict(
 
     Args:
         device: where the tensors are placed.
-        dtype: cast floating-point tensors to this dtype.
+        dtype: cast float16/bfloat16/float32/float64 tensors to this dtype; others are kept.
         lazy: map safetensors files instead of reading them: tensors are read from disk on
             first use, and checksums are not verified (run ``tk.verify`` for that). Later
             overwrites of the file do not change mapped tensors. Pickle files are always read.

@@ -432,7 +432,11 @@ def _add_checkpoint_commands(sub: Any) -> None:
                  cmd_convert)  # fmt: skip
     p.add_argument("src")
     p.add_argument("dst", help="*.safetensors for one file, any other name for a directory")
-    p.add_argument("--dtype", choices=sorted(DTYPE_CHOICES), help="cast floating-point tensors")
+    p.add_argument(
+        "--dtype",
+        choices=sorted(DTYPE_CHOICES),
+        help="cast float16/bfloat16/float32/float64 tensors",
+    )
     p.add_argument("--max-shard-size", help="write a Hugging Face sharded directory (e.g. 5GB)")
     _with_storage_options(p)
 

@@ -51,6 +51,8 @@ DTYPES: dict[str, torch.dtype] = {name: dtype for dtype, name in DTYPE_NAMES.ite
 ITEMSIZES: dict[str, int] = {
     name: dtype.itemsize for dtype, name in DTYPE_NAMES.items()
 }
+# The dtypes that format version 3 added (a save holding one is written as version 3).
+VERSION_3_DTYPES = frozenset({"F8_E4M3FNUZ", "F8_E5M2FNUZ", "C64", *_LATER_DTYPES.values()})
 # Sub-byte dtypes: the header counts their elements, torch packs this many into one item of
 # the last dimension (F4 is torch's float4_e2m1fn_x2, two values to a byte).
 PACKED: dict[str, int] = {"F4": 2} if "F4" in DTYPES else {}

@@ -16,6 +16,7 @@ import xxhash
 from torchkeep import _version
 from torchkeep.errors import CorruptCheckpointError, UnsupportedFormatError
 from torchkeep.format.header import (
+    VERSION_3_DTYPES,
     Header,
     TensorEntry,
     entry_if_valid,
@@ -27,6 +28,7 @@ from torchkeep.format.names import (
     CHECKSUM_ALGORITHM,
     CHECKSUM_CHUNK,
     DISTRIBUTED_FORMAT_VERSION,
+    EXTENDED_FORMAT_VERSION,
     FORMAT_NAME,
     FORMAT_VERSION,
     MANIFEST_FILE,
@@ -37,6 +39,7 @@ from torchkeep.format.names import (
 from torchkeep.format.sections import (
     ModelSection,
     Sharded,
+    Tag,
     check_tree,
     model_section_problem,
     parse_distributed,
@@ -129,8 +132,11 @@ def _manifest_body(m: Manifest) -> dict[str, Any]:
         }
     if m.model is not None:
         body["model"] = m.model
+    needed = _lowest_version(m)
+    # A manifest read back keeps its version (or the one its contents now need).
+    computed = m.format_version == FORMAT_VERSION
+    body["format_version"] = needed if computed else max(m.format_version, needed)
     if m.distributed is not None:
-        body["format_version"] = max(m.format_version, DISTRIBUTED_FORMAT_VERSION)
         body["distributed"] = {
             name: {
                 "dtype": t.dtype,
@@ -141,9 +147,29 @@ def _manifest_body(m: Manifest) -> dict[str, Any]:
             }
             for name, t in m.distributed.items()
         }
-    elif m.format_version == FORMAT_VERSION:
-        body["format_version"] = 1
     return body
+
+
+def _lowest_version(m: Manifest) -> int:
+    """The lowest format version that holds everything ``m`` does."""
+    if any(e.dtype in VERSION_3_DTYPES for e in m.tensors.values()) or _has_tag(
+        m.tree, Tag.METADATA
+    ):
+        return EXTENDED_FORMAT_VERSION
+    return DISTRIBUTED_FORMAT_VERSION if m.distributed is not None else 1
+
+
+def _has_tag(tree: Any, tag: str) -> bool:
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if tag in node:
+                return True
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return False
 
 
 def body_checksum(body: Mapping[str, Any]) -> str:

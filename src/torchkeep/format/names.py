@@ -12,10 +12,13 @@ from typing import Any
 from torchkeep.errors import CorruptCheckpointError, UnsupportedFormatError
 
 FORMAT_NAME = "torchkeep"
-FORMAT_VERSION = 2
-# Version 2 added the "distributed" section (tensors sharded across the ranks of a distributed
-# save); a save without one is written as version 1, readable by every torchkeep.
+FORMAT_VERSION = 3
+# A save is written as the lowest version that holds it, so that older torchkeeps read what they
+# can and refuse the rest by its version. Version 2 added the "distributed" section (tensors
+# sharded across the ranks of a distributed save); version 3 the version records of state dicts
+# in the tree (Tag.METADATA) and the dtypes of header.VERSION_3_DTYPES.
 DISTRIBUTED_FORMAT_VERSION = 2
+EXTENDED_FORMAT_VERSION = 3
 MANIFEST_KEY = "torchkeep"
 MANIFEST_FILE = "manifest.json"
 CHECKSUM_ALGORITHM = "xxh3_64"

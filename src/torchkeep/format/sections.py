@@ -33,6 +33,9 @@ class Tag:
     SIZE = "$size"  # a torch.Size, as a list
     TUPLE = "$tuple"  # a list
     DICT = "$dict"  # [key, value] pairs, for keys that are not plain strings
+    # Beside a mapping's items: its ``_metadata``, the version records that a module's
+    # state_dict() carries and load_state_dict() reads (format version 3).
+    METADATA = "$metadata"
     # The model recipe's own.
     ODICT = "$odict"  # an OrderedDict's [key, value] pairs
     MODULE = "$module"  # a sub-module's recipe

@@ -41,7 +41,7 @@ from torchkeep.format.detect import detect
 from torchkeep.legacy.model_weights import weight_names, weights_in
 from torchkeep.legacy.torch_save import load_pickle_file
 from torchkeep.storage import Storage, join
-from torchkeep.tree import dedupe
+from torchkeep.tree import cast_dtype, dedupe
 
 MAX_INDEX_BYTES = 64 << 20
 T = TypeVar("T")
@@ -165,8 +165,9 @@ def write_huggingface(
 ) -> SaveInfo:
     """Write ``weights`` as a Hugging Face sharded directory at ``dst``: safetensors shards of
     at most ``shard_bytes`` (``model-00001-of-0000N.safetensors``), then the index that commits
-    them (``model.safetensors.index.json``); floating-point tensors cast to ``dtype``. Tied
-    weights are stored once: the index names the stored one, the shard's manifest its ties."""
+    them (``model.safetensors.index.json``); tensors cast to ``dtype`` as ``tree.cast_dtype``
+    says. Tied weights are stored once: the index names the stored one, the shard's manifest
+    its ties."""
     if is_single_file(dst):
         raise UnsupportedFormatError(
             f"{dst}: a Hugging Face sharded checkpoint is a directory; give a name without the "
@@ -177,7 +178,7 @@ def write_huggingface(
     flat = dedupe(weights)  # tied weights are stored once, as Hugging Face does
 
     def target(t: torch.Tensor) -> torch.dtype:
-        return dtype if dtype is not None and t.is_floating_point() else t.dtype
+        return cast_dtype(t, dtype)
 
     sizes = {name: t.numel() * target(t).itemsize for name, t in flat.tensors.items()}
     shards = _shards(sizes, shard_bytes)

@@ -24,9 +24,7 @@ from torchkeep.tree.dtensor import is_dtensor
 
 TENSOR = Tag.TENSOR
 STATEFUL = Tag.STATEFUL
-# Beside a mapping's items: its ``_metadata``, the version records that a module's state_dict()
-# carries and load_state_dict() reads. Written only for a mapping that has them.
-METADATA = "$metadata"
+METADATA = Tag.METADATA  # written only for a mapping that has version records
 _PLAIN_TENSOR_TYPES = (
     torch.Tensor,
     torch.nn.Parameter,

@@ -756,3 +756,30 @@ def test_pytorch_lightning_trainer_accepts_the_plugin(tmp_path):
     trainer = ptl.Trainer(max_epochs=2, callbacks=[callback], **options)
     trainer.fit(Tiny(), loader(), ckpt_path="last")
     assert trainer.global_step == 2 * STEPS_PER_EPOCH
+
+
+def test_the_path_lightning_reports_opens_with_every_reader(tmp_path, capsys):
+    from torchkeep.cli import main
+
+    pl.seed_everything(0)
+    model = Regressor()
+    callback = ModelCheckpoint(dirpath=tmp_path / "ckpts", save_top_k=1, monitor="train_loss")
+    fit(model, tmp_path, 1, [callback])
+    path = callback.best_model_path  # the directory, as Lightning names it
+    assert path.endswith(".ckpt") and os.path.isdir(path)
+
+    saved = tk.load(path)
+    assert saved["epoch"] == 0 and saved["hyper_parameters"] == {"hidden": 8, "lr": 0.01}
+    assert saved["state_dict"]._metadata == model.state_dict()._metadata
+    weights = tk.load_state_dict(path)
+    assert weights.keys() == model.state_dict().keys()
+    for key, value in model.state_dict().items():
+        assert torch.equal(weights[key], value), key
+    described = tk.describe(path)
+    assert described.format == "torchkeep file" and described.checksummed
+    report = tk.verify(path)
+    assert report.ok and report.checksummed and report.tensors == len(described.tensors)
+    assert tk.diff(path, path).same
+    for command in (["inspect", path], ["verify", path]):
+        assert main(command) == 0, command
+    assert f"ok {path}" in capsys.readouterr().out

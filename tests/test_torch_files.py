@@ -413,3 +413,43 @@ def test_every_global_torch_reads_restricted_is_read_or_named_as_torch_own():
     read = {".".join(name) for name in ALLOWED_GLOBALS}
     missing = sorted(set(_get_allowed_globals()) - read - TORCH_ONLY)
     assert not missing, missing
+
+
+@pytest.fixture
+def without_crc32() -> Any:
+    torch.serialization.set_crc32_options(False)
+    try:
+        yield
+    finally:
+        torch.serialization.set_crc32_options(True)
+
+
+def test_a_file_written_without_crc32s_is_intact(tmp_path, without_crc32):
+    from torchkeep.cli import main
+
+    state = {"w": torch.arange(6.0).reshape(2, 3), "empty": torch.zeros(0)}
+    path = tmp_path / "nocrc.pt"
+    torch.save(state, path)
+    assert {i.CRC for i in zipfile.ZipFile(path).infolist()} == {0}  # what torch wrote
+    back = tk.load(path)
+    assert torch.equal(back["w"], state["w"]) and back["empty"].shape == (0,)
+    assert torch.equal(tk.load_state_dict(path)["w"], state["w"])
+    assert not tk.describe(path).checksummed  # there was nothing to check the bytes by
+    report = tk.verify(path)
+    assert report.ok and not report.checksummed and report.tensors == 2
+    assert main(["verify", str(path)]) == 0
+    out = tk.convert(path, tmp_path / "nocrc.safetensors")
+    assert out.tensors == 2 and torch.equal(tk.load(tmp_path / "nocrc.safetensors")["w"], state["w"])
+
+
+def test_a_file_with_crc32s_is_still_checked(tmp_path):
+    path = tmp_path / "crc.pt"
+    torch.save({"w": torch.arange(6.0)}, path)
+    assert tk.verify(path).checksummed and tk.describe(path).checksummed
+    data = bytearray(path.read_bytes())
+    at = data.index(torch.arange(6.0).numpy().tobytes())
+    data[at + 5] ^= 0x10
+    path.write_bytes(bytes(data))
+    with pytest.raises(tk.CorruptCheckpointError, match="CRC-32"):
+        tk.load(path)
+    assert not tk.verify(path).ok

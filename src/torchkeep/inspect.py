@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -20,7 +20,7 @@ from torchkeep.errors import (
 )
 from torchkeep.format import DTYPE_NAMES, DTYPES
 from torchkeep.format.detect import Kind, readable
-from torchkeep.legacy import MODEL_KEYS, load_dcp, load_pickle_file, weights_files
+from torchkeep.legacy import MODEL_KEYS, carries_crcs, load_dcp, load_pickle_file, weights_files
 from torchkeep.model import model_summary
 from torchkeep.storage import Storage, is_url, storage_for
 from torchkeep.tree import decode
@@ -66,7 +66,8 @@ class Description:
         created: when the save was written (UTC, ISO 8601), or ``""`` if unknown.
         torch_version: the torch version that wrote the save, or ``""`` if unknown.
         torchkeep_version: the torchkeep version that wrote the save, or ``""`` if unknown.
-        checksummed: True when the tensors carry checksums (a torchkeep manifest).
+        checksummed: True when the tensors carry checksums (a torchkeep manifest, or the
+            CRC-32s of a ``torch.save`` zip file).
         modules: parameters (elements) per top-level module of the model's weights.
         optimizer: a one-line summary of the optimizer state, if the save holds one.
         model: for a whole model (``save_model``): its class, the recipe that rebuilds it as a
@@ -220,7 +221,10 @@ def _describe_weights_directory(storage: Storage, path: str) -> Description:
 
 
 def _describe_pickle(path: str, kind: Kind) -> Description:
-    return _describe_object(path, load_pickle_file(path, meta=True), f"{kind.value} (pickle)")
+    described = _describe_object(
+        path, load_pickle_file(path, meta=True), f"{kind.value} (pickle)"
+    )
+    return replace(described, checksummed=carries_crcs(path))
 
 
 def _size_on_disk(path: str) -> int:
@@ -322,11 +326,18 @@ def _verify(storage: Storage, path: str, kind: Kind) -> VerifyReport:
             # Read whole, every CRC-32 checked (a DCP directory's describe reads it so).
             if kind is Kind.DCP:
                 described = _describe(storage, path, kind)
+                checksummed = True
             else:
                 obj = load_pickle_file(path, verify=True)
                 described = _describe_object(path, obj, "torch pickle")
+                checksummed = carries_crcs(path)  # else there was nothing to check the bytes by
             return VerifyReport(
-                path, True, (), len(described.tensors), described.tensor_bytes, checksummed=True
+                path,
+                True,
+                (),
+                len(described.tensors),
+                described.tensor_bytes,
+                checksummed=checksummed,
             )
         if kind is Kind.HUGGINGFACE:
             return _verify_weights_directory(path)

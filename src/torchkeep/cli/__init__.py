@@ -69,7 +69,8 @@ def cmd_verify(args: argparse.Namespace, console: Console) -> int:
     status = OK
     for path, report in zip(args.paths, reports, strict=True):
         if report.ok:
-            note = "" if report.checksummed else " (no checksums: not written by torchkeep)"
+            unchecked = " (the file carries no checksums: its structure and sizes were checked)"
+            note = "" if report.checksummed else unchecked
             console.print(
                 f"[green]ok[/green] {path}: {report.tensors} tensors, "
                 f"{human(report.tensor_bytes)}{note}"

@@ -16,10 +16,11 @@ from torchkeep.format.names import (
     DCP_METADATA_FILE,
     HF_INDEX_FILES,
     HF_WEIGHT_FILES,
+    LIGHTNING_CHECKPOINT_FILE,
     MANIFEST_FILE,
     pickle_kind,
 )
-from torchkeep.storage import DEFAULT_STORAGE, FsspecStorage, Storage
+from torchkeep.storage import DEFAULT_STORAGE, FsspecStorage, Storage, join
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,17 @@ def detect(storage: Storage, path: str) -> Kind:
     )
 
 
+def checkpoint_inside(storage: Storage, path: str) -> str:
+    """The path to read for ``path``: the file inside, for a directory that the Lightning plugin
+    saved a checkpoint as (no manifest, its ``checkpoint.safetensors``); else ``path``."""
+    if not storage.is_dir(path):
+        return path
+    names = set(storage.list_dir(path))
+    if LIGHTNING_CHECKPOINT_FILE in names and MANIFEST_FILE not in names:
+        return join(path, LIGHTNING_CHECKPOINT_FILE)
+    return path
+
+
 @contextlib.contextmanager
 def readable(
     storage: Storage, path: str, *, download: bool = False
@@ -85,8 +97,10 @@ def readable(
     torchkeep's own saves and safetensors files are read from the store in place (unless
     ``download``). The formats parsed from local files (``torch.save`` pickles, Hugging Face
     and torch.distributed directories) are first downloaded to a temporary directory, removed
-    afterwards.
+    afterwards. The directory the Lightning plugin saves a checkpoint as is read as the file
+    it holds.
     """
+    path = checkpoint_inside(storage, path)
     kind = detect(storage, path)
     if not isinstance(storage, FsspecStorage) or not (download or kind.parsed_locally):
         yield storage, path, kind

@@ -21,6 +21,9 @@ DISTRIBUTED_FORMAT_VERSION = 2
 EXTENDED_FORMAT_VERSION = 3
 MANIFEST_KEY = "torchkeep"
 MANIFEST_FILE = "manifest.json"
+# The one file in the directory the Lightning plugin saves a checkpoint as (its path is the
+# directory, as Lightning names it: ``epoch=1-step=100.ckpt``).
+LIGHTNING_CHECKPOINT_FILE = "checkpoint.safetensors"
 CHECKSUM_ALGORITHM = "xxh3_64"
 # Tensors larger than this are hashed in pieces (in parallel); their checksum is the hash of the
 # pieces' digests. Recorded in every manifest, so a reader never guesses it.

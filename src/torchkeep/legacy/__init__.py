@@ -27,6 +27,7 @@ from torchkeep.legacy.torch_save import (
     PendingLoad,
     load_pickle_file,
 )
+from torchkeep.legacy.torch_zip import carries_crcs
 
 __all__ = [
     "LEGACY_MAGIC",
@@ -38,6 +39,7 @@ __all__ = [
     "PendingLoad",
     "ScanReport",
     "WeightsFile",
+    "carries_crcs",
     "is_dcp_dir",
     "load_dcp",
     "load_huggingface",

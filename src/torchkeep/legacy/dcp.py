@@ -188,7 +188,7 @@ def _read_payload(source: LocalSource, piece: _Piece, what: str, verify: bool) -
 
     data_pkl = table.entries[table.prefix + "data.pkl"]
     pickled = source.read(data_pkl.offset, data_pkl.size)
-    if verify and zlib.crc32(pickled) != data_pkl.crc:
+    if verify and data_pkl.crc is not None and zlib.crc32(pickled) != data_pkl.crc:
         raise CorruptCheckpointError(f"{what}: data.pkl does not match its CRC-32; corrupt")
     try:
         obj = unpickle_payload(pickled, storage, what)
@@ -197,7 +197,8 @@ def _read_payload(source: LocalSource, piece: _Piece, what: str, verify: bool) -
     items = [ReadItem(s.key, record.offset, s.data, None) for s, record in storages.values()]
     read_tensors(source, items, threads=READ_THREADS, chunk=READ_CHUNK, verify=False)
     for s, record in storages.values():
-        if verify and zlib.crc32(tensor_bytes(s.data)) != record.crc:
+        crc = record.crc
+        if verify and crc is not None and zlib.crc32(tensor_bytes(s.data)) != crc:
             raise CorruptCheckpointError(f"{what}: storage {s.key} does not match its CRC-32")
     return obj
 

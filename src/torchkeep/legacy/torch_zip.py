@@ -15,10 +15,10 @@ words there is not made.
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 import zipfile
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 
 from torchkeep.errors import (
     CorruptCheckpointError,
@@ -26,6 +26,7 @@ from torchkeep.errors import (
     UnsafeFileError,
     UnsupportedFormatError,
 )
+from torchkeep.format import pickle_kind
 from torchkeep.storage import LocalSource, Source
 
 LOCAL_HEADER = 30  # bytes of a zip local file header before its name and extra field
@@ -92,23 +93,29 @@ DCP_PAYLOAD: Wording = {
 }
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class ZipEntry:
-    """One stored entry: ``size`` bytes at ``offset`` of the file, with their CRC-32."""
+    """One stored entry: ``size`` bytes at ``offset`` of the file, with their CRC-32 (None in an
+    archive written without them, ``torch.serialization.set_crc32_options(False)``)."""
 
     name: str
     offset: int
     size: int
-    crc: int
+    crc: int | None
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class ZipTable:
     """The validated entries of a ``torch.save`` archive, by name."""
 
     where: str
     prefix: str  # the directory of data.pkl, such as "archive/"
     entries: dict[str, ZipEntry]
+
+    @property
+    def checksummed(self) -> bool:
+        """Whether the entries carry CRC-32s to check their bytes against."""
+        return any(e.crc is not None for e in self.entries.values())
 
     def get(self, name: str) -> ZipEntry | None:
         """Return the entry ``name`` of the archive's directory (``data.pkl``, ``data/0``)."""
@@ -191,6 +198,9 @@ def read_zip_table(
             refuse("cut", **facts)
         entries[name] = ZipEntry(name, offset + start, info.file_size, info.CRC)
     _check_disjoint(entries.values(), prefix, refuse)
+    if all(e.crc == 0 for e in entries.values() if e.size):
+        # torch.save with set_crc32_options(False) writes 0 for every CRC-32: nothing to check.
+        entries = {n: dataclasses.replace(e, crc=None) for n, e in entries.items()}
     if len(pickles) != 1:
         refuse("pickles")
     if len(every_pickle) != 1:
@@ -255,6 +265,15 @@ def read_zip_file(path: str) -> ZipTable:
         return read_zip_table(source, path, TORCH_FILE)
     finally:
         source.close()
+
+
+def carries_crcs(path: str) -> bool:
+    """Whether the ``torch.save`` file at ``path`` carries CRC-32s to check (a zip archive
+    written with them; pre-1.6 files have none)."""
+    with open(path, "rb") as f:
+        if pickle_kind(f.read(16)) != "zip":
+            return False
+    return read_zip_file(path).checksummed
 
 
 def read_file_entry(path: str, entry: ZipEntry) -> bytes:

@@ -15,13 +15,13 @@ from typing import Any
 from torchkeep.checkpoint import save
 from torchkeep.container import check_replaceable
 from torchkeep.errors import StorageError
-from torchkeep.format import MANIFEST_FILE
+from torchkeep.format import LIGHTNING_CHECKPOINT_FILE, MANIFEST_FILE
 from torchkeep.inspect import describe
 from torchkeep.storage import Leftover, LocalStorage, recover_leftovers
 
 log = logging.getLogger("torchkeep.integrations.lightning")
 
-CHECKPOINT_FILE = "checkpoint.safetensors"
+CHECKPOINT_FILE = LIGHTNING_CHECKPOINT_FILE
 
 
 def save_local(

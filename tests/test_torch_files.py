@@ -439,7 +439,9 @@ def test_a_file_written_without_crc32s_is_intact(tmp_path, without_crc32):
     assert report.ok and not report.checksummed and report.tensors == 2
     assert main(["verify", str(path)]) == 0
     out = tk.convert(path, tmp_path / "nocrc.safetensors")
-    assert out.tensors == 2 and torch.equal(tk.load(tmp_path / "nocrc.safetensors")["w"], state["w"])
+    assert out.tensors == 2 and torch.equal(
+        tk.load(tmp_path / "nocrc.safetensors")["w"], state["w"]
+    )
 
 
 def test_a_file_with_crc32s_is_still_checked(tmp_path):
@@ -453,3 +455,56 @@ def test_a_file_with_crc32s_is_still_checked(tmp_path):
     with pytest.raises(tk.CorruptCheckpointError, match="CRC-32"):
         tk.load(path)
     assert not tk.verify(path).ok
+
+
+def _as_big_endian(src: Path, dst: Path, dtypes: list[torch.dtype]) -> None:
+    """Rewrite a torch.save zip as a big-endian machine would have written it: the byteorder
+    entry says "big" and each storage's values have their bytes reversed (storage ``i`` holds
+    ``dtypes[i]``)."""
+    with zipfile.ZipFile(src) as old, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as new:
+        for info in old.infolist():
+            data = old.read(info)
+            name = info.filename.split("/", 1)[1]
+            if name == "byteorder":
+                data = b"big"
+            elif name.startswith("data/"):
+                dtype = dtypes[int(name.removeprefix("data/"))]
+                size = dtype.itemsize // (2 if dtype.is_complex else 1)
+                values = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(-1, size)
+                data = values.flip(1).numpy().tobytes()
+            new.writestr(info.filename, data)
+
+
+def test_a_big_endian_file_is_read_byte_swapped_as_torch_reads_it(tmp_path):
+    state = {
+        "f32": torch.arange(6.0).reshape(2, 3) - 2.5,
+        "i64": torch.tensor([1, -2, 1 << 40]),
+        "f16": torch.tensor([0.5, -3.0], dtype=torch.float16),
+        "bf16": torch.tensor([1.5, 2.0], dtype=torch.bfloat16),
+        "c64": torch.tensor([1 + 2j, -3j], dtype=torch.complex64),
+        "u8": torch.tensor([1, 255], dtype=torch.uint8),
+        "mask": torch.tensor([True, False]),
+    }
+    torch.save(state, tmp_path / "little.pt")
+    _as_big_endian(tmp_path / "little.pt", tmp_path / "big.pt", [t.dtype for t in state.values()])
+    reference = torch.load(tmp_path / "big.pt", weights_only=True)
+    for source in (reference, tk.load(tmp_path / "big.pt")):
+        for key, value in state.items():
+            assert source[key].dtype == value.dtype and torch.equal(source[key], value), key
+    assert tk.verify(tmp_path / "big.pt").ok  # the CRC-32s cover the bytes as stored
+    assert torch.equal(tk.load_state_dict(tmp_path / "big.pt")["f32"], state["f32"])
+    tk.convert(tmp_path / "big.pt", tmp_path / "little.safetensors")
+    assert torch.equal(tk.load(tmp_path / "little.safetensors")["i64"], state["i64"])
+
+
+def test_a_byteorder_that_is_neither_is_corrupt(tmp_path):
+    torch.save({"w": torch.ones(2)}, tmp_path / "w.pt")
+    with (
+        zipfile.ZipFile(tmp_path / "w.pt") as old,
+        zipfile.ZipFile(tmp_path / "odd.pt", "w", zipfile.ZIP_STORED) as new,
+    ):
+        for info in old.infolist():
+            odd = info.filename.endswith("/byteorder")
+            new.writestr(info.filename, b"middle" if odd else old.read(info))
+    with pytest.raises(tk.CorruptCheckpointError, match="byteorder entry says 'middle'"):
+        tk.load(tmp_path / "odd.pt")

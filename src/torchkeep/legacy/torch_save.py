@@ -55,13 +55,14 @@ class _Loaded:
     storages: list[tuple[FileStorage, int, int, int | None]] = field(default_factory=list)
     # Conj/neg views, materialized once the storages are read.
     rebuilders: Rebuilders = field(default_factory=Rebuilders)
+    big_endian: bool = False  # the storages' bytes are swapped as each is read
 
 
 def _load_zip(path: str, *, meta: bool) -> _Loaded:
     """Unpickle a torch zip file; its storages are empty (filled later by the parallel read),
     or on the meta device with ``meta``."""
     archive = read_zip_file(path)
-    loaded = _Loaded(None)
+    loaded = _Loaded(None, big_endian=archive.big_endian)
     storages: dict[str, FileStorage] = {}
 
     def storage(pid: Any) -> FileStorage:
@@ -192,6 +193,14 @@ def _read_storages(
     threads: int,
     on_done: Callable[[ReadItem], None] | None = None,
 ) -> None:
+    if loaded.big_endian:
+        then = on_done
+
+        def on_done(item: ReadItem) -> None:  # after its bytes are in and hashed as stored
+            swap_bytes(item.dest)
+            if then is not None:
+                then(item)
+
     source = LocalSource(path)
     try:
         items = [
@@ -213,6 +222,14 @@ def _read_storages(
         ) from e
     finally:
         source.close()
+
+
+def swap_bytes(tensor: torch.Tensor) -> None:
+    """Reverse the bytes of each value of ``tensor`` in place (each part of a complex value)."""
+    size = tensor.element_size() // (2 if tensor.is_complex() else 1)
+    if size > 1 and tensor.numel():
+        grouped = tensor.view(torch.uint8).view(-1, size)
+        grouped.copy_(grouped.flip(1))
 
 
 def load_pickle_file(

@@ -4,7 +4,9 @@ or from a payload that a torch.distributed.checkpoint file holds at a span of it
 Every entry is checked before anything is allocated from it: stored (``torch.save`` never
 compresses), named once, behind its local header, inside the archive, and sharing no byte with
 another entry, so that what is allocated for the entries never exceeds the file's size. The
-archive holds one ``data.pkl`` (its directory is the prefix of every name) and is little-endian.
+archive holds one ``data.pkl`` (its directory is the prefix of every name). A whole file may be
+big-endian (written on such a machine; its storages are byte-swapped as they are read); a DCP
+payload must be little-endian.
 
 Whole files and DCP payloads have always worded their refusals differently, and a few checks
 were made for one of them only (TorchScript code, names escaping the archive, local headers naming
@@ -74,7 +76,11 @@ TORCH_FILE: Wording = {
         UnsupportedFormatError,
         "{where}: a zip archive without exactly one data.pkl; not a torch.save file",
     ),
-    "big-endian": (UnsupportedFormatError, "{where}: big-endian torch files are not supported"),
+    "byteorder": (
+        CorruptCheckpointError,
+        "{where}: its byteorder entry says {value}, neither 'little' nor 'big'; the archive is "
+        "corrupt",
+    ),
 }
 
 _CUT_PAYLOAD = (CorruptCheckpointError, "{where}: entry '{entry}' is repeated, compressed or cut")
@@ -111,6 +117,7 @@ class ZipTable:
     where: str
     prefix: str  # the directory of data.pkl, such as "archive/"
     entries: dict[str, ZipEntry]
+    big_endian: bool = False  # written on a big-endian machine: storages' bytes are swapped
 
     @property
     def checksummed(self) -> bool:
@@ -206,9 +213,15 @@ def read_zip_table(
     if len(every_pickle) != 1:
         refuse("nested pickle")  # another data.pkl, deeper in the archive
     order = entries.get(prefix + "byteorder")
-    if order is not None and source.read(order.offset, min(order.size, 16)).strip() != b"little":
-        refuse("big-endian")
-    return ZipTable(where, prefix, entries)
+    big_endian = False
+    if order is not None:
+        value = source.read(order.offset, min(order.size, 16)).strip()
+        if value != b"little":
+            if value != b"big":
+                refuse("byteorder", value=repr(value.decode("ascii", "replace")))
+            refuse("big-endian")  # where the caller does not read big-endian payloads
+            big_endian = True
+    return ZipTable(where, prefix, entries, big_endian)
 
 
 def _central_directory(window: _Window, refuse: Refuse) -> list[zipfile.ZipInfo]:

@@ -87,7 +87,33 @@ def pickle_files(tmp_path, canary: str) -> dict[str, bytes]:
     files["png-renamed"] = b"\x89PNG\r\n\x1a\n" + b"\x00" * 100
     files["empty"] = b""
     files["plain-pickle-not-torch"] = pickle.dumps({"a": 1}, protocol=4)
+    files.update(_scanner_samples(canary))
     return files
+
+
+def _scanner_samples(canary: str) -> dict[str, bytes]:
+    """The kinds of sample public pickle scanners test with, each touching ``canary``."""
+    cmd = f"touch {canary}".encode()
+    evil = pickle.dumps(Evil(canary), protocol=2)
+    return {
+        # INST and OBJ build an object by calling a class, or anything callable.
+        "inst-opcode": b"(S'" + cmd + b"'\nios\nsystem\n.",
+        "obj-opcode": b"(cos\nsystem\nS'" + cmd + b"'\no.",
+        # getattr(__import__("os"), "system")(cmd): the callable is fetched, not named.
+        "getattr-chain": b"cbuiltins\ngetattr\n(cbuiltins\n__import__\n(S'os'\ntRS'system'\ntR(S'"
+        + cmd
+        + b"'\ntR.",
+        # A pickle inside a pickle, unpickled by pickle.loads.
+        "nested-pickle-loads": b"\x80\x02cpickle\nloads\nq\x00C"
+        + bytes([len(evil)])
+        + evil
+        + b"\x85R.",
+        "builtins-eval": b"cbuiltins\neval\n(S'__import__(\"os\").system(\"" + cmd + b"\")'\ntR.",
+        # EXT1: a callable from copyreg's extension registry, by number.
+        "ext-opcode": b"\x80\x02\x82\x7f(S'" + cmd + b"'\ntR.",
+        # BUILD on a class: its attributes changed for every later load.
+        "build-on-a-global": b"\x80\x02ctorch\nTensor\n}S'__reduce_ex__'\ncos\nsystem\nsb.",
+    }
 
 
 def _zip_tensor(
@@ -412,6 +438,7 @@ def corpus(root: Path, canary: str) -> list[Case]:
         "two-pickles": tk.UnsupportedFormatError,  # the first is not a torch.save file
         "plain-pickle-not-torch": tk.UnsupportedFormatError,
         "deflated-zip-bomb": tk.UnsupportedFormatError,  # compressed records are refused
+        "ext-opcode": tk.CorruptCheckpointError,  # no extension is registered: malformed
     }
     for name, data in pickle_files(root, canary).items():
         path = root / f"{name}.pt"

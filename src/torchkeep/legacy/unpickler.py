@@ -327,6 +327,10 @@ class _Stack:
         items.extend([made] * len(opcode.stack_after))
 
 
+# How much of a pickle refused for its structure is scanned for code it would run.
+MAX_REFUSAL_SCAN = 64 << 20
+
+
 def check_memo(stream: IO[bytes], where: str, *, builds: frozenset[Any] | None = None) -> None:
     """Walk the opcodes of the pickle at the stream's position with the reference parser
     (pickletools) without running them, then go back there. Refused: a pickle that parser
@@ -350,7 +354,14 @@ def check_memo(stream: IO[bytes], where: str, *, builds: frozenset[Any] | None =
             elif opcode.name == "MEMOIZE":
                 stored += 1
             if stack is not None and builds is not None:
-                stack.step(opcode, arg, builds)
+                try:
+                    stack.step(opcode, arg, builds)
+                except CorruptCheckpointError:
+                    stream.seek(start)  # code it would run is the first thing to say
+                    named = stream.read(MAX_REFUSAL_SCAN)
+                    if classify(scan_pickles(named))[0]:
+                        raise refusal(where, named) from None
+                    raise
     except (ValueError, MemoryError) as e:
         # Malformed by the reference parser. The C unpickler parses some opcodes more loosely
         # (an INT line cut by a NUL byte), so it could go on past this point: refuse here.

@@ -435,7 +435,6 @@ def corpus(root: Path, canary: str) -> list[Case]:
     not_torch = {
         "png-renamed": tk.CorruptCheckpointError,  # read as a safetensors file: its length
         "empty": tk.CorruptCheckpointError,
-        "two-pickles": tk.UnsupportedFormatError,  # the first is not a torch.save file
         "plain-pickle-not-torch": tk.UnsupportedFormatError,
         "deflated-zip-bomb": tk.UnsupportedFormatError,  # compressed records are refused
         "ext-opcode": tk.CorruptCheckpointError,  # no extension is registered: malformed

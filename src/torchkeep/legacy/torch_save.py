@@ -33,7 +33,9 @@ from torchkeep.legacy.unpickler import (
     Refused,
     RestrictedUnpickler,
     check_memo,
+    classify,
     refusal,
+    scan_pickles,
     storage_pid,
     unpickle,
 )
@@ -124,6 +126,10 @@ def _read_stream(path: str, stream: io.BufferedReader, file_size: int, *, meta: 
         raise CorruptCheckpointError(f"{path}: a storage reference outside the main object")
 
     if next_pickle(no_storage) != LEGACY_MAGIC:
+        stream.seek(0)
+        head = stream.read(MAX_SCANNED_BYTES)
+        if classify(scan_pickles(head))[0]:  # a later pickle names code to run
+            raise refusal(path, head)
         raise UnsupportedFormatError(f"{path}: a pickle, but not a torch.save file")
     if next_pickle(no_storage) != LEGACY_PROTOCOL:
         raise UnsupportedFormatError(f"{path}: unknown torch.save protocol version")

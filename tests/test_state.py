@@ -163,8 +163,8 @@ def test_unsupported_object_names_its_path(tmp_path):
         tk.save({"items": [1, {2, 3}]}, target)
     with pytest.raises(tk.UnsupportedObjectError, match=r"^z: .* dtype complex128.*view_as_real"):
         tk.save({"z": torch.zeros(2, dtype=torch.complex128)}, target)
-    with pytest.raises(tk.UnsupportedObjectError, match="to_dense"):
-        tk.save({"s": torch.zeros(2, 2).to_sparse()}, target)
+    with pytest.raises(tk.UnsupportedObjectError, match=r"^s: torch\._mkldnn .*to_dense"):
+        tk.save({"s": torch.zeros(2, 2).to_mkldnn()}, target)  # sparse layouts are stored
     with pytest.raises(tk.UnsupportedObjectError, match="key"):
         tk.save({"d": {object(): 1}}, target)
     with pytest.raises(TypeError):  # also a TypeError, for code that catches that

@@ -124,7 +124,7 @@ def _write(
     before_commit: Callable[[], None] | None = None,
 ) -> SaveInfo:
     weights = _is_weights(obj)
-    flat = dedupe(obj) if weights else flatten(obj)
+    flat = dedupe(obj, composites=True) if weights else flatten(obj)
     tensors = flat.tensors
     return write_container(
         dst,
@@ -132,19 +132,21 @@ def _write(
         kind="weights" if weights else "state",
         storage=storage,
         options=WriteOptions(
-            tree=None if weights else flat.tree,
+            tree=flat.tree,  # a flat dict of tensors has one only if it holds sparse or quantized
             aliases=flat.aliases,
-            dtype=_cast(dtype),
+            dtype=_cast(dtype, flat.kept_dtype),
             ready=None if ready is None else (lambda name: ready(tensors[name])),
             before_commit=before_commit,
         ),
     )
 
 
-def _cast(dtype: torch.dtype | None) -> Callable[[str, torch.Tensor], torch.dtype] | None:
+def _cast(
+    dtype: torch.dtype | None, kept: set[str]
+) -> Callable[[str, torch.Tensor], torch.dtype] | None:
     if dtype is None:
         return None
-    return lambda _, t: cast_dtype(t, dtype)
+    return lambda name, t: t.dtype if name in kept else cast_dtype(t, dtype)
 
 
 def _stream_pickle(src: str, dst: str, storage: Storage, *, dtype: torch.dtype | None) -> SaveInfo:

@@ -15,12 +15,30 @@ from torchkeep._types import Device
 from torchkeep.checkpoint import check_metadata
 from torchkeep.container import Container, SaveInfo, WriteOptions, open_container, write_container
 from torchkeep.distributed import read_sharded
-from torchkeep.errors import StateMismatchError, UnsupportedObjectError
-from torchkeep.format import Sharded
+from torchkeep.errors import StateMismatchError, UnsupportedFormatError, UnsupportedObjectError
+from torchkeep.format import Sharded, Tag
 from torchkeep.format.detect import Kind, detect, readable
-from torchkeep.legacy import load_dcp, load_pickle_file, weight_names, weights_files, weights_in
+from torchkeep.legacy import (
+    MODEL_KEYS,
+    load_dcp,
+    load_pickle_file,
+    weight_names,
+    weights_files,
+    weights_in,
+)
 from torchkeep.storage import Storage, storage_for
-from torchkeep.tree import cast_dtype, convert, dedupe, is_dtensor
+from torchkeep.tree import (
+    METADATA,
+    STATEFUL,
+    TENSOR,
+    cast_dtype,
+    convert,
+    decode,
+    dedupe,
+    is_dtensor,
+    parts_of,
+    stored_shape,
+)
 
 
 @dataclass(frozen=True)
@@ -54,12 +72,15 @@ def save_weights(
     """Save a model's weights as a standard ``.safetensors`` file any tool can read.
 
     Tied weights (one tensor under several names) are stored once and tied again on load.
+    Sparse and quantized tensors are stored as their plain parts (``emb.weight:indices``,
+    ``emb.weight:values``) with a recipe in the manifest that rebuilds them on load.
 
     Args:
         model_or_state_dict: a module, or a dict of tensors such as ``model.state_dict()``.
         path: the ``.safetensors`` file (or a directory, for sharded weights).
         dtype: cast float16/bfloat16/float32/float64 tensors to this dtype as they are written
-            (e.g. bfloat16); other dtypes are kept.
+            (e.g. bfloat16), sparse tensors' values too; other dtypes are kept, and so are
+            quantized tensors.
         metadata: JSON-serialisable values stored with the weights.
         storage_options: for a URL path (``s3://bucket/model.safetensors``), the options of
             its fsspec file system.
@@ -82,18 +103,56 @@ def save_weights(
             f"{type(model_or_state_dict).__name__}"
         )
     storage, target = storage_for(path, storage_options, storage)
-    flat = dedupe(state)
+    flat = dedupe(state, composites=True)
 
     def cast(name: str, t: torch.Tensor) -> torch.dtype:
-        return cast_dtype(t, dtype)
+        return t.dtype if name in flat.kept_dtype else cast_dtype(t, dtype)
 
     return write_container(
         target,
         flat.tensors,
         kind="weights",
         storage=storage,
-        options=WriteOptions(aliases=flat.aliases, metadata=check_metadata(metadata), dtype=cast),
+        options=WriteOptions(
+            tree=flat.tree,  # only with sparse or quantized tensors: their recipes
+            aliases=flat.aliases,
+            metadata=check_metadata(metadata),
+            dtype=cast,
+        ),
     )
+
+
+def stored_weights(container: Container) -> tuple[dict[str, str], dict[str, Any]]:
+    """Map each state-dict key of the file's model to the stored tensor holding it, and each
+    key of a sparse or quantized tensor to its node (a recipe naming its stored parts)."""
+    manifest = container.manifest
+    if manifest is None or manifest.tree is None:
+        return weight_names(container), {}
+    tree, aliases = manifest.tree, container.aliases
+    flat_dict = manifest.kind == "weights"  # save_weights' tree: every key at its top
+    if not flat_dict:
+        for key in MODEL_KEYS:
+            if isinstance(tree, dict) and key in tree:
+                tree = tree[key]
+                break
+        if isinstance(tree, dict) and set(tree) == {STATEFUL, "state"}:
+            tree = tree["state"]
+    if isinstance(tree, dict) and set(tree) == {Tag.DICT}:
+        items = {k: v for k, v in tree[Tag.DICT] if isinstance(k, str)}
+    else:
+        items = {k: v for k, v in tree.items() if k != METADATA} if isinstance(tree, dict) else {}
+    composites = {k: v for k, v in items.items() if parts_of(v) is not None}
+    if flat_dict:
+        plain = {k: v for k, v in items.items() if isinstance(v, dict) and set(v) == {TENSOR}}
+        names = {k: str(v[TENSOR]) for k, v in plain.items()}
+        return {k: aliases.get(n, n) for k, n in names.items()}, composites
+    try:
+        names = weight_names(container)
+    except UnsupportedFormatError:
+        if not composites:
+            raise
+        names = {}  # a model of sparse or quantized tensors only
+    return names, composites
 
 
 class _Part:
@@ -104,10 +163,13 @@ class _Part:
         container: Container | None = None,
         names: Mapping[str, str] | None = None,
         loaded: Mapping[str, torch.Tensor] | None = None,
+        composites: Mapping[str, Any] | None = None,
     ) -> None:
         self.container = container
         self.names = dict(names or {})
         self.loaded = dict(loaded or {})
+        # Sparse and quantized tensors, by key: their recipes, naming their stored parts.
+        self.composites = dict(composites or {})
 
     def _sharded(self) -> dict[str, Sharded]:
         manifest = self.container.manifest if self.container is not None else None
@@ -116,7 +178,15 @@ class _Part:
     def shapes(self) -> dict[str, tuple[int, ...]]:
         if self.container is not None:
             specs: dict[str, Any] = {**self.container.entries, **self._sharded()}
-            return {k: specs[n].shape for k, n in self.names.items()}
+            aliases = self.container.aliases
+
+            def shape_of(name: str) -> tuple[int, ...]:
+                return tuple(specs[aliases.get(name, name)].shape)
+
+            shapes = {k: specs[n].shape for k, n in self.names.items()}
+            for k, node in self.composites.items():
+                shapes[k] = stored_shape(node, shape_of) or ()
+            return shapes
         return {k: tuple(t.shape) for k, t in self.loaded.items()}
 
     def read(
@@ -130,8 +200,14 @@ class _Part:
     ) -> dict[str, torch.Tensor]:
         if self.container is None:
             return {k: self.loaded[k] for k in keys}
+        built = [k for k in keys if k in self.composites]
+        keys = [k for k in keys if k not in self.composites]
+        aliases = self.container.aliases
+        parts = {
+            aliases.get(n, n) for k in built for n in (parts_of(self.composites[k]) or {}).values()
+        }
         sharded = self._sharded()
-        stored = sorted({self.names[k] for k in keys} - set(sharded))
+        stored = sorted(({self.names[k] for k in keys} | parts) - set(sharded))
         dests = {self.names[k]: t for k, t in into.items() if k in self.names}
         if lazy:
             tensors = self.container.map(stored)
@@ -142,7 +218,11 @@ class _Part:
             spec = {n: sharded[n] for n in wanted}
             plain = {n: t for n, t in dests.items() if n in wanted and not is_dtensor(t)}
             tensors.update(read_sharded(self.container, spec, plain, verify=verify))
-        return {k: tensors[self.names[k]] for k in keys}
+        result = {k: tensors[self.names[k]] for k in keys}
+        if built:  # rebuilt from their parts, each once however many keys name it
+            made = decode([self.composites[k] for k in built], lambda n: tensors[aliases.get(n, n)])
+            result.update(zip(built, made, strict=True))
+        return result
 
 
 class WeightsSource:
@@ -187,7 +267,12 @@ class WeightsSource:
     def _open_file(self, path: str, kind: Kind | None = None) -> None:
         if not (kind or detect(self.storage, path)).pickled:
             container = open_container(path, storage=self.storage)
-            self.parts.append(_Part(container=container, names=weight_names(container)))
+            try:
+                names, composites = stored_weights(container)
+            except BaseException:
+                container.close()
+                raise
+            self.parts.append(_Part(container=container, names=names, composites=composites))
         else:
             obj = load_pickle_file(path, verify=self.verify)
             self.parts.append(_Part(loaded=weights_in(obj, path)))

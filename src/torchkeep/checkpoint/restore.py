@@ -19,6 +19,7 @@ from torchkeep.tree import (
     Stateful,
     decode,
     path_name,
+    stored_shape,
 )
 
 
@@ -66,10 +67,13 @@ def check_into(
     """Raise StateMismatchError if ``into`` cannot take the saved state (keys, shapes)."""
     where = path_name(path)
 
+    def stored(name: str) -> tuple[int, ...]:
+        return tuple(entries[aliases.get(name, name)].shape)
+
     def shape(node: Any) -> tuple[int, ...] | None:
         if isinstance(node, dict) and set(node) == {TENSOR}:
-            return tuple(entries[aliases.get(node[TENSOR], node[TENSOR])].shape)
-        return None
+            return stored(node[TENSOR])
+        return stored_shape(node, stored)  # a sparse or quantized tensor's, or None
 
     if isinstance(into, torch.Tensor):
         saved = shape(tree)
@@ -93,7 +97,10 @@ def check_into(
         resized = [
             f"{k} (saved {list(shape(state[k]) or ())}, module {list(expected[k].shape)})"
             for k in expected
-            if k in state and shape(state[k]) not in (None, tuple(expected[k].shape))
+            # A quantized module's state dict also holds values that are not tensors.
+            if k in state
+            and isinstance(expected[k], torch.Tensor)
+            and shape(state[k]) not in (None, tuple(expected[k].shape))
         ]
         if missing or unexpected or resized:
             raise StateMismatchError(

@@ -31,6 +31,7 @@ from torchkeep.tree import (
     decode,
     flatten,
     is_dtensor,
+    kept_dtype,
 )
 
 
@@ -253,8 +254,12 @@ def load_from(
         if sharded:
             # Each rank reads the chunks overlapping its part of every DTensor in `into`.
             loaded.update(read_sharded(container, sharded, dests, verify=verify))
-    loaded = {n: convert(t, map_location=map_location, dtype=dtype) for n, t in loaded.items()}
     aliases = container.aliases
+    kept = {aliases.get(n, n) for n in kept_dtype(tree)} if dtype is not None else set()
+    loaded = {
+        n: convert(t, map_location=map_location, dtype=None if n in kept else dtype)
+        for n, t in loaded.items()
+    }
 
     def lookup(name: str) -> torch.Tensor:
         return loaded[aliases.get(name, name)]

@@ -152,8 +152,8 @@ def _manifest_body(m: Manifest) -> dict[str, Any]:
 
 def _lowest_version(m: Manifest) -> int:
     """The lowest format version that holds everything ``m`` does."""
-    if any(e.dtype in VERSION_3_DTYPES for e in m.tensors.values()) or _has_tag(
-        m.tree, Tag.METADATA
+    if any(e.dtype in VERSION_3_DTYPES for e in m.tensors.values()) or any(
+        _has_tag(m.tree, tag) for tag in (Tag.METADATA, Tag.SPARSE, Tag.QUANTIZED)
     ):
         return EXTENDED_FORMAT_VERSION
     return DISTRIBUTED_FORMAT_VERSION if m.distributed is not None else 1

@@ -1,6 +1,7 @@
 """The manifest's sections beyond the tensor table: the distributed section (sharded tensors,
 with the one check that their chunks tile each tensor exactly), the model section (ModelSection:
-its keys written once), and the state tree's typed-JSON check.
+its keys written once), and the state tree's typed-JSON check (sparse and quantized tensors'
+recipes included).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 
 from torchkeep.errors import CorruptCheckpointError
 from torchkeep.format.header import DTYPES, TensorEntry, is_int
+from torchkeep.format.names import MAX_RANK
 
 
 class Tag:
@@ -36,10 +38,46 @@ class Tag:
     # Beside a mapping's items: its ``_metadata``, the version records that a module's
     # state_dict() carries and load_state_dict() reads (format version 3).
     METADATA = "$metadata"
+    # A sparse tensor (format version 3): {"layout": a key of SPARSE_PARTS, "size": [...],
+    # "coalesced": bool (coo only), and each of its layout's parts as {"$tensor": name}}.
+    SPARSE = "$sparse"
+    # A quantized tensor (format version 3): {"qscheme": a key of QUANTIZED_PARTS, "dtype": a
+    # key of QUANTIZED_DTYPES, "int_repr": {"$tensor": name}, and per tensor "scale" and
+    # "zero_point" (JSON numbers), per channel "scales", "zero_points" ({"$tensor": name}) and
+    # "axis"}.
+    QUANTIZED = "$quantized"
     # The model recipe's own.
     ODICT = "$odict"  # an OrderedDict's [key, value] pairs
     MODULE = "$module"  # a sub-module's recipe
     REF = "$ref"  # an importable name
+
+
+# The plain tensors a sparse tensor is stored as, by layout, under their keys in its recipe,
+# named as torch names them (``t.crow_indices()``); and a quantized tensor's, by qscheme.
+SPARSE_PARTS = {
+    "coo": ("indices", "values"),
+    "csr": ("crow_indices", "col_indices", "values"),
+    "csc": ("ccol_indices", "row_indices", "values"),
+    "bsr": ("crow_indices", "col_indices", "values"),
+    "bsc": ("ccol_indices", "row_indices", "values"),
+}
+QUANTIZED_PARTS = {
+    "per_tensor_affine": ("int_repr",),
+    "per_channel_affine": ("int_repr", "scales", "zero_points"),
+    "per_channel_affine_float_qparams": ("int_repr", "scales", "zero_points"),
+}
+# The quantized dtypes stored, with the dtype of their integer representation and the range
+# of a zero point.
+QUANTIZED_DTYPES = {
+    "qint8": ("int8", -(1 << 7), (1 << 7) - 1),
+    "quint8": ("uint8", 0, (1 << 8) - 1),
+    "qint32": ("int32", -(1 << 31), (1 << 31) - 1),
+}
+# A part is stored as the tensor ``<path of the tensor>:<its key>`` (``emb.weight:indices``):
+# state-dict keys hold no ``:``, so the name is no other tensor's (and if one is, the part's
+# name gets a ``#n`` suffix like any taken name: the recipe names each part exactly).
+PART_SEPARATOR = ":"
+MAX_NUMEL = (1 << 63) - 1
 
 
 @dataclass(frozen=True)
@@ -368,6 +406,9 @@ def check_tree(tree: Any, names: set[str]) -> None:
                 ):
                     raise ValueError(f"$size {value!r}")
                 continue
+            if tag in (Tag.SPARSE, Tag.QUANTIZED):
+                _check_recipe(tag, value, names)
+                continue
             if tag == Tag.TUPLE:
                 if not isinstance(value, list):
                     raise TypeError("$tuple must hold a list")
@@ -385,3 +426,69 @@ def check_tree(tree: Any, names: set[str]) -> None:
                     stack.append((v, depth + 1))
                 continue
         stack.extend((v, depth + 1) for v in node.values())
+
+
+def _check_recipe(tag: str, recipe: Any, names: set[str]) -> None:
+    """Raise ValueError unless ``recipe`` is a well-formed sparse or quantized tensor's: its
+    keys, its scalars, and parts naming stored tensors. What needs the parts' dtypes, shapes
+    and values is checked as the tensor is rebuilt."""
+    if not isinstance(recipe, dict):
+        raise ValueError(f"{tag} must hold an object")
+    if tag == Tag.SPARSE:
+        layout = recipe.get("layout")
+        if not isinstance(layout, str) or layout not in SPARSE_PARTS:
+            raise ValueError(f"{tag}: unknown layout {layout!r:.40}")
+        parts = SPARSE_PARTS[layout]
+        scalars: tuple[str, ...] = (
+            ("layout", "size", "coalesced") if layout == "coo" else ("layout", "size")
+        )
+        size = recipe.get("size")
+        if (
+            not isinstance(size, list)
+            or len(size) > MAX_RANK
+            or not all(is_int(d) and d >= 0 for d in size)
+        ):
+            raise ValueError(f"{tag}: size {size!r:.60} is not a list of dimensions")
+        if math.prod(size) > MAX_NUMEL:
+            raise ValueError(f"{tag}: size {size!r:.60} has more elements than a tensor holds")
+        if layout == "coo" and not isinstance(recipe.get("coalesced"), bool):
+            raise ValueError(f"{tag}: coalesced must be true or false")
+    else:
+        qscheme, dtype = recipe.get("qscheme"), recipe.get("dtype")
+        if not isinstance(qscheme, str) or qscheme not in QUANTIZED_PARTS:
+            raise ValueError(f"{tag}: unknown qscheme {qscheme!r:.40}")
+        if not isinstance(dtype, str) or dtype not in QUANTIZED_DTYPES:
+            raise ValueError(f"{tag}: unknown quantized dtype {dtype!r:.40}")
+        parts = QUANTIZED_PARTS[qscheme]
+        if qscheme == "per_tensor_affine":
+            scalars = ("qscheme", "dtype", "scale", "zero_point")
+            _check_scale(recipe.get("scale"))
+            _, low, high = QUANTIZED_DTYPES[dtype]
+            zero_point: Any = recipe.get("zero_point")
+            if not is_int(zero_point) or not low <= zero_point <= high:
+                raise ValueError(
+                    f"{tag}: zero_point {zero_point!r:.40} is not an integer in [{low}, {high}]"
+                )
+        else:
+            scalars = ("qscheme", "dtype", "axis")
+            axis: Any = recipe.get("axis")
+            if not is_int(axis) or axis < 0:
+                raise ValueError(f"{tag}: axis {axis!r:.40} is not a dimension")
+    if set(recipe) != {*scalars, *parts}:
+        expected = sorted({*scalars, *parts})
+        raise ValueError(f"{tag} has keys {sorted(recipe)!r:.120}, not {expected}")
+    for part in parts:
+        node = recipe[part]
+        if not isinstance(node, dict) or set(node) != {Tag.TENSOR}:
+            raise ValueError(f"{tag}: {part} must be a {Tag.TENSOR}")
+        if not isinstance(node[Tag.TENSOR], str) or node[Tag.TENSOR] not in names:
+            raise ValueError(
+                f"{tag}: {part} refers to tensor {node[Tag.TENSOR]!r:.100}, which the "
+                "manifest lacks"
+            )
+
+
+def _check_scale(scale: Any) -> None:
+    number = isinstance(scale, (int, float)) and not isinstance(scale, bool)
+    if not number or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"{Tag.QUANTIZED}: scale {scale!r:.40} is not a finite number above 0")

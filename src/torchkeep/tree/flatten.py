@@ -5,7 +5,9 @@ inf and nan, bool, str, bytes, None), ``torch.dtype``, ``torch.device``, ``torch
 Stateful objects (anything with ``state_dict()``/``load_state_dict()``). Tensors are named by
 their dotted path (``optimizer_state_dict.state.0.exp_avg``); everything else is kept as typed
 JSON, so ints stay ints, dict keys keep their types and tuples stay tuples, and a module state
-dict keeps its ``_metadata`` (``$metadata`` beside its items). Nothing is pickled.
+dict keeps its ``_metadata`` (``$metadata`` beside its items). Sparse and quantized tensors are
+stored as their parts, each named ``<path>:<part>`` (``emb.weight:indices``), with a recipe in
+the skeleton (``tree.composite``). Nothing is pickled.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import torch
 
 from torchkeep.errors import UnsupportedObjectError
 from torchkeep.format import Tag, dtype_name
+from torchkeep.format.sections import PART_SEPARATOR
+from torchkeep.tree.composite import is_composite, take_apart
 from torchkeep.tree.dtensor import is_dtensor
 
 TENSOR = Tag.TENSOR
@@ -52,6 +56,13 @@ class Flat:
     on_tensor: Callable[[str, torch.Tensor], None] | None = None
     # Keep DTensors as they are (a distributed save writes their local parts).
     dtensors: bool = False
+    # Store sparse and quantized tensors as parts plus a recipe (a flat dict of tensors then
+    # has a tree, ``dedupe``'s, naming them).
+    composites: bool = True
+    # The stored tensors a dtype= never casts (the parts of quantized tensors).
+    kept_dtype: set[str] = field(default_factory=set)
+    # Each sparse or quantized tensor object stored, with its node: stored once.
+    stored: dict[int, tuple[torch.Tensor, Any]] = field(default_factory=dict)
 
 
 def path_name(path: tuple[str, ...]) -> str:
@@ -107,7 +118,7 @@ def _unique_name(base: str, flat: Flat) -> str:
 
 def _encode(obj: Any, path: tuple[str, ...], flat: Flat, seen: dict[tuple[Any, ...], str]) -> Any:
     if isinstance(obj, torch.Tensor):
-        return {TENSOR: _add_tensor(obj, path, flat, seen)}
+        return _encode_tensor(obj, path, flat, seen)
     if obj is None or isinstance(obj, (bool, str)):
         return obj
     if isinstance(obj, int):
@@ -167,6 +178,31 @@ def _is_key(key: Any) -> bool:
     if key is None or isinstance(key, (str, int, float, bool)):
         return True
     return isinstance(key, tuple) and all(_is_key(k) for k in key)
+
+
+def _encode_tensor(
+    t: torch.Tensor, path: tuple[str, ...], flat: Flat, seen: dict[tuple[Any, ...], str]
+) -> Any:
+    """The node of tensor ``t``: ``{"$tensor": name}``, or a sparse or quantized tensor's
+    recipe naming its parts."""
+    plain = type(t) in _PLAIN_TENSOR_TYPES and not is_dtensor(t)
+    if not (plain and flat.composites and is_composite(t)):
+        return {TENSOR: _add_tensor(t, path, flat, seen)}
+    where = path_name(path)
+    if t.device.type == "meta":
+        raise UnsupportedObjectError(f"{where}: a meta tensor has no data to save")
+    if id(t) in flat.stored:
+        return flat.stored[id(t)][1]
+    tag, recipe, parts = take_apart(t, where)
+    last = path[-1] if path else "tensor"
+    node = dict(recipe)
+    for key, part in parts.items():
+        name = _add_tensor(part, (*path[:-1], f"{last}{PART_SEPARATOR}{key}"), flat, seen)
+        node[key] = {TENSOR: name}
+        if tag == Tag.QUANTIZED:
+            flat.kept_dtype.add(name)
+    flat.stored[id(t)] = (t, {tag: node})  # the tensor held: its id stays its own
+    return {tag: node}
 
 
 def _add_tensor(
@@ -232,10 +268,13 @@ def _unsupported_message(obj: Any, path: tuple[str, ...]) -> str:
     return f"{where}: cannot store a {kind} without pickle; {hint}"
 
 
-def dedupe(named: Mapping[str, torch.Tensor]) -> Flat:
-    """Return a flat dict of tensors with identical views (tied weights) stored once."""
-    flat = Flat(tree=None)
+def dedupe(named: Mapping[str, torch.Tensor], *, composites: bool = False) -> Flat:
+    """Return a flat dict of tensors with identical views (tied weights) stored once. With
+    ``composites``, sparse and quantized tensors are stored as parts, and the result's tree
+    maps every key to its node (else the tree is None: each key is a stored name or alias)."""
+    flat = Flat(tree=None, composites=composites)
     seen: dict[tuple[Any, ...], str] = {}
+    nodes: dict[str, Any] = {}
     for key, value in named.items():
         if not isinstance(key, str):
             raise UnsupportedObjectError(f"state dict key {key!r} is not a string")
@@ -249,5 +288,8 @@ def dedupe(named: Mapping[str, torch.Tensor]) -> Flat:
                 f"{key}: a weights file holds tensors only, this is a {type(value).__name__}; "
                 "use tk.save for mixed state"
             )
-        _add_tensor(value, (key,), flat, seen)
+        nodes[key] = _encode_tensor(value, (key,), flat, seen)
+    if flat.stored:
+        plain = not any(k.startswith("$") for k in nodes)
+        flat.tree = nodes if plain else {Tag.DICT: [[k, v] for k, v in nodes.items()]}
     return flat

@@ -265,3 +265,10 @@ def test_a_save_is_written_as_the_lowest_format_version_that_holds_it(tmp_path):
     plain = {k: v.clone() for k, v in torch.nn.Linear(2, 2).state_dict().items()}
     tk.save({"model": plain}, tmp_path / "dict.safetensors")  # a plain dict has no _metadata
     assert version(tmp_path / "dict.safetensors") == 1
+
+
+def test_a_nested_tensor_is_refused_with_what_to_store_instead(tmp_path):
+    nested = torch.nested.nested_tensor([torch.ones(2), torch.ones(3)])
+    with pytest.raises(tk.UnsupportedObjectError, match=r"x: a nested tensor .*list\(t.unbind\(\)\)"):
+        tk.save({"x": nested}, tmp_path / "n.safetensors")
+    assert not (tmp_path / "n.safetensors").exists()

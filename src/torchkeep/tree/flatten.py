@@ -185,6 +185,11 @@ def _encode_tensor(
 ) -> Any:
     """The node of tensor ``t``: ``{"$tensor": name}``, or a sparse or quantized tensor's
     recipe naming its parts."""
+    if t.is_nested:
+        raise UnsupportedObjectError(
+            f"{path_name(path)}: a nested tensor cannot be stored; store its tensors as a list: "
+            "list(t.unbind())"
+        )
     plain = type(t) in _PLAIN_TENSOR_TYPES and not is_dtensor(t)
     if not (plain and flat.composites and is_composite(t)):
         return {TENSOR: _add_tensor(t, path, flat, seen)}

@@ -9,6 +9,7 @@ import os
 import pickle
 import shutil
 import struct
+import warnings
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +28,9 @@ class Case:
     name: str
     path: Path
     error: type[tk.TorchkeepError]
+    # The damage is in tensor bytes (indices, scales) that only a reader of the data sees:
+    # describe, which reads none, lists the tensors.
+    in_the_data: bool = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,6 +146,162 @@ def _zip_tensor(
         path,
         {"archive/data.pkl": buffer.getvalue(), "archive/data/0": data, "archive/version": b"3\n"},
     )
+
+
+class Stored:
+    """One storage of a crafted torch zip (``crafted_zip``): its type, say ``torch.LongStorage``,
+    and its bytes; ``numel`` is what the pickle claims it holds (by default what it does)."""
+
+    def __init__(self, kind: type, data: bytes, numel: int | None = None) -> None:
+        self.kind, self.data, self.numel = kind, data, numel
+        if numel is None:
+            with warnings.catch_warnings():  # the legacy storage classes' dtype is deprecated
+                warnings.simplefilter("ignore")
+                self.numel = len(data) // kind.dtype.itemsize
+
+
+class Call:
+    """Pickled as ``function(*args)``: how a crafted pickle calls torch's rebuilding functions."""
+
+    def __init__(self, function: Callable[..., object], *args: object) -> None:
+        self.function, self.args = function, args
+
+    def __reduce__(self):
+        return (self.function, self.args)
+
+
+def stored_tensor(values: torch.Tensor, kind: type | None = None, **claims: object) -> Call:
+    """``values`` as torch.save pickles a tensor: ``_rebuild_tensor_v2`` over a storage of its
+    own; ``claims`` replace what the pickle says (``size``, ``stride``, ``offset``)."""
+    import torch._utils
+
+    kind = kind or {
+        torch.float32: torch.FloatStorage,
+        torch.float64: torch.DoubleStorage,
+        torch.int64: torch.LongStorage,
+        torch.int32: torch.IntStorage,
+        torch.int8: torch.CharStorage,
+        torch.uint8: torch.ByteStorage,
+    }[values.dtype]
+    storage = Stored(kind, values.contiguous().numpy().tobytes())
+    size = claims.get("size", tuple(values.shape))
+    stride = claims.get("stride", values.contiguous().stride())
+    offset = claims.get("offset", 0)
+    return Call(torch._utils._rebuild_tensor_v2, storage, offset, size, stride, False, {})
+
+
+def crafted_zip(path: Path, obj: object) -> Path:
+    """A torch zip whose pickle is ``obj``; each ``Stored`` in it is one of its storages."""
+    keys: dict[int, tuple[str, Stored]] = {}
+
+    class Saver(pickle.Pickler):
+        def persistent_id(self, value):
+            if not isinstance(value, Stored):
+                return None
+            key, _ = keys.setdefault(id(value), (str(len(keys)), value))
+            return ("storage", value.kind, key, "cpu", value.numel)
+
+    buffer = io.BytesIO()
+    Saver(buffer, protocol=2).dump(obj)
+    members = {"archive/data.pkl": buffer.getvalue(), "archive/version": b"3\n"}
+    members.update({f"archive/data/{key}": stored.data for key, stored in keys.values()})
+    zip_with(path, members)
+    return path
+
+
+def _sparse_and_quantized_cases(root: Path) -> list[Case]:
+    """Sparse and quantized tensors whose parts lie about each other."""
+    import torch._utils
+
+    sparse, qtensor = torch._utils._rebuild_sparse_tensor, torch._utils._rebuild_qtensor
+    indices = torch.tensor([[0, 1, 2], [1, 0, 2]])
+    qint8 = Stored(torch.QInt8Storage, bytes(12))
+    channels = {
+        "scales": stored_tensor(torch.full((3,), 0.1, dtype=torch.float64)),
+        "zero_points": stored_tensor(torch.zeros(3, dtype=torch.int64)),
+    }
+    cases = {
+        "sparse-values-disagree-with-its-indices": Call(
+            sparse, torch.sparse_coo, (stored_tensor(indices), stored_tensor(torch.ones(2)), (3, 3), True)
+        ),
+        "sparse-csr-size-disagrees-with-its-indices": Call(
+            sparse,
+            torch.sparse_csr,
+            (
+                stored_tensor(torch.tensor([0, 1, 2, 3])),
+                stored_tensor(torch.tensor([0, 1, 2])),
+                stored_tensor(torch.ones(3)),
+                (1 << 40, 3),
+            ),
+        ),
+        "quantized-scale-nan": Call(
+            qtensor, qint8, 0, (3, 4), (4, 1), (torch.per_tensor_affine, float("nan"), 0), False, {}
+        ),
+        "quantized-zero-point-out-of-range": Call(
+            qtensor, qint8, 0, (3, 4), (4, 1), (torch.per_tensor_affine, 0.1, 1 << 20), False, {}
+        ),
+        "quantized-axis-out-of-range": Call(
+            qtensor,
+            qint8,
+            0,
+            (3, 4),
+            (4, 1),
+            (torch.per_channel_affine, channels["scales"], channels["zero_points"], 2),
+            False,
+            {},
+        ),
+        "quantized-storage-claims-more-than-its-entry": Call(
+            qtensor,
+            Stored(torch.QInt8Storage, bytes(8), numel=12),
+            0,
+            (3, 4),
+            (4, 1),
+            (torch.per_tensor_affine, 0.1, 0),
+            False,
+            {},
+        ),
+    }
+    in_the_data = {
+        "sparse-index-beyond-its-size": Call(
+            sparse,
+            torch.sparse_coo,
+            (stored_tensor(torch.tensor([[0, 1, 7], [1, 0, 2]])), stored_tensor(torch.ones(3)), (3, 3), False),
+        ),
+        "sparse-csr-compressed-indices-decreasing": Call(
+            sparse,
+            torch.sparse_csr,
+            (
+                stored_tensor(torch.tensor([0, 2, 1, 3])),
+                stored_tensor(torch.tensor([0, 1, 2])),
+                stored_tensor(torch.ones(3)),
+                (3, 3),
+            ),
+        ),
+        "quantized-per-channel-scales-infinite": Call(
+            qtensor,
+            qint8,
+            0,
+            (3, 4),
+            (4, 1),
+            (
+                torch.per_channel_affine,
+                stored_tensor(torch.tensor([0.1, float("inf"), 0.1], dtype=torch.float64)),
+                channels["zero_points"],
+                0,
+            ),
+            False,
+            {},
+        ),
+    }
+    return [
+        Case(
+            f"pickle:{name}",
+            crafted_zip(root / f"{name}.pt", {"t": obj}),
+            tk.CorruptCheckpointError,
+            in_the_data=name in in_the_data,
+        )
+        for name, obj in {**cases, **in_the_data}.items()
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -476,4 +636,5 @@ def corpus(root: Path, canary: str) -> list[Case]:
     expanded = root / "view-expanding-its-storage.pt"
     _zip_tensor(expanded, 4, (1 << 20, 1 << 20), bytes(16))
     cases.append(Case("pickle:view-expanding-its-storage", expanded, tk.UnsupportedFormatError))
+    cases += _sparse_and_quantized_cases(root)
     return cases

@@ -21,6 +21,7 @@ from torchkeep.errors import (
 from torchkeep.format import DTYPE_NAMES, DTYPES
 from torchkeep.format.detect import Kind, readable
 from torchkeep.legacy import MODEL_KEYS, carries_crcs, load_dcp, load_pickle_file, weights_files
+from torchkeep.legacy.sparse_quantized import stored_bytes, tensor_parts
 from torchkeep.model import model_summary
 from torchkeep.storage import Storage, is_url, storage_for
 from torchkeep.tree import decode
@@ -205,7 +206,7 @@ def _describe_weights_directory(storage: Storage, path: str) -> Description:
             else:
                 for key, t in part.loaded.items():
                     dtype = DTYPE_NAMES.get(t.dtype, str(t.dtype).removeprefix("torch."))
-                    nbytes = t.numel() * t.element_size()
+                    nbytes = stored_bytes(t)
                     tensors.append(TensorInfo(key, dtype, tuple(t.shape), nbytes))
     return Description(
         path=path,
@@ -238,7 +239,7 @@ def _describe_object(path: str, obj: Any, kind: str) -> Description:
 
     def walk(node: Any, name: str) -> None:
         if isinstance(node, torch.Tensor):
-            nbytes = node.numel() * node.element_size()
+            nbytes = stored_bytes(node)  # of a sparse tensor, its indices and values
             dtype = DTYPE_NAMES.get(node.dtype, str(node.dtype).removeprefix("torch."))
             tensors.append(TensorInfo(name, dtype, tuple(node.shape), nbytes))
         elif isinstance(node, Mapping):
@@ -453,6 +454,13 @@ def _compare(name: str, x: Any, y: Any) -> Change | None:
             return Change(name, f"dtype {x.dtype} → {y.dtype}".replace("torch.", ""))
         if x.shape != y.shape:
             return Change(name, f"shape {list(x.shape)} → {list(y.shape)}")
+        if x.layout != torch.strided or y.layout != torch.strided or x.is_quantized:
+            px, py = tensor_parts(x), tensor_parts(y)  # sparse or quantized: part by part
+            parts = {k: _compare(k, px.get(k), py.get(k)) for k in px.keys() | py.keys()}
+            changed = sorted(k for k, c in parts.items() if c is not None)
+            only_values = parts["values"] if changed == ["values"] else None
+            worst = getattr(only_values, "max_abs_diff", None)  # of the values' elements
+            return Change(name, ", ".join(changed), worst) if changed else None
         # The same bytes are the same values (NaNs included); torch computes nothing in float4.
         if torch.equal(_bytes(x), _bytes(y)):
             return None

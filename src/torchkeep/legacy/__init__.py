@@ -1,12 +1,12 @@
 """Reading what other tools wrote, running none of their code.
 
 ``unpickler`` is the restricted unpickler every pickle goes through, ``rebuild`` its stand-ins
-for torch's tensor-rebuilding functions; ``torch_zip`` the one validated table of a
-``torch.save`` zip archive, whole or inside a DCP file; ``torch_save`` reads
-``torch.save`` files (zip and pre-1.6 streams); ``dcp_metadata`` and ``dcp`` read
-torch.distributed.checkpoint directories; ``huggingface`` reads and writes Hugging Face model
-directories; ``model_weights`` finds a model's weights in what was read; ``pickle_scan`` lists
-what a pickle would run.
+for torch's tensor-rebuilding functions (``sparse_quantized`` those of sparse and quantized
+tensors); ``torch_zip`` the one validated table of a ``torch.save`` zip archive, whole or inside
+a DCP file; ``torch_save`` reads ``torch.save`` files (zip and pre-1.6 streams); ``dcp_metadata``
+and ``dcp`` read torch.distributed.checkpoint directories; ``huggingface`` reads and writes
+Hugging Face model directories; ``model_weights`` finds a model's weights in what was read;
+``pickle_scan`` lists what a pickle would run.
 """
 
 from torchkeep.legacy.dcp import is_dcp_dir, load_dcp

@@ -1,9 +1,11 @@
 """Tensors rebuilt from a ``torch.save`` pickle as ``torch.load(weights_only=True)`` returns them.
 
 These are torchkeep's stand-ins for torch's rebuilding functions: plain tensors, parameters with
-their ``requires_grad``, tensors' plain Python attributes, meta tensors, and conj/neg views
-(materialized once their storage is read). Each checks what the file claims (sizes against the
-storage, dtypes, flags) before anything is made. Storages are torch's own ``TypedStorage``.
+their ``requires_grad``, tensors' plain Python attributes, meta tensors, conj/neg views
+(materialized once their storage is read), and sparse and quantized tensors (``sparse_quantized``;
+what their stored bytes must satisfy is checked once those are read). Each checks what the file
+claims (sizes against the storage, dtypes, flags) before anything is made. Storages are torch's
+own ``TypedStorage``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,14 @@ from typing import Any, TypeVar
 import torch
 
 from torchkeep.errors import CorruptCheckpointError, UnsafeFileError, UnsupportedFormatError
+from torchkeep.legacy.sparse_quantized import (
+    QUANTIZED,
+    Check,
+    check_shape,
+    quantized_tensor,
+    sparse_tensor,
+    storage_dtype,
+)
 
 _T = TypeVar("_T", bound=torch.Tensor)
 
@@ -66,27 +76,28 @@ class ParameterType(metaclass=Sealed):
 @dataclass(frozen=True, slots=True)
 class FileStorage:
     """A storage the file holds: ``data``, a flat tensor filled after unpickling, and
-    ``typed``, the same memory as the ``torch.storage.TypedStorage`` the pickle sees."""
+    ``typed``, the same memory as the ``torch.storage.TypedStorage`` of ``dtype`` (by default
+    the data's) the pickle sees."""
 
     key: str
     data: torch.Tensor
+    dtype: torch.dtype | None = None
     typed: torch.storage.TypedStorage = field(init=False)
 
     def __post_init__(self) -> None:
         typed = torch.storage.TypedStorage(  # type: ignore[no-untyped-call]
-            wrap_storage=self.data.untyped_storage(), dtype=self.data.dtype, _internal=True
+            wrap_storage=self.data.untyped_storage(),
+            dtype=self.dtype or self.data.dtype,
+            _internal=True,
         )
         object.__setattr__(self, "typed", typed)
 
-
-def check_shape(values: Any, what: str) -> tuple[int, ...]:
-    if not isinstance(values, (tuple, list, torch.Size)) or len(values) > 64:
-        raise CorruptCheckpointError(f"tensor {what} {values!r:.200} is not a tuple of integers")
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
-        raise CorruptCheckpointError(
-            f"tensor {what} {values!r:.200} must hold non-negative integers"
-        )
-    return tuple(int(v) for v in values)
+    @classmethod
+    def empty(cls, key: str, dtype: torch.dtype, numel: int, *, meta: bool) -> FileStorage:
+        """A storage of ``numel`` elements of ``dtype`` to read into (a quantized dtype's bytes
+        are held by a tensor of its integers)."""
+        data = torch.empty(numel, dtype=storage_dtype(dtype), device="meta" if meta else "cpu")
+        return cls(key, data, dtype)
 
 
 def _check_flag(value: Any, what: str) -> bool:
@@ -95,9 +106,9 @@ def _check_flag(value: Any, what: str) -> bool:
     return value
 
 
-def _view(
+def _checked_view(
     storage: Any, offset: Any, size: Any, stride: Any, dtype: torch.dtype | None
-) -> torch.Tensor:
+) -> tuple[torch.UntypedStorage, torch.dtype, int, tuple[int, ...], tuple[int, ...]]:
     untyped = getattr(storage, "_untyped_storage", None)
     base = getattr(storage, "dtype", None)
     if (
@@ -131,6 +142,17 @@ def _view(
             raise CorruptCheckpointError(
                 f"a tensor of size {list(shape)} reaches element {last} of a storage of {numel}"
             )
+    return untyped, dtype, offset, shape, strides
+
+
+def _view(
+    storage: Any, offset: Any, size: Any, stride: Any, dtype: torch.dtype | None
+) -> torch.Tensor:
+    untyped, dtype, offset, shape, strides = _checked_view(storage, offset, size, stride, dtype)
+    if dtype in QUANTIZED:
+        raise CorruptCheckpointError(
+            f"a plain tensor is rebuilt as {dtype}, which only quantized tensors are"
+        )
     # As torch rebuilds it: a tensor of its own over the storage's memory, not a view of another.
     tensor = torch.empty((0,), dtype=dtype, device=untyped.device)
     return tensor.set_(untyped, offset, shape, strides)
@@ -217,23 +239,32 @@ def set_state(tensor: _T, state: Any) -> _T:
 
 class Rebuilders:
     """The tensor-rebuilding stand-ins of one load. With ``defer``, conj/neg views are
-    materialized by ``materialize()`` once the storages are read; without, they are refused.
+    materialized, and sparse and per-channel quantized tensors checked, by ``materialize()``
+    once the storages are read; without, they are refused.
 
     Attributes:
         table: the stand-ins by (module, name), for the unpickler's ``find_class``.
         deferred: each materialized view's tensor, filled by ``materialize()``.
+        composite: whether the load made a sparse or quantized tensor (several storages or
+            quantization parameters beside one).
     """
 
     def __init__(self, *, defer: bool = True) -> None:
         self._defer = defer
         self._pending: list[tuple[torch.Tensor, torch.Tensor, bool, bool]] = []
+        self._checks: list[Check] = []
+        self.composite = False
         tensor = Function(self._rebuild_tensor)
         tensor_v2 = Function(self._rebuild_tensor_v2)
         tensor_v3 = Function(self._rebuild_tensor_v3)
         param = Function(self._rebuild_parameter)
         param_with_state = Function(self._rebuild_parameter)
         meta = Function(self._rebuild_meta)
-        self._functions = (tensor, tensor_v2, tensor_v3, param, param_with_state, meta)
+        qtensor = Function(self._rebuild_qtensor)
+        sparse = Function(self._rebuild_sparse)
+        self._functions = (
+            tensor, tensor_v2, tensor_v3, param, param_with_state, meta, qtensor, sparse
+        )  # fmt: skip
         self.table: dict[tuple[str, str], Any] = {
             ("torch._utils", "_rebuild_tensor"): tensor,
             ("torch._utils", "_rebuild_tensor_v2"): tensor_v2,
@@ -241,6 +272,8 @@ class Rebuilders:
             ("torch._utils", "_rebuild_parameter"): param,
             ("torch._utils", "_rebuild_parameter_with_state"): param_with_state,
             ("torch._utils", "_rebuild_meta_tensor_no_storage"): meta,
+            ("torch._utils", "_rebuild_qtensor"): qtensor,
+            ("torch._utils", "_rebuild_sparse_tensor"): sparse,
             ("torch._tensor", "_rebuild_from_type_v2"): Function(self._rebuild_from_type_v2),
         }
 
@@ -248,12 +281,28 @@ class Rebuilders:
     def deferred(self) -> list[torch.Tensor]:
         return [out for out, *_ in self._pending]
 
-    def materialize(self) -> None:
-        """Fill each conj/neg view's tensor from its storage, which must have been read."""
+    def materialize(self, where: str) -> None:
+        """Fill each conj/neg view's tensor from its storage, then check what the bytes of
+        sparse and quantized tensors must satisfy; the storages must have been read. A check
+        that fails raises ``CorruptCheckpointError`` naming ``where``."""
         with torch.no_grad():
             for out, view, conj, neg in self._pending:
                 value = view.conj() if conj else view
                 out.copy_(value.neg() if neg else value)
+        try:
+            for check in self._checks:
+                check()
+        except CorruptCheckpointError as e:
+            raise CorruptCheckpointError(f"{where}: {e}") from None
+
+    def _after_read(self, check: Check | None) -> None:
+        if check is None:
+            return
+        if not self._defer:
+            raise UnsupportedFormatError(
+                "sparse and per-channel quantized tensors are not read here"
+            )
+        self._checks.append(check)
 
     def _resolved(self, view: torch.Tensor, metadata: Any) -> torch.Tensor:
         if not metadata:
@@ -325,6 +374,32 @@ class Rebuilders:
             )
         tensor = torch.empty_strided(shape, strides, dtype=dtype, device="meta")
         return _with_grad(tensor, requires_grad)
+
+    def _rebuild_qtensor(
+        self,
+        storage: Any,
+        offset: Any,
+        size: Any,
+        stride: Any,
+        params: Any,
+        requires_grad: Any,
+        hooks: Any,
+    ) -> torch.Tensor:
+        untyped, dtype, offset, shape, strides = _checked_view(storage, offset, size, stride, None)
+        if _check_flag(requires_grad, "requires_grad"):
+            raise CorruptCheckpointError(
+                "a quantized tensor is saved as requiring gradients, which quantized tensors cannot"
+            )
+        tensor, check = quantized_tensor(untyped, dtype, offset, shape, strides, params)
+        self._after_read(check)
+        self.composite = True
+        return tensor
+
+    def _rebuild_sparse(self, layout: Any, data: Any) -> torch.Tensor:
+        tensor, check = sparse_tensor(layout, data)
+        self._after_read(check)
+        self.composite = True
+        return tensor
 
     def _rebuild_from_type_v2(self, func: Any, new_type: Any, args: Any, state: Any) -> Any:
         if (

@@ -55,7 +55,8 @@ READ_CHUNK = 16 << 20
 class _Loaded:
     obj: Any
     storages: list[tuple[FileStorage, int, int, int | None]] = field(default_factory=list)
-    # Conj/neg views, materialized once the storages are read.
+    # Conj/neg views, materialized, and sparse and quantized tensors, checked once the storages
+    # are read.
     rebuilders: Rebuilders = field(default_factory=Rebuilders)
     big_endian: bool = False  # the storages' bytes are swapped as each is read
 
@@ -79,8 +80,7 @@ def _load_zip(path: str, *, meta: bool) -> _Loaded:
                 f"{path}: storage {key} claims {numel} × {dtype} but its entry holds "
                 f"{record.size} bytes"
             )
-        data = torch.empty(numel, dtype=dtype, device="meta" if meta else "cpu")
-        storages[key] = FileStorage(key, data)
+        storages[key] = FileStorage.empty(key, dtype, numel, meta=meta)
         loaded.storages.append((storages[key], record.offset, record.size, record.crc))
         return storages[key]
 
@@ -148,9 +148,7 @@ def _read_stream(path: str, stream: io.BufferedReader, file_size: int, *, meta: 
                 raise CorruptCheckpointError(
                     f"{path}: its storages claim more bytes than the file holds (at {key})"
                 )
-            storages[key] = FileStorage(
-                key, torch.empty(numel, dtype=dtype, device="meta" if meta else "cpu")
-            )
+            storages[key] = FileStorage.empty(key, dtype, numel, meta=meta)
             wanted[key] = (dtype, numel)
         return storages[key]
 
@@ -255,14 +253,16 @@ def load_pickle_file(
     loaded = _load(path, meta=meta)
     if not meta and loaded.storages:
         _read_storages(path, loaded, verify=verify, threads=threads)
-        loaded.rebuilders.materialize()
+        loaded.rebuilders.materialize(path)
     return loaded.obj
 
 
 class PendingLoad:
     """A ``torch.save`` file being read in the background: ``obj`` holds the tensors already
     (allocated), ``wait(tensor)`` blocks until that tensor's bytes are in, and ``finish()``
-    waits for the whole read and raises its error (a CRC-32 mismatch, say), if any."""
+    waits for the whole read and raises its error (a CRC-32 mismatch, say), if any. A file
+    holding sparse or quantized tensors is read whole first: they are made of several parts,
+    which must all be read and checked before anything uses them."""
 
     def __init__(self, path: str, *, verify: bool = True, threads: int = 2) -> None:
         loaded = _load(path, meta=False)
@@ -278,7 +278,7 @@ class PendingLoad:
         def run() -> None:
             try:
                 _read_storages(path, loaded, verify=verify, threads=threads, on_done=done)
-                loaded.rebuilders.materialize()
+                loaded.rebuilders.materialize(path)
             except BaseException as e:  # handed to finish(), in the caller's thread
                 self._error = e
             finally:
@@ -287,11 +287,14 @@ class PendingLoad:
 
         self._thread = threading.Thread(target=run, name="torchkeep-read", daemon=True)
         self._thread.start()
+        if loaded.rebuilders.composite:
+            self.finish()
 
     def wait(self, tensor: torch.Tensor) -> None:
-        event = self._events.get(tensor.untyped_storage().data_ptr())
-        if event is not None:
-            event.wait()
+        if tensor.layout == torch.strided:  # a sparse tensor's parts are read by now
+            event = self._events.get(tensor.untyped_storage().data_ptr())
+            if event is not None:
+                event.wait()
         if self._error is not None:
             raise self._error
 

@@ -39,6 +39,7 @@ from torchkeep.legacy.rebuild import (
     Sealed,
     TensorType,
 )
+from torchkeep.legacy.sparse_quantized import QSCHEMES, get_layout
 
 _STORAGE_DTYPES = {
     "DoubleStorage": torch.float64,
@@ -54,6 +55,9 @@ _STORAGE_DTYPES = {
     "ComplexFloatStorage": torch.complex64,
     "ComplexDoubleStorage": torch.complex128,
     "UntypedStorage": torch.uint8,
+    "QInt8Storage": torch.qint8,
+    "QUInt8Storage": torch.quint8,
+    "QInt32Storage": torch.qint32,
 }
 
 
@@ -148,7 +152,10 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
         ("numpy", "dtype"): _NumpyDType,
         ("numpy.core.multiarray", "scalar"): Function(_numpy_scalar),
         ("numpy._core.multiarray", "scalar"): Function(_numpy_scalar),
+        ("torch.serialization", "_get_layout"): Function(get_layout),
     }
+    for name, scheme in QSCHEMES.items():
+        table[("torch", name)] = scheme
     # The names of the tensor-rebuilding functions; each load has stand-ins of its own.
     table.update(Rebuilders(defer=False).table)
     for name, dtype in _STORAGE_DTYPES.items():
@@ -312,7 +319,10 @@ class _Stack:
             made = ("made", modern_name(*str(arg).split(" ", 1)))
         elif name == "BUILD":
             target = args[0] if args else None
-            if target is None or target[0] != "made" or target[1] not in builds:
+            # An object of a global outside the allowlist is refused when the global is
+            # looked up, before this BUILD could run, naming the code it would run.
+            refused = bool(target and target[0] == "made" and target[1] not in ALLOWED_GLOBALS)
+            if not refused and (target is None or target[0] != "made" or target[1] not in builds):
                 what = ".".join(target[1]) if target and target[0] != "str" else "an object"
                 raise CorruptCheckpointError(
                     f"{self.where}: the pickle changes {what} after making it (BUILD), which "
@@ -338,7 +348,8 @@ def check_memo(stream: IO[bytes], where: str, *, builds: frozenset[Any] | None =
     to the largest index, so five bytes could make it fill gigabytes). A pickler numbers its
     entries in order, so no file it wrote is refused. With ``builds``, also refused: a BUILD
     applied to anything but an object made by one of those globals (a tensor's ``__setstate__``
-    could resize its storage to any size, a class's attributes would change for later loads)."""
+    could resize its storage to any size, a class's attributes would change for later loads),
+    unless the object's global is outside the allowlist (then its lookup refuses the file)."""
     start = stream.tell()
     stored = 0
     stack = _Stack(where) if builds is not None else None
@@ -439,21 +450,14 @@ def unpickle(
 # and types, which run no code of the file's. They are never reported as code that would run.
 TORCH_ONLY = frozenset(
     {
-        "torch._utils._rebuild_qtensor",
-        "torch._utils._rebuild_sparse_tensor",
         "torch._utils._rebuild_nested_tensor",
         "torch._utils._rebuild_wrapper_subclass",
         "torch._utils._rebuild_device_tensor_from_numpy",
         "torch._utils._rebuild_device_tensor_from_cpu_tensor",
-        "torch.serialization._get_layout",
-        "torch.per_tensor_affine",
-        "torch.per_tensor_symmetric",
-        "torch.per_channel_affine",
-        "torch.per_channel_symmetric",
-        "torch.per_channel_affine_float_qparams",
         "torch.storage.TypedStorage",
+        "torch.QUInt4x2Storage",
+        "torch.QUInt2x4Storage",
     }
-    | {f"torch.{t}Storage" for t in ("QInt8", "QUInt8", "QInt32", "QUInt4x2", "QUInt2x4")}
     | {
         f"torch{where}.{t}{kind}"
         for where, kind in (

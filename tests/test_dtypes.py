@@ -12,10 +12,12 @@ import pytest
 import safetensors
 import safetensors.torch
 import torch
+from safetensors import safe_open
+from torch import nn
 
 import torchkeep as tk
 from torchkeep.cli import main
-from torchkeep.format import DTYPE_NAMES, DTYPES
+from torchkeep.format import DTYPE_NAMES, DTYPES, signed_manifest_text
 
 # What safetensors itself saves from this torch (its table of item sizes by torch dtype).
 SAFETENSORS_WRITES = sorted((d for d in safetensors.torch._SIZE if d is not None), key=str)
@@ -163,17 +165,60 @@ def test_conjugate_and_negative_views_are_stored_as_their_values(tmp_path):
 
 @pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental")
 @pytest.mark.parametrize("dtype", [torch.complex128, torch.complex32], ids=["c128", "c32"])
-def test_complex_dtypes_without_a_safetensors_name_are_refused_with_the_way_out(tmp_path, dtype):
-    z = torch.zeros(2, 3, dtype=dtype)
-    real = str(dtype.to_real()).removeprefix("torch.")
-    name = str(dtype).removeprefix("torch.")
-    for save in (tk.save, tk.save_weights):
-        with pytest.raises(tk.UnsupportedObjectError) as raised:
-            save({"z": z}, tmp_path / "z.safetensors")
-        message = str(raised.value)
-        assert message.startswith("z: ") and f"dtype {name}" in message
-        assert "view_as_real" in message and f"{real} pairs" in message
-    assert list(tmp_path.iterdir()) == []
+def test_complex_dtypes_without_a_safetensors_name_are_stored_as_pairs(tmp_path, dtype):
+    z = torch.view_as_complex(torch.randn(4, 3, 2).to(dtype.to_real()))
+    real = dtype.to_real()
+    path = tmp_path / "z.safetensors"
+    tk.save({"z": z, "view": z.conj(), "n": 1}, path)
+    back = tk.load(path)
+    assert back["z"].dtype == dtype and _same_bits(back["z"], z)
+    assert _same_bits(back["view"], z.conj().resolve_conj())
+    assert tk.load(path, dtype=torch.float16)["z"].dtype == dtype  # complex is never cast
+    assert tk.describe(path).format_version == 3 and tk.verify(path).ok
+    with safe_open(path, "pt") as f:  # standard safetensors: the pairs, as torch.view_as_real
+        assert f.get_tensor("z:real").dtype == real and f.get_tensor("z:real").shape == (4, 3, 2)
+    tk.save_weights({"z": z, "w": torch.ones(2)}, tmp_path / "w.safetensors")
+    assert _same_bits(tk.load_state_dict(tmp_path / "w.safetensors")["z"], z)
+
+
+def test_a_complex128_module_round_trips_and_save_model_says_what_to_store(tmp_path):
+    model = nn.Linear(3, 2).to(torch.complex128)
+    tk.save_weights(model, tmp_path / "m.safetensors")
+    fresh = nn.Linear(3, 2).to(torch.complex128)
+    tk.load_weights(fresh, tmp_path / "m.safetensors")
+    assert _same_bits(fresh.weight, model.weight) and _same_bits(fresh.bias, model.bias)
+    with pytest.raises(tk.UnsupportedObjectError, match=r"^weight: .*complex128.*view_as_real"):
+        tk.save_model(model, tmp_path / "model")
+
+
+@pytest.mark.parametrize(
+    ("edit", "why"),
+    [
+        (lambda r: r.update(dtype="complex256"), "unknown complex dtype"),
+        (lambda r: r.update(extra=1), "has keys"),
+        (lambda r: r.update(real={"$tensor": "nothing"}), "lacks"),
+    ],
+)
+def test_a_lying_complex_recipe_is_corrupt(tmp_path, edit, why):
+    path = tmp_path / "z"
+    tk.save({"z": torch.ones(2, dtype=torch.complex128)}, path)
+    manifest = json.loads((path / "manifest.json").read_text())
+    edit(manifest["tree"]["z"]["$complex"])
+    manifest.pop("manifest_checksum")
+    (path / "manifest.json").write_text(signed_manifest_text(manifest))
+    with pytest.raises(tk.CorruptCheckpointError, match=why):
+        tk.load(path)
+
+
+def test_pairs_of_the_wrong_dtype_or_shape_are_corrupt(tmp_path):
+    path = tmp_path / "z"
+    tk.save({"z": torch.ones(2, dtype=torch.complex128), "f": torch.ones(2, 3)}, path)
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["tree"]["z"]["$complex"]["real"] = {"$tensor": "f"}
+    manifest.pop("manifest_checksum")
+    (path / "manifest.json").write_text(signed_manifest_text(manifest))
+    with pytest.raises(tk.CorruptCheckpointError, match=r"its pairs are torch.float32"):
+        tk.load(path)
 
 
 def test_complex128_stored_as_the_message_advises_comes_back_exactly(tmp_path):

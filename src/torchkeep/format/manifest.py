@@ -153,7 +153,8 @@ def _manifest_body(m: Manifest) -> dict[str, Any]:
 def _lowest_version(m: Manifest) -> int:
     """The lowest format version that holds everything ``m`` does."""
     if any(e.dtype in VERSION_3_DTYPES for e in m.tensors.values()) or any(
-        _has_tag(m.tree, tag) for tag in (Tag.METADATA, Tag.SPARSE, Tag.QUANTIZED)
+        _has_tag(m.tree, tag)
+        for tag in (Tag.METADATA, Tag.SPARSE, Tag.QUANTIZED, Tag.COMPLEX)
     ):
         return EXTENDED_FORMAT_VERSION
     return DISTRIBUTED_FORMAT_VERSION if m.distributed is not None else 1

@@ -16,8 +16,9 @@ FORMAT_VERSION = 3
 # A save is written as the lowest version that holds it, so that older torchkeeps read what they
 # can and refuse the rest by its version. Version 2 added the "distributed" section (tensors
 # sharded across the ranks of a distributed save); version 3 the version records of state dicts
-# in the tree (Tag.METADATA), sparse and quantized tensors (Tag.SPARSE, Tag.QUANTIZED) and the
-# dtypes of header.VERSION_3_DTYPES.
+# in the tree (Tag.METADATA), sparse and quantized tensors (Tag.SPARSE, Tag.QUANTIZED), complex
+# tensors of dtypes safetensors has no name for (Tag.COMPLEX) and the dtypes of
+# header.VERSION_3_DTYPES.
 DISTRIBUTED_FORMAT_VERSION = 2
 EXTENDED_FORMAT_VERSION = 3
 MANIFEST_KEY = "torchkeep"

@@ -46,6 +46,9 @@ class Tag:
     # "zero_point" (JSON numbers), per channel "scales", "zero_points" ({"$tensor": name}) and
     # "axis"}.
     QUANTIZED = "$quantized"
+    # A complex tensor of a dtype safetensors has no name for (format version 3): {"dtype": a
+    # key of COMPLEX_DTYPES, "real": {"$tensor": name}}, the tensor torch.view_as_real makes.
+    COMPLEX = "$complex"
     # The model recipe's own.
     ODICT = "$odict"  # an OrderedDict's [key, value] pairs
     MODULE = "$module"  # a sub-module's recipe
@@ -73,6 +76,8 @@ QUANTIZED_DTYPES = {
     "quint8": ("uint8", 0, (1 << 8) - 1),
     "qint32": ("int32", -(1 << 31), (1 << 31) - 1),
 }
+# The complex dtypes stored as torch.view_as_real's pairs, with the dtype of those pairs.
+COMPLEX_DTYPES = {"complex128": "float64", "complex32": "float16"}
 # A part is stored as the tensor ``<path of the tensor>:<its key>`` (``emb.weight:indices``):
 # state-dict keys hold no ``:``, so the name is no other tensor's (and if one is, the part's
 # name gets a ``#n`` suffix like any taken name: the recipe names each part exactly).
@@ -406,7 +411,7 @@ def check_tree(tree: Any, names: set[str]) -> None:
                 ):
                     raise ValueError(f"$size {value!r}")
                 continue
-            if tag in (Tag.SPARSE, Tag.QUANTIZED):
+            if tag in (Tag.SPARSE, Tag.QUANTIZED, Tag.COMPLEX):
                 _check_recipe(tag, value, names)
                 continue
             if tag == Tag.TUPLE:
@@ -453,6 +458,11 @@ def _check_recipe(tag: str, recipe: Any, names: set[str]) -> None:
             raise ValueError(f"{tag}: size {size!r:.60} has more elements than a tensor holds")
         if layout == "coo" and not isinstance(recipe.get("coalesced"), bool):
             raise ValueError(f"{tag}: coalesced must be true or false")
+    elif tag == Tag.COMPLEX:
+        dtype = recipe.get("dtype")
+        if not isinstance(dtype, str) or dtype not in COMPLEX_DTYPES:
+            raise ValueError(f"{tag}: unknown complex dtype {dtype!r:.40}")
+        scalars, parts = ("dtype",), ("real",)
     else:
         qscheme, dtype = recipe.get("qscheme"), recipe.get("dtype")
         if not isinstance(qscheme, str) or qscheme not in QUANTIZED_PARTS:

@@ -7,7 +7,9 @@ A sparse tensor (COO, CSR, CSC, BSR, BSC) is stored as the tensors torch builds 
 ``$sparse`` recipe (layout, size, whether a COO tensor is coalesced); a quantized tensor
 (per-tensor or per-channel affine, qint8, quint8 or qint32) as its integer representation,
 per channel its scales and zero points too, and a ``$quantized`` recipe (qscheme, dtype, and
-per tensor its scale and zero point, per channel its axis).
+per tensor its scale and zero point, per channel its axis); a complex tensor of a dtype
+safetensors has no name for (complex128, complex32) as the pairs of floats
+``torch.view_as_real`` makes, and a ``$complex`` recipe (its dtype).
 """
 
 from __future__ import annotations
@@ -19,7 +21,12 @@ import torch
 
 from torchkeep.errors import CorruptCheckpointError, UnsupportedObjectError
 from torchkeep.format import Tag
-from torchkeep.format.sections import QUANTIZED_DTYPES, QUANTIZED_PARTS, SPARSE_PARTS
+from torchkeep.format.sections import (
+    COMPLEX_DTYPES,
+    QUANTIZED_DTYPES,
+    QUANTIZED_PARTS,
+    SPARSE_PARTS,
+)
 
 LAYOUTS = {
     "coo": torch.sparse_coo,
@@ -29,11 +36,13 @@ LAYOUTS = {
     "bsc": torch.sparse_bsc,
 }
 _LAYOUT_NAMES = {layout: name for name, layout in LAYOUTS.items()}
+_COMPLEX = {getattr(torch, name): name for name in COMPLEX_DTYPES}
 
 
 def is_composite(t: torch.Tensor) -> bool:
-    """Whether ``t`` is stored as parts plus a recipe (sparse or quantized)."""
-    return t.layout != torch.strided or t.is_quantized
+    """Whether ``t`` is stored as parts plus a recipe (sparse, quantized, or complex of a
+    dtype safetensors has no name for)."""
+    return t.layout != torch.strided or t.is_quantized or t.dtype in _COMPLEX
 
 
 def take_apart(t: torch.Tensor, where: str) -> tuple[str, dict[str, Any], dict[str, torch.Tensor]]:
@@ -44,6 +53,9 @@ def take_apart(t: torch.Tensor, where: str) -> tuple[str, dict[str, Any], dict[s
     """
     if t.is_quantized:
         return _quantized_parts(t, where)
+    if t.layout == torch.strided and t.dtype in _COMPLEX:
+        real = torch.view_as_real(t.resolve_conj().resolve_neg()).contiguous()
+        return Tag.COMPLEX, {"dtype": _COMPLEX[t.dtype]}, {"real": real}
     layout = _LAYOUT_NAMES.get(t.layout)
     if layout is None:
         raise UnsupportedObjectError(
@@ -97,7 +109,7 @@ def parts_of(node: Any) -> dict[str, str] | None:
     if not isinstance(node, dict) or len(node) != 1:
         return None
     ((tag, recipe),) = node.items()
-    if tag not in (Tag.SPARSE, Tag.QUANTIZED) or not isinstance(recipe, dict):
+    if tag not in (Tag.SPARSE, Tag.QUANTIZED, Tag.COMPLEX) or not isinstance(recipe, dict):
         return None
     return {
         key: value[Tag.TENSOR]
@@ -115,12 +127,15 @@ def stored_shape(node: Any, shape_of: Callable[[str], tuple[int, ...]]) -> tuple
     ((tag, recipe),) = node.items()
     if tag == Tag.SPARSE:
         return tuple(recipe["size"])
+    if tag == Tag.COMPLEX:
+        return tuple(shape_of(parts["real"]))[:-1]
     return tuple(shape_of(parts["int_repr"]))
 
 
 def kept_dtype(tree: Any) -> set[str]:
     """The stored tensors of ``tree`` that a ``dtype=`` never casts: the parts of quantized
-    tensors (a cast scale would change every value). A sparse tensor's values are cast like
+    tensors (a cast scale would change every value) and complex ones (complex tensors keep
+    their dtype). A sparse tensor's values are cast like
     a dense tensor's, by ``tree.cast``'s rule; its indices are integers, never cast."""
     names: set[str] = set()
     stack = [tree]
@@ -130,7 +145,7 @@ def kept_dtype(tree: Any) -> set[str]:
             stack.extend(node)
         elif isinstance(node, dict):
             parts = parts_of(node)
-            if parts is not None and Tag.QUANTIZED in node:
+            if parts is not None and (Tag.QUANTIZED in node or Tag.COMPLEX in node):
                 names.update(parts.values())
             elif parts is None:
                 stack.extend(node.values())
@@ -145,9 +160,12 @@ def rebuild(tag: str, recipe: Mapping[str, Any], tensor: Callable[[str], Any]) -
     Raises:
         CorruptCheckpointError: the parts do not make the tensor the recipe describes.
     """
-    keys = (
-        SPARSE_PARTS[recipe["layout"]] if tag == Tag.SPARSE else QUANTIZED_PARTS[recipe["qscheme"]]
-    )
+    if tag == Tag.COMPLEX:
+        keys: tuple[str, ...] = ("real",)
+    elif tag == Tag.SPARSE:
+        keys = SPARSE_PARTS[recipe["layout"]]
+    else:
+        keys = QUANTIZED_PARTS[recipe["qscheme"]]
     names = {key: recipe[key][Tag.TENSOR] for key in keys}
     parts = {key: tensor(name) for key, name in names.items()}
     if not all(isinstance(p, torch.Tensor) for p in parts.values()):
@@ -155,6 +173,8 @@ def rebuild(tag: str, recipe: Mapping[str, Any], tensor: Callable[[str], Any]) -
     where = ", ".join(f"'{n}'" for n in names.values())
     if tag == Tag.SPARSE:
         return _sparse(recipe, parts, where)
+    if tag == Tag.COMPLEX:
+        return _complex(recipe, parts["real"], where)
     return _quantized(recipe, parts, where)
 
 
@@ -163,6 +183,19 @@ def _corrupt(where: str, what: str, why: str) -> CorruptCheckpointError:
         f"the {what} stored as {where}: {why}; the manifest does not describe its parts, the "
         "file is corrupt (save it again from the original)"
     )
+
+
+def _complex(recipe: Mapping[str, Any], real: torch.Tensor, where: str) -> torch.Tensor:
+    dtype = recipe["dtype"]
+    what = f"{dtype} tensor"
+    pairs = getattr(torch, COMPLEX_DTYPES[dtype])
+    if real.dtype != pairs:
+        raise _corrupt(where, what, f"its pairs are {real.dtype}, not {pairs}")
+    if real.dim() == 0 or real.shape[-1] != 2:
+        raise _corrupt(where, what, f"its pairs have shape {list(real.shape)}, not [..., 2]")
+    if real.device.type == "meta":
+        raise _corrupt(where, what, "its parts have no data")
+    return torch.view_as_complex(real.contiguous())
 
 
 def _sparse(recipe: Mapping[str, Any], parts: dict[str, torch.Tensor], where: str) -> torch.Tensor:

@@ -48,7 +48,7 @@ def _decode(
         ((tag, value),) = tree.items()
         if tag == Tag.TENSOR:
             return tensor(value)
-        if tag in (Tag.SPARSE, Tag.QUANTIZED):
+        if tag in (Tag.SPARSE, Tag.QUANTIZED, Tag.COMPLEX):
             return composite(tag, value)
         if tag == Tag.FLOAT:
             return float(value)

@@ -204,7 +204,7 @@ def _encode_tensor(
     for key, part in parts.items():
         name = _add_tensor(part, (*path[:-1], f"{last}{PART_SEPARATOR}{key}"), flat, seen)
         node[key] = {TENSOR: name}
-        if tag == Tag.QUANTIZED:
+        if tag in (Tag.QUANTIZED, Tag.COMPLEX):
             flat.kept_dtype.add(name)
     flat.stored[id(t)] = (t, {tag: node})  # the tensor held: its id stays its own
     return {tag: node}

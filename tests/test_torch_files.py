@@ -508,3 +508,25 @@ def test_a_byteorder_that_is_neither_is_corrupt(tmp_path):
             new.writestr(info.filename, b"middle" if odd else old.read(info))
     with pytest.raises(tk.CorruptCheckpointError, match="byteorder entry says 'middle'"):
         tk.load(tmp_path / "odd.pt")
+
+
+def test_a_pre_1_6_file_from_a_big_endian_machine_reads_as_torch_reads_it(tmp_path):
+    # Such a machine writes little_endian=False in the file's system information, and the
+    # storages little-endian all the same (torch converts them as it writes).
+    state = {"w": torch.arange(6.0) - 2.5, "n": torch.tensor([1, -2, 1 << 40])}
+    torch.save(state, tmp_path / "little.pt", _use_new_zipfile_serialization=False)
+    data = (tmp_path / "little.pt").read_bytes()
+    little = pickle.dumps(True)[2:-1]  # the pickled True inside the system information
+    at = data.index(b"little_endian") + len("little_endian")
+    assert data.count(b"little_endian") == 1
+    flag = data.index(b"\x88", at)  # NEWTRUE
+    (tmp_path / "big.pt").write_bytes(data[:flag] + b"\x89" + data[flag + 1 :])  # NEWFALSE
+    assert little == b"\x88"
+    with open(tmp_path / "big.pt", "rb") as f:  # magic number, protocol, system information
+        unpickler = pickle.Unpickler(f)
+        assert unpickler.load() and unpickler.load()
+        assert unpickler.load()["little_endian"] is False
+    reference = torch.load(tmp_path / "big.pt", weights_only=True)
+    back = tk.load(tmp_path / "big.pt")
+    for key, value in state.items():
+        assert torch.equal(reference[key], value) and torch.equal(back[key], value), key

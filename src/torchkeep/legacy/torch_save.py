@@ -134,8 +134,12 @@ def _read_stream(path: str, stream: io.BufferedReader, file_size: int, *, meta: 
     if next_pickle(no_storage) != LEGACY_PROTOCOL:
         raise UnsupportedFormatError(f"{path}: unknown torch.save protocol version")
     info = next_pickle(no_storage)
-    if not isinstance(info, dict) or info.get("little_endian") is not True:
-        raise UnsupportedFormatError(f"{path}: big-endian torch files are not supported")
+    # torch writes a pre-1.6 file's storage sizes and bytes little-endian on every machine;
+    # "little_endian" only says which machine it was.
+    if not isinstance(info, dict) or not isinstance(info.get("little_endian"), bool):
+        raise UnsupportedFormatError(
+            f"{path}: its system information is not the dict torch.save writes"
+        )
     wanted: dict[str, tuple[torch.dtype, int]] = {}
     claimed = [0]
 

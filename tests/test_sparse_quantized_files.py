@@ -489,3 +489,20 @@ def test_a_layout_torch_does_not_save_is_not_read(tmp_path):
     )
     with pytest.raises(tk.UnsupportedFormatError, match=r"layout .torch\.strided. is not read"):
         tk.load(path)
+
+
+def test_load_weights_of_a_quantized_model_says_how_to_restore_it(tmp_path):
+    def quantized() -> nn.Module:
+        model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+        return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+
+    model = quantized()
+    torch.save(model.state_dict(), tmp_path / "q.pt")
+    tk.save(model.state_dict(), tmp_path / "q.safetensors")
+    for path in (tmp_path / "q.pt", tmp_path / "q.safetensors"):
+        fresh = quantized()
+        with pytest.raises(tk.UnsupportedObjectError, match=r"not tensors .*model\.load_state_dict"):
+            tk.load_weights(fresh, path)
+        fresh.load_state_dict(tk.load(path))  # what the message says works
+        x = torch.randn(2, 4)
+        assert torch.equal(fresh(x), model(x))

@@ -15,22 +15,18 @@ from torchkeep._types import Device
 from torchkeep.checkpoint import check_metadata
 from torchkeep.container import Container, SaveInfo, WriteOptions, open_container, write_container
 from torchkeep.distributed import read_sharded
-from torchkeep.errors import StateMismatchError, UnsupportedFormatError, UnsupportedObjectError
-from torchkeep.format import Sharded, Tag
+from torchkeep.errors import StateMismatchError, UnsupportedObjectError
+from torchkeep.format import Sharded
 from torchkeep.format.detect import Kind, detect, readable
 from torchkeep.legacy import (
-    MODEL_KEYS,
     load_dcp,
     load_pickle_file,
-    weight_names,
+    stored_weights,
     weights_files,
     weights_in,
 )
 from torchkeep.storage import Storage, storage_for
 from torchkeep.tree import (
-    METADATA,
-    STATEFUL,
-    TENSOR,
     cast_dtype,
     convert,
     decode,
@@ -120,39 +116,6 @@ def save_weights(
             dtype=cast,
         ),
     )
-
-
-def stored_weights(container: Container) -> tuple[dict[str, str], dict[str, Any]]:
-    """Map each state-dict key of the file's model to the stored tensor holding it, and each
-    key of a sparse or quantized tensor to its node (a recipe naming its stored parts)."""
-    manifest = container.manifest
-    if manifest is None or manifest.tree is None:
-        return weight_names(container), {}
-    tree, aliases = manifest.tree, container.aliases
-    flat_dict = manifest.kind == "weights"  # save_weights' tree: every key at its top
-    if not flat_dict:
-        for key in MODEL_KEYS:
-            if isinstance(tree, dict) and key in tree:
-                tree = tree[key]
-                break
-        if isinstance(tree, dict) and set(tree) == {STATEFUL, "state"}:
-            tree = tree["state"]
-    if isinstance(tree, dict) and set(tree) == {Tag.DICT}:
-        items = {k: v for k, v in tree[Tag.DICT] if isinstance(k, str)}
-    else:
-        items = {k: v for k, v in tree.items() if k != METADATA} if isinstance(tree, dict) else {}
-    composites = {k: v for k, v in items.items() if parts_of(v) is not None}
-    if flat_dict:
-        plain = {k: v for k, v in items.items() if isinstance(v, dict) and set(v) == {TENSOR}}
-        names = {k: str(v[TENSOR]) for k, v in plain.items()}
-        return {k: aliases.get(n, n) for k, n in names.items()}, composites
-    try:
-        names = weight_names(container)
-    except UnsupportedFormatError:
-        if not composites:
-            raise
-        names = {}  # a model of sparse or quantized tensors only
-    return names, composites
 
 
 class _Part:
@@ -391,6 +354,8 @@ def load_weights(
     Raises:
         StateMismatchError: with ``strict``, keys or shapes that do not fit (all named), before
             anything is read; when the keys carry a wrapper's prefix, the message says which.
+        UnsupportedObjectError: the model's state dict holds values other than tensors (a
+            quantized module's packed parameters): restore it with ``model.load_state_dict``.
 
     Example:
         ```python
@@ -399,11 +364,18 @@ def load_weights(
         model.eval()
         ```
     """
+    expected = model.state_dict()
+    others = [k for k, v in expected.items() if not isinstance(v, torch.Tensor)]
+    if others:
+        raise UnsupportedObjectError(
+            f"{type(model).__name__}'s state dict holds values that are not tensors ("
+            f"{others[0]}: {type(expected[others[0]]).__name__}), as quantized modules' do; "
+            "load_weights reads tensors only: model.load_state_dict(tk.load(path)) restores it"
+        )
     with WeightsSource(source, verify=verify, storage_options=storage_options) as weights:
         stored = weights.shapes()
         rename = {_strip(k, strip_prefix): k for k in stored}
         shapes = {k: stored[original] for k, original in rename.items()}
-        expected = model.state_dict()
         mismatched = tuple(
             k for k in expected if k in shapes and tuple(expected[k].shape) != shapes[k]
         )

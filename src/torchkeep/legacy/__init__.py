@@ -17,7 +17,7 @@ from torchkeep.legacy.huggingface import (
     weights_files,
     write_huggingface,
 )
-from torchkeep.legacy.model_weights import MODEL_KEYS, weight_names, weights_in
+from torchkeep.legacy.model_weights import MODEL_KEYS, stored_weights, weight_names, weights_in
 from torchkeep.legacy.pickle_scan import ScanReport, scan
 from torchkeep.legacy.torch_save import (
     LEGACY_MAGIC,
@@ -45,6 +45,7 @@ __all__ = [
     "load_huggingface",
     "load_pickle_file",
     "scan",
+    "stored_weights",
     "weight_names",
     "weights_files",
     "weights_in",

@@ -1,6 +1,7 @@
 """Where a file keeps a model's weights: under which key a checkpoint stores them, which stored
-tensor holds each state-dict key of a torchkeep or safetensors file, and the dict of tensors
-inside a loaded ``torch.save`` file or DCP checkpoint.
+tensor holds each state-dict key of a torchkeep or safetensors file (or which recipe, for a
+sparse or quantized tensor), and the dict of tensors inside a loaded ``torch.save`` file or DCP
+checkpoint.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import torch
 
 from torchkeep.container import Container
 from torchkeep.errors import UnsupportedFormatError
-from torchkeep.format import Manifest
-from torchkeep.tree import STATEFUL, TENSOR
+from torchkeep.format import Manifest, Tag
+from torchkeep.tree import METADATA, STATEFUL, TENSOR, parts_of
 
 # Where a checkpoint keeps its model, in the order they are looked for.
 MODEL_KEYS = ("model_state_dict", "model", "state_dict", "module")
@@ -68,3 +69,36 @@ def weights_in(obj: Any, path: str) -> dict[str, torch.Tensor]:
         f"{path}: holds no model weights (a dict of tensors, or one under "
         f"{', '.join(MODEL_KEYS)}); load it with tk.load instead"
     )
+
+
+def stored_weights(container: Container) -> tuple[dict[str, str], dict[str, Any]]:
+    """Map each state-dict key of the file's model to the stored tensor holding it, and each
+    key of a sparse or quantized tensor to its node (a recipe naming its stored parts)."""
+    manifest = container.manifest
+    if manifest is None or manifest.tree is None:
+        return weight_names(container), {}
+    tree, aliases = manifest.tree, container.aliases
+    flat_dict = manifest.kind == "weights"  # save_weights' tree: every key at its top
+    if not flat_dict:
+        for key in MODEL_KEYS:
+            if isinstance(tree, dict) and key in tree:
+                tree = tree[key]
+                break
+        if isinstance(tree, dict) and set(tree) == {STATEFUL, "state"}:
+            tree = tree["state"]
+    if isinstance(tree, dict) and set(tree) == {Tag.DICT}:
+        items = {k: v for k, v in tree[Tag.DICT] if isinstance(k, str)}
+    else:
+        items = {k: v for k, v in tree.items() if k != METADATA} if isinstance(tree, dict) else {}
+    composites = {k: v for k, v in items.items() if parts_of(v) is not None}
+    if flat_dict:
+        plain = {k: v for k, v in items.items() if isinstance(v, dict) and set(v) == {TENSOR}}
+        names = {k: str(v[TENSOR]) for k, v in plain.items()}
+        return {k: aliases.get(n, n) for k, n in names.items()}, composites
+    try:
+        names = weight_names(container)
+    except UnsupportedFormatError:
+        if not composites:
+            raise
+        names = {}  # a model of sparse or quantized tensors only
+    return names, composites

@@ -33,13 +33,7 @@ def weight_names(container: Container) -> dict[str, str]:
             for name in section.buffers:
                 keys.pop(name, None)
         return keys
-    tree = manifest.tree
-    for key in MODEL_KEYS:
-        if isinstance(tree, dict) and key in tree:
-            tree = tree[key]
-            break
-    if isinstance(tree, dict) and set(tree) == {STATEFUL, "state"}:
-        tree = tree["state"]
+    tree = _model_tree(manifest.tree)
     if not isinstance(tree, dict) or not any(_is_tensor(v) for v in tree.values()):
         raise UnsupportedFormatError(
             f"{container.path}: holds no model weights (looked for a dict of tensors under "
@@ -80,12 +74,7 @@ def stored_weights(container: Container) -> tuple[dict[str, str], dict[str, Any]
     tree, aliases = manifest.tree, container.aliases
     flat_dict = manifest.kind == "weights"  # save_weights' tree: every key at its top
     if not flat_dict:
-        for key in MODEL_KEYS:
-            if isinstance(tree, dict) and key in tree:
-                tree = tree[key]
-                break
-        if isinstance(tree, dict) and set(tree) == {STATEFUL, "state"}:
-            tree = tree["state"]
+        tree = _model_tree(tree)
     if isinstance(tree, dict) and set(tree) == {Tag.DICT}:
         items = {k: v for k, v in tree[Tag.DICT] if isinstance(k, str)}
     else:
@@ -102,3 +91,15 @@ def stored_weights(container: Container) -> tuple[dict[str, str], dict[str, Any]
             raise
         names = {}  # a model of sparse or quantized tensors only
     return names, composites
+
+
+def _model_tree(tree: Any) -> Any:
+    """The part of a saved state tree that holds the model: under the first of ``MODEL_KEYS``
+    the tree has, inside a Stateful's state."""
+    for key in MODEL_KEYS:
+        if isinstance(tree, dict) and key in tree:
+            tree = tree[key]
+            break
+    if isinstance(tree, dict) and set(tree) == {STATEFUL, "state"}:
+        tree = tree["state"]
+    return tree

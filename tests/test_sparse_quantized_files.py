@@ -506,3 +506,38 @@ def test_load_weights_of_a_quantized_model_says_how_to_restore_it(tmp_path):
         fresh.load_state_dict(tk.load(path))  # what the message says works
         x = torch.randn(2, 4)
         assert torch.equal(fresh(x), model(x))
+
+
+def test_float_qparams_of_a_dtype_torch_never_makes_them_for_are_refused(tmp_path):
+    # torch makes per_channel_affine_float_qparams for quint8 only; a qint32 one crashes its
+    # kernels (SIGILL in dequantize), so it is refused on every path and never returned.
+    crafted = torch._make_per_channel_quantized_tensor(
+        torch.zeros(4, 3, dtype=torch.int32), torch.ones(4), torch.zeros(4), 0
+    )
+    assert crafted.qscheme() == torch.per_channel_affine_float_qparams
+    torch.save({"q": crafted}, tmp_path / "q.pt")
+    with pytest.raises(tk.CorruptCheckpointError, match="float zero points, which torch makes for quint8"):
+        tk.load(tmp_path / "q.pt")
+    with pytest.raises(tk.UnsupportedObjectError, match="float zero points with quint8 only"):
+        tk.save({"q": crafted}, tmp_path / "q.safetensors")
+    assert not (tmp_path / "q.safetensors").exists()
+
+
+@pytest.mark.parametrize("scale", [0.0, -1.0])
+def test_a_scale_the_format_cannot_hold_is_read_but_not_stored(tmp_path, scale):
+    q = torch._make_per_tensor_quantized_tensor(torch.arange(3, dtype=torch.int8), scale, 0)
+    torch.save({"q": q}, tmp_path / "q.pt")
+    back = tk.load(tmp_path / "q.pt")["q"]  # read exactly, as torch reads it
+    assert back.q_scale() == scale and torch.equal(back.int_repr(), q.int_repr())
+    with pytest.raises(tk.UnsupportedObjectError, match=r"^q: .*finite scales above 0"):
+        tk.save({"q": back}, tmp_path / "q.safetensors")
+
+
+def test_many_conjugate_views_of_one_storage_stay_within_memory(tmp_path):
+    z = torch.randn(1 << 16, dtype=torch.complex64)  # 512 KiB
+    torch.save([z.conj(), z[1:].conj()], tmp_path / "two.pt")  # what users save: loads
+    two = tk.load(tmp_path / "two.pt")
+    assert torch.equal(two[0], z.conj().resolve_conj()) and torch.equal(two[1], z[1:].conj())
+    torch.save([z.conj() for _ in range(60)], tmp_path / "many.pt")  # 60 views, one storage
+    with pytest.raises(tk.CorruptCheckpointError, match="conjugate and negative views"):
+        tk.load(tmp_path / "many.pt")

@@ -480,6 +480,9 @@ def _check_recipe(tag: str, recipe: Any, names: set[str]) -> None:
                     f"{tag}: zero_point {zero_point!r:.40} is not an integer in [{low}, {high}]"
                 )
         else:
+            if qscheme == "per_channel_affine_float_qparams" and dtype != "quint8":
+                # torch makes it for quint8 only; other dtypes crash its kernels
+                raise ValueError(f"{tag}: {qscheme} holds quint8 tensors only, not {dtype}")
             scalars = ("qscheme", "dtype", "axis")
             axis: Any = recipe.get("axis")
             if not is_int(axis) or axis < 0:

@@ -237,6 +237,11 @@ def set_state(tensor: _T, state: Any) -> _T:
     return tensor
 
 
+# The materialized conj/neg views of a load may take this many times the memory of the
+# storages they view (torch.save writes each view once; a file naming one many times is refused).
+MAX_VIEW_COPIES = 2
+
+
 class Rebuilders:
     """The tensor-rebuilding stand-ins of one load. With ``defer``, conj/neg views are
     materialized, and sparse and per-channel quantized tensors checked, by ``materialize()``
@@ -252,6 +257,8 @@ class Rebuilders:
     def __init__(self, *, defer: bool = True) -> None:
         self._defer = defer
         self._pending: list[tuple[torch.Tensor, torch.Tensor, bool, bool]] = []
+        self._viewed: dict[int, int] = {}  # the bytes of each storage a materialized view views
+        self._copied = 0  # the bytes of the materialized views
         self._checks: list[Check] = []
         self.composite = False
         tensor = Function(self._rebuild_tensor)
@@ -320,6 +327,17 @@ class Rebuilders:
             return view
         if not self._defer:
             raise UnsupportedFormatError("conj/neg views of tensors are not read here")
+        if view.device.type != "meta":
+            # Each view is materialized in memory of its own: bounded by the storages viewed,
+            # so that a file cannot name one storage's views many times over.
+            storage = view.untyped_storage()
+            self._viewed[storage.data_ptr()] = storage.nbytes()
+            self._copied += view.numel() * view.element_size()
+            if self._copied > MAX_VIEW_COPIES * sum(self._viewed.values()) + (1 << 20):
+                raise CorruptCheckpointError(
+                    f"its conjugate and negative views would take over {MAX_VIEW_COPIES} "
+                    "times the memory of the storages they view; the file is corrupt or crafted"
+                )
         out = torch.empty(view.shape, dtype=view.dtype, device=view.device)
         if out.device.type != "meta":
             self._pending.append((out, view, conj, neg))

@@ -370,6 +370,12 @@ def _per_channel(
             f"a quantized tensor's scales and zero points are {scales.dtype} and "
             f"{zero_points.dtype}, not float64 and int64 (or float32 and float32)"
         )
+    if float_params and dtype != torch.quint8:
+        # torch makes float zero points for quint8 only; others crash its kernels (SIGILL)
+        raise CorruptCheckpointError(
+            f"a {dtype} tensor quantized with float zero points, which torch makes for quint8 "
+            "tensors only; the file is corrupt or crafted"
+        )
     if storage.device.type == "meta":
         return torch.empty(shape, dtype=dtype, device="meta"), lambda: None
     tensor = torch._empty_per_channel_affine_quantized(

@@ -90,6 +90,19 @@ def _quantized_parts(
             f"{', '.join(QUANTIZED_PARTS)}); store t.int_repr() and its parameters, or "
             "t.dequantize()"
         )
+    scales = (
+        torch.tensor([t.q_scale()]) if qscheme == "per_tensor_affine" else t.q_per_channel_scales()
+    )
+    float_params = qscheme == "per_channel_affine_float_qparams"
+    if not bool(torch.isfinite(scales).all() and (scales > 0).all()) or (
+        float_params and dtype != "quint8"
+    ):
+        raise UnsupportedObjectError(
+            f"{where}: a {dtype} tensor quantized {qscheme} with scales "
+            f"{scales.tolist()!r:.60} cannot be stored (torchkeep stores finite scales above 0, "
+            "and float zero points with quint8 only); store t.int_repr() and its parameters, "
+            "or t.dequantize()"
+        )
     recipe: dict[str, Any] = {"qscheme": qscheme, "dtype": dtype}
     if qscheme == "per_tensor_affine":
         recipe |= {"scale": float(t.q_scale()), "zero_point": int(t.q_zero_point())}

@@ -167,14 +167,7 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
     console.print(f"[bold]torchkeep demo[/bold]: writing to {out}\n")
     tasks: dict[str, TaskID] = {}
     started = time.perf_counter()
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    ) as bar:
+    with _progress_bar(console) as bar:
 
         def progress(what: str, done: int, total: int) -> None:
             if what not in tasks:
@@ -294,14 +287,7 @@ def _run_bench(
     total = planned_runs(args.repeats) + (
         (args.repeats + 1) * GPU_RUNS if args.device is not None else 0
     )
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total} runs"),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    ) as bar:
+    with _progress_bar(console, unit=" runs") as bar:
         task = bar.add_task("starting", total=total)
 
         def progress(line: str) -> None:
@@ -330,6 +316,18 @@ def _run_bench(
             else None
         )
     return result, gpu
+
+
+def _progress_bar(console: Console, *, unit: str = "") -> Progress:
+    """The command line's progress bar: what is being done, a bar, the count and the time."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}" + unit),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    )
 
 
 def _storage_option(text: str) -> tuple[str, Any]:

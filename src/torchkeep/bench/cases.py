@@ -1,14 +1,19 @@
-"""The timed cases (save, cold load, load into a model), the raw-disk reference and peak memory."""
+"""The timed cases (save, cold load, load into a model), the physical references they are
+measured against (the raw device through ``O_DIRECT``, the first touch of fresh memory) and
+peak memory."""
 
 from __future__ import annotations
 
+import errno
 import json
+import mmap
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import safetensors.torch
@@ -16,21 +21,31 @@ import torch
 from torch import nn
 
 import torchkeep as tk
-from torchkeep.bench.workload import MIB, drop_cache, fsync_file, remove_file, touch
+from torchkeep.bench.workload import (
+    MIB,
+    drop_cache,
+    fsync_file,
+    make_raw_buffer,
+    remove_file,
+    touch,
+)
 from torchkeep.io.memory import tensor_bytes
+from torchkeep.io.pool import IO_THREADS
+from torchkeep.storage.direct import ENV
 
 SAVE_MEMORY = "save"
 LOAD_MEMORY = "load"
 RAW_CHUNK = 16 << 20
-RAW_WRITE_THREADS = 4
-RAW_READ_THREADS = 8
+RAW_THREADS = 4
+ALIGN = 4096
 TORCHKEEP = "torchkeep"
 TORCH = "torch"
 SAFETENSORS = "safetensors"
 SAVE = "durable save"
 LOAD = "cold load, all bytes read"
 LOAD_INTO = "cold load into model"
-RAW = "raw disk"
+RAW = "raw device"
+FIRST_TOUCH = "first touch"
 CONVERT = "convert .pth to safetensors, durable"
 READ_PTH = "cold read of a torch.save file, all bytes read"
 TORCH_THEN_SAFETENSORS = "torch.load + save_file"
@@ -129,54 +144,148 @@ def time_read_pth(library: str, path: str) -> float:
     return time.perf_counter() - started
 
 
-def _chunks(nbytes: int) -> list[tuple[int, int]]:
+def _spans(nbytes: int) -> list[tuple[int, int]]:
     return [(o, min(RAW_CHUNK, nbytes - o)) for o in range(0, nbytes, RAW_CHUNK)]
 
 
-def time_raw_write(buffer: torch.Tensor, path: str, *, threads: int = RAW_WRITE_THREADS) -> float:
-    """Time writing ``buffer`` (uint8, faulted in) to a fresh file: parallel pwrite + fsync."""
-    remove_file(path)
-    view = tensor_bytes(buffer)
-    started = time.perf_counter()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+def aligned_buffer(nbytes: int) -> torch.Tensor:
+    """Return ``nbytes`` (rounded up to whole pages) of random bytes, faulted in, starting on a
+    page boundary, as ``O_DIRECT`` needs."""
+    size = -(-nbytes // ALIGN) * ALIGN
+    memory = torch.empty(size + ALIGN, dtype=torch.uint8)
+    start = -memory.data_ptr() % ALIGN
+    buffer = memory[start : start + size]
+    buffer.copy_(make_raw_buffer(size))
+    return buffer
+
+
+def _open(path: str, flags: int) -> tuple[int, bool]:
+    """Open ``path`` with ``O_DIRECT`` where the file system takes it; say whether it did."""
+    direct = getattr(os, "O_DIRECT", 0)
+    if direct:
+        try:
+            return os.open(path, flags | direct | os.O_CLOEXEC, 0o644), True
+        except OSError as e:
+            if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+    return os.open(path, flags | os.O_CLOEXEC, 0o644), False
+
+
+def direct_io_refused(directory: str) -> bool:
+    """Whether the file system of ``directory`` refuses ``O_DIRECT`` (then the raw references
+    go through the page cache, and the report says so)."""
+    probe = os.path.join(directory, ".torchkeep-direct-probe")
     try:
+        fd, direct = _open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        try:
+            if direct:
+                page = aligned_buffer(ALIGN)
+                os.pwrite(fd, tensor_bytes(page), 0)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            direct = False
+        finally:
+            os.close(fd)
+    finally:
+        remove_file(probe)
+    return not direct
 
-        def write(span: tuple[int, int]) -> None:
-            offset, nbytes = span
-            done = 0
-            while done < nbytes:
-                done += os.pwrite(fd, view[offset + done : offset + nbytes], offset + done)
 
-        with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(write, _chunks(len(view))))
+def _parallel(
+    fd: int, view: memoryview, io: Callable[[int, memoryview, int], int], threads: int
+) -> int:
+    """Run ``io`` over ``view`` in ``RAW_CHUNK`` requests, ``threads`` in flight; return the
+    bytes moved (fewer than asked only where a read met the end of the file)."""
+
+    def one(span: tuple[int, int]) -> int:
+        offset, nbytes = span
+        done = 0
+        while done < nbytes:
+            n = io(fd, view[offset + done : offset + nbytes], offset + done)
+            if n == 0:
+                break
+            done += n
+        return done
+
+    with ThreadPoolExecutor(threads) as pool:
+        return sum(pool.map(one, _spans(len(view))))
+
+
+def _pwrite(fd: int, view: memoryview, offset: int) -> int:
+    return os.pwrite(fd, view, offset)
+
+
+def _pread(fd: int, view: memoryview, offset: int) -> int:
+    return os.preadv(fd, [view], offset)
+
+
+def time_raw_write(
+    buffer: torch.Tensor, path: str, *, nbytes: int | None = None, threads: int = RAW_THREADS
+) -> float:
+    """Time the disk's own durable write: the first ``nbytes`` of ``buffer`` (from
+    ``aligned_buffer``; rounded up to whole pages) written to a fresh file with ``O_DIRECT``,
+    ``RAW_CHUNK`` requests with ``threads`` in flight, then fsync (buffered where the file
+    system refuses ``O_DIRECT``)."""
+    remove_file(path)
+    size = -(-(buffer.numel() if nbytes is None else nbytes) // ALIGN) * ALIGN
+    view = tensor_bytes(buffer)[:size]
+    started = time.perf_counter()
+    fd, _ = _open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        _parallel(fd, view, _pwrite, threads)
         os.fsync(fd)
     finally:
         os.close(fd)
     return time.perf_counter() - started
 
 
-def time_raw_read(buffer: torch.Tensor, path: str, *, threads: int = RAW_READ_THREADS) -> float:
-    """Drop ``path`` from the page cache, then time reading it into ``buffer`` with preadv."""
+def time_raw_read(buffer: torch.Tensor, path: str, *, threads: int = RAW_THREADS) -> float:
+    """Drop ``path`` from the page cache, then time the disk's own read of the whole file into
+    ``buffer`` (from ``aligned_buffer``, at least the file's size): ``O_DIRECT``, ``RAW_CHUNK``
+    requests with ``threads`` in flight (buffered where the file system refuses it)."""
+    size = -(-os.path.getsize(path) // ALIGN) * ALIGN
+    if buffer.numel() < size:
+        raise ValueError(f"{path}: the buffer holds {buffer.numel()} bytes, the file {size}")
+    view = tensor_bytes(buffer)[:size]
     drop_cache(path)
-    view = tensor_bytes(buffer)
     started = time.perf_counter()
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fd, _ = _open(path, os.O_RDONLY)
     try:
-
-        def read(span: tuple[int, int]) -> None:
-            offset, nbytes = span
-            done = 0
-            while done < nbytes:
-                n = os.preadv(fd, [view[offset + done : offset + nbytes]], offset + done)
-                if n == 0:
-                    raise OSError(f"{path}: short read at {offset + done}")
-                done += n
-
-        with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(read, _chunks(len(view))))
+        _parallel(fd, view, _pread, threads)
     finally:
         os.close(fd)
     return time.perf_counter() - started
+
+
+def time_first_touch(nbytes: int, *, threads: int = IO_THREADS) -> float:
+    """Time the first touch of ``nbytes`` of fresh memory: allocate it and write one byte of
+    every page, ``threads`` at a time, as the kernel must map and zero every page a load into
+    new tensors fills."""
+    started = time.perf_counter()
+    memory = torch.empty(nbytes, dtype=torch.uint8)
+
+    def touch_pages(span: tuple[int, int]) -> None:
+        offset, length = span
+        memory[offset : offset + length : mmap.PAGESIZE].fill_(1)
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(touch_pages, _spans(nbytes)))
+    return time.perf_counter() - started
+
+
+@contextmanager
+def direct_io(mode: str) -> Iterator[None]:
+    """Run with ``TORCHKEEP_DIRECT_IO`` set to ``mode`` (see ``torchkeep.storage.direct``)."""
+    before = os.environ.get(ENV)
+    os.environ[ENV] = mode
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[ENV]
+        else:
+            os.environ[ENV] = before
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,6 +25,10 @@ SMALL_SAVE = "durable save, small tensors"
 SMALL_LOAD = "cold load, small tensors, all bytes read"
 LAZY_OPEN = "lazy open, cold"
 WARM_LOAD_INTO = "warm load into existing tensors"
+DIRECT_SAVE = "durable save: direct I/O or the page cache"
+DIRECT_LOAD = "cold load: direct I/O or the page cache"
+DIRECT_LOAD_INTO = "cold load into model: direct I/O or the page cache"
+DIRECT_ON = "torchkeep, TORCHKEEP_DIRECT_IO=on"
 SMALL_TENSORS = 10_000
 SMALL_MIN_BYTES = 4 << 10
 SMALL_MAX_BYTES = 64 << 10

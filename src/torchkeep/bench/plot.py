@@ -7,8 +7,8 @@ import os
 from typing import Any
 
 from torchkeep._optional import importing
-from torchkeep.bench.cases import RAW, SAFETENSORS, TORCH, TORCHKEEP
-from torchkeep.bench.engine import CHECKSUMS_OFF, LAZY_OPEN, MEMCPY
+from torchkeep.bench.cases import FIRST_TOUCH, RAW, SAFETENSORS, TORCH, TORCHKEEP
+from torchkeep.bench.engine import CHECKSUMS_OFF, DIRECT_ON, LAZY_OPEN, MEMCPY
 from torchkeep.bench.report import BenchResult, CaseResult
 from torchkeep.bench.workload import MIB
 
@@ -19,7 +19,10 @@ COLORS = {
     SAFETENSORS: "#5aa05a",
     RAW: "#9a9a9a",
     MEMCPY: "#9a9a9a",
+    FIRST_TOUCH: "#c8c8c8",
+    DIRECT_ON: "#1d4f73",
 }
+LABELS = {RAW: "raw device (O_DIRECT) / memcpy", MEMCPY: "raw device (O_DIRECT) / memcpy"}
 OTHER_COLOR = "#c08fc0"
 
 
@@ -55,7 +58,7 @@ def plot(result: BenchResult, path: str | os.PathLike[str]) -> None:
         top = y
         for case in cases:
             library = case.library
-            label = "raw disk / memcpy" if library in (RAW, MEMCPY) else library
+            label = LABELS.get(library, library)
             axes.barh(
                 y,
                 case.gbps,

@@ -17,6 +17,7 @@ import torch
 
 from torchkeep.bench.cases import (
     CONVERT,
+    FIRST_TOUCH,
     LIBRARIES,
     LOAD,
     LOAD_INTO,
@@ -30,10 +31,14 @@ from torchkeep.bench.cases import (
     TORCH_THEN_SAFETENSORS,
     TORCHKEEP,
     MemoryResult,
+    aligned_buffer,
     collect_memory,
+    direct_io,
+    direct_io_refused,
     measure_memory,
     save_with,
     time_convert,
+    time_first_touch,
     time_load,
     time_load_into,
     time_raw_read,
@@ -44,6 +49,10 @@ from torchkeep.bench.cases import (
 from torchkeep.bench.engine import (
     CHECKSUM_COST,
     CHECKSUMS_OFF,
+    DIRECT_LOAD,
+    DIRECT_LOAD_INTO,
+    DIRECT_ON,
+    DIRECT_SAVE,
     LAZY_OPEN,
     MEMCPY,
     SMALL_LOAD,
@@ -60,7 +69,6 @@ from torchkeep.bench.report import BenchResult, CaseResult, machine_info
 from torchkeep.bench.workload import (
     MIB,
     make_model,
-    make_raw_buffer,
     make_state_dict,
     remove_file,
     state_bytes,
@@ -70,9 +78,11 @@ Progress = Callable[[str], None]
 Step = Callable[[], None]
 
 # How many runs each part makes per round: libraries (and references) in each of its cases.
-CORE_RUNS = 4 + 4 + 4 + 2 + 2  # save, cold load, load into a model (each with the raw disk),
-# then reading and converting a torch.save file
-ENGINE_RUNS = 2 + 3 + 3 + 2 + 2  # checksum cost, small saves, small loads, lazy open, warm load
+CORE_RUNS = 4 + 5 + 4 + 2 + 2  # save (with the raw device), cold load (with the raw device and
+# the first touch of fresh memory), load into a model (with the raw device), then reading and
+# converting a torch.save file
+ENGINE_RUNS = 2 + 3 * 2 + 3 + 3 + 2 + 2  # checksum cost, direct I/O against the page cache in
+# three cases, small saves, small loads, lazy open, warm load
 MEMORY_RUNS = 2 * 3  # a save and a load per library, in fresh processes
 
 
@@ -129,10 +139,16 @@ EXTENSIONS = {TORCHKEEP: "tk.safetensors", TORCH: "pt", SAFETENSORS: "st.safeten
 
 
 def _split(results: list[CaseResult]) -> tuple[list[CaseResult], list[CaseResult]]:
-    """Separate the libraries' results from the raw-disk reference's (which gets no ratio)."""
-    cases = [c for c in results if c.library != RAW]
-    raw = [replace(c, ratio=None) for c in results if c.library == RAW]
+    """Separate the libraries' results from the physical references' (which get no ratio)."""
+    references = (RAW, FIRST_TOUCH)
+    cases = [c for c in results if c.library not in references]
+    raw = [replace(c, ratio=None) for c in results if c.library in references]
     return cases, raw
+
+
+def _with_direct_io(mode: str, run: Callable[[], float]) -> float:
+    with direct_io(mode):
+        return run()
 
 
 class _Rounds:
@@ -161,45 +177,58 @@ class _Rounds:
 def _cases(
     state: Mapping[str, torch.Tensor], work: str, rounds: _Rounds, engine: bool
 ) -> tuple[list[CaseResult], list[CaseResult]]:
-    """Run the cases; the raw-disk reference runs in the same rounds as each of them,
-    since the throughput of a shared or virtual disk drifts over minutes."""
+    """Run the cases; the physical references run in the same rounds as each of them, since
+    the throughput of a shared or virtual disk drifts over minutes."""
     nbytes = state_bytes(state)
     raw_path = os.path.join(work, "raw.bin")
-    buffer = make_raw_buffer(nbytes)
-    cases: list[CaseResult] = []
-    raw: list[CaseResult] = []
     saves = {lib: os.path.join(work, f"save.{EXTENSIONS[lib]}") for lib in LIBRARIES}
     loads = {lib: os.path.join(work, f"load.{EXTENSIONS[lib]}") for lib in LIBRARIES}
+    # Room for the whole torchkeep file (tensors, header and manifest) in the raw reads.
+    buffer = aligned_buffer(nbytes + (16 << 20))
+    cases: list[CaseResult] = []
+    raw: list[CaseResult] = []
     try:
         runs: dict[str, Callable[[], float]] = {
             lib: partial(time_save, lib, state, saves[lib]) for lib in LIBRARIES
         }
-        runs[RAW] = partial(time_raw_write, buffer, raw_path)
+        runs[RAW] = partial(time_raw_write, buffer, raw_path, nbytes=nbytes)
         c, r = _split(rounds(SAVE, runs, nbytes))
         cases, raw = cases + c, raw + r
+        remove_file(raw_path)
         if engine:
             runs = {
                 TORCHKEEP: partial(time_save, TORCHKEEP, state, saves[TORCHKEEP]),
                 CHECKSUMS_OFF: partial(time_save_without_checksums, state, saves[TORCHKEEP]),
             }
             cases += rounds(CHECKSUM_COST, runs, nbytes)
+            save = partial(time_save, TORCHKEEP, state, saves[TORCHKEEP])
+            cases += rounds(DIRECT_SAVE, _direct_or_not(save), nbytes)
         for p in saves.values():
             remove_file(p)
 
         rounds.say("writing the files to load")
         for lib in LIBRARIES:
             save_with(lib, state, loads[lib])
+        # The raw device reads torchkeep's own file: the same bytes, from the same place on
+        # the disk, written as long ago as the files the libraries load.
+        read_raw = partial(time_raw_read, buffer, loads[TORCHKEEP])
         runs = {lib: partial(time_load, lib, loads[lib]) for lib in LIBRARIES}
-        runs[RAW] = partial(time_raw_read, buffer, raw_path)
+        runs[RAW] = read_raw
+        runs[FIRST_TOUCH] = partial(time_first_touch, nbytes)
         c, r = _split(rounds(LOAD, runs, nbytes))
         cases, raw = cases + c, raw + r
+        if engine:
+            load = partial(time_load, TORCHKEEP, loads[TORCHKEEP])
+            cases += rounds(DIRECT_LOAD, _direct_or_not(load), nbytes)
 
         model = make_model(state)
         runs = {lib: partial(time_load_into, lib, model, loads[lib]) for lib in LIBRARIES}
-        runs[RAW] = partial(time_raw_read, buffer, raw_path)
+        runs[RAW] = read_raw
         c, r = _split(rounds(LOAD_INTO, runs, nbytes))
         cases, raw = cases + c, raw + r
         if engine:
+            load_into = partial(time_load_into, TORCHKEEP, model, loads[TORCHKEEP])
+            cases += rounds(DIRECT_LOAD_INTO, _direct_or_not(load_into), nbytes)
             copy = torch.empty_like(buffer).zero_()
             runs = {
                 TORCHKEEP: partial(time_warm_load_into, model, loads[TORCHKEEP]),
@@ -229,6 +258,15 @@ def _cases(
     finally:
         for p in (*saves.values(), *loads.values(), raw_path):
             remove_file(p)
+
+
+def _direct_or_not(run: Callable[[], float]) -> dict[str, Callable[[], float]]:
+    """``run`` through the page cache (torchkeep's default) and with direct I/O: how the
+    default was chosen, measured again on this machine."""
+    return {
+        TORCHKEEP: partial(_with_direct_io, "off", run),
+        DIRECT_ON: partial(_with_direct_io, "on", run),
+    }
 
 
 def _small_cases(work: str, rounds: _Rounds, count: int) -> list[CaseResult]:
@@ -313,6 +351,7 @@ def run_benchmark(
         state = make_state_dict(size_bytes)
         nbytes, tensors = state_bytes(state), len(state)
         machine = machine_info(work)
+        raw_direct = not direct_io_refused(work)
         rounds = _Rounds(repeats, progress, step)
         cases, raw = _cases(state, work, rounds, engine)
         del state
@@ -332,6 +371,7 @@ def run_benchmark(
             memory=tuple(memory_results),
             seconds=time.perf_counter() - started,
             small_tensors=small_tensors if engine else 0,
+            raw_direct=raw_direct,
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -1,7 +1,8 @@
 """Where bytes go: the ``Storage`` seam and its implementations.
 
 ``base`` holds the protocols and the operations written once over any storage; ``local`` the
-atomic local files (and the only code that makes or recognises temporary names); ``fsspec`` and
+atomic local files (and the only code that makes or recognises temporary names), with
+``direct`` for their direct I/O; ``fsspec`` and
 ``s3`` the object stores; ``route`` picks the storage of a path or URL.
 """
 

@@ -17,11 +17,13 @@ import mmap
 import os
 import re
 import shutil
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from torchkeep.errors import CheckpointNotFoundError, StorageError, TorchkeepError
+from torchkeep.storage import direct
 from torchkeep.storage.base import Leftover, Sink
 
 log = logging.getLogger(__name__)
@@ -31,6 +33,9 @@ _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 # ".<name>.tmp-<12 hex>", with ".old" for a previous version moved aside; ".deleted-" is how
 # earlier versions of the transformers integration hid a step it was deleting.
+# The direct-I/O descriptor of each file being written, by its ordinary descriptor (unique
+# while both are open), so that subclasses overriding ``_sink(fd, path)`` keep working.
+_DIRECT_FDS: dict[int, int] = {}
 _HIDDEN = re.compile(r"\.(?P<name>.+)\.(?:tmp|deleted)-[0-9a-f]{12}(?P<old>\.old)?")
 
 
@@ -63,11 +68,33 @@ def fsync_dir(path: str) -> None:
 
 
 class _FileSink:
-    def __init__(self, fd: int, path: str) -> None:
+    def __init__(self, fd: int, path: str, direct_fd: int | None = None) -> None:
         self._fd = fd
         self._path = path
+        self._direct_fd = direct_fd
 
     def pwrite(self, data: memoryview, offset: int) -> None:
+        # The page-aligned interior of a large range goes direct; its ends, and small or
+        # read-only ranges (headers), through the page cache (see ``storage.direct``).
+        fd = self._direct_fd
+        if fd is None or len(data) < direct.DIRECT_MIN_BYTES or data.readonly:
+            self._buffered(data, offset)
+            return
+        begin, end = direct.interior(offset, len(data))
+        if end - begin < direct.DIRECT_MIN_BYTES:
+            self._buffered(data, offset)
+            return
+        self._buffered(data[: begin - offset], offset)
+        try:
+            direct.write_direct(fd, data[begin - offset : end - offset], begin)
+        except direct.Refused:
+            self._direct_fd = None
+            self._buffered(data[begin - offset : end - offset], begin)
+        except OSError as e:
+            raise _storage_error(self._path, e) from e
+        self._buffered(data[end - offset :], end)
+
+    def _buffered(self, data: memoryview, offset: int) -> None:
         view = data
         while len(view):
             try:
@@ -94,10 +121,14 @@ class _FileSink:
 
 
 class LocalSource:
-    """A local file opened for positional reads."""
+    """A local file opened for positional reads: large reads of a file not in the page cache
+    go direct (see ``storage.direct``)."""
 
     def __init__(self, path: str) -> None:
         self.name = path
+        self._direct_fd: int | None = None
+        self._direct_decided = not direct.enabled()
+        self._lock = threading.Lock()
         try:
             self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         except FileNotFoundError as e:
@@ -107,9 +138,34 @@ class LocalSource:
         except OSError as e:
             raise StorageError(e.errno, f"{path}: cannot open for reading: {e.strerror}") from e
         self.size = os.fstat(self._fd).st_size
+        _advise_sequential(self._fd)
+
+    def _direct(self) -> int | None:
+        if not self._direct_decided:
+            with self._lock:
+                if not self._direct_decided:
+                    if not direct.resident(self._fd, self.size):
+                        self._direct_fd = _open_direct(self.name, os.O_RDONLY)
+                    self._direct_decided = True
+        return self._direct_fd
 
     def readinto(self, buffers: list[memoryview], offset: int) -> None:
         pending = [b for b in buffers if len(b)]
+        if sum(len(b) for b in pending) >= direct.DIRECT_MIN_BYTES:
+            fd = self._direct()
+            if fd is not None:
+                try:
+                    filled = direct.read_direct(fd, pending, offset, self.size)
+                except direct.Refused:
+                    self._direct_fd, filled = None, 0
+                except OSError as e:
+                    raise StorageError(e.errno, f"{self.name}: read failed: {e.strerror}") from e
+                offset += filled
+                while pending and filled >= len(pending[0]):
+                    filled -= len(pending[0])
+                    pending.pop(0)
+                if pending and filled:
+                    pending[0] = pending[0][filled:]
         while pending:
             try:
                 n = os.preadv(self._fd, pending, offset)
@@ -138,6 +194,9 @@ class LocalSource:
 
     def close(self) -> None:
         os.close(self._fd)
+        if self._direct_fd is not None:
+            os.close(self._direct_fd)
+            self._direct_fd = None
 
 
 class LocalStorage:
@@ -153,6 +212,9 @@ class LocalStorage:
         try:
             with _storage_errors(path):
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            direct_fd = _open_direct(tmp, os.O_WRONLY) if direct.enabled() else None
+            if direct_fd is not None:
+                _DIRECT_FDS[fd] = direct_fd
             try:
                 with _storage_errors(path):
                     _preallocate(fd, size)
@@ -160,6 +222,9 @@ class LocalStorage:
                 with _storage_errors(path):
                     self._fsync(fd)
             finally:
+                if direct_fd is not None:
+                    del _DIRECT_FDS[fd]
+                    os.close(direct_fd)
                 os.close(fd)
             with _storage_errors(path):
                 # Atomic: a reader sees the old file or the new one. A reader that mapped the
@@ -176,7 +241,7 @@ class LocalStorage:
     # one of them.
 
     def _sink(self, fd: int, path: str) -> Sink:
-        return _FileSink(fd, path)
+        return _FileSink(fd, path, _DIRECT_FDS.get(fd))
 
     def _fsync(self, fd: int) -> None:
         # An error here is final for this save: the kernel may have dropped the dirty pages,
@@ -323,6 +388,25 @@ def hidden_target(name: str) -> str | None:
     """The name whose hidden temporary, moved-aside or deleted entry ``name`` is, or None."""
     match = _HIDDEN.fullmatch(name)
     return match.group("name") if match else None
+
+
+def _advise_sequential(fd: int) -> None:
+    # Files are read front to back, in large pieces: a larger readahead window keeps more of
+    # the disk's requests in flight. Measured on 1 GiB (11 interleaved rounds): cold loads into
+    # new tensors 1.06 s -> 0.63 s (median), loads into existing tensors unchanged. A hint only.
+    if hasattr(os, "posix_fadvise"):
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+
+
+def _open_direct(path: str, flags: int) -> int | None:
+    """A second descriptor of ``path`` for direct I/O; None where it is refused (then the
+    page cache serves every request)."""
+    try:
+        return direct.open_direct(path, flags)
+    except OSError as e:
+        log.debug("%s: no direct I/O: %s", path, e)
+        return None
 
 
 def _exchange(a: str, b: str) -> bool:

@@ -25,6 +25,7 @@ import errno
 import mmap
 import os
 import threading
+from typing import Any
 
 ALIGN = 4096
 BOUNCE_BYTES = 4 << 20
@@ -36,25 +37,24 @@ _RESIDENT_FRACTION = 0.5
 _memmove = ctypes.memmove  # a foreign call: it releases the GIL while it copies
 _pwrite = os.pwrite
 _preadv = os.preadv
-_libc = ctypes.CDLL(None, use_errno=True)
-_mincore = getattr(_libc, "mincore", None)
-_mmap = _libc.mmap
-_mmap.argtypes = (
-    ctypes.c_void_p,
-    ctypes.c_size_t,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_long,
-)
-_mmap.restype = ctypes.c_void_p
-_munmap = _libc.munmap
-_munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
-_munmap.restype = ctypes.c_int
+
+
+def _function(name: str, argtypes: tuple[type, ...], restype: type) -> Any:
+    """A libc function with its types, or None where there is no such libc (not POSIX)."""
+    try:
+        function = getattr(ctypes.CDLL(None, use_errno=True), name)
+    except (OSError, AttributeError, TypeError):
+        return None
+    function.argtypes = argtypes
+    function.restype = restype
+    return function
+
+
+_size, _void, _int = ctypes.c_size_t, ctypes.c_void_p, ctypes.c_int
+_mincore = _function("mincore", (_void, _size, _void), _int)
+_mmap = _function("mmap", (_void, _size, _int, _int, _int, ctypes.c_long), _void)
+_munmap = _function("munmap", (_void, _size), _int)
 _MAP_FAILED = ctypes.c_void_p(-1).value
-if _mincore is not None:
-    _mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
-    _mincore.restype = ctypes.c_int
 
 
 def mode() -> str:
@@ -170,7 +170,7 @@ def read_direct(fd: int, buffers: list[memoryview], offset: int, size: int) -> i
 def resident(fd: int, size: int) -> bool:
     """Whether most of the file is in the page cache already (then a buffered read is a copy
     from memory, faster than asking the disk again)."""
-    if _mincore is None or size <= 0:
+    if _mincore is None or _mmap is None or _munmap is None or size <= 0:
         return False
     address = _mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
     if address in (None, _MAP_FAILED):

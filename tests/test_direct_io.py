@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -35,31 +34,54 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.fixture(autouse=True)
+def _direct_io_here(tmp_path: Path) -> None:
+    """These tests need a file system that takes O_DIRECT and whose page cache can be dropped
+    (not tmpfs, which keeps every page)."""
+    probe = tmp_path / ".probe"
+    probe.write_bytes(os.urandom(1 << 20))
+    fd = direct.open_direct(str(probe), os.O_RDONLY)
+    if fd is None:
+        probe.unlink()
+        pytest.skip(f"{tmp_path}: the file system refuses O_DIRECT")
+    try:
+        drop_cache(probe)
+        cached = direct.resident(fd, 1 << 20)
+    finally:
+        os.close(fd)
+        probe.unlink()
+    if cached:
+        pytest.skip(f"{tmp_path}: the page cache of this file system cannot be dropped")
+
+
+def _spy(monkeypatch: pytest.MonkeyPatch, name: str) -> list[object]:
+    """Count the calls of ``direct.<name>``: one entry per call."""
+    calls: list[object] = []
+    function = getattr(direct, name)
+
+    def spy(*args: object) -> object:
+        calls.append(args)
+        return function(*args)
+
+    monkeypatch.setattr(direct, name, spy)
+    return calls
+
+
 @pytest.mark.parametrize("write_mode", ["on", "off"])
 @pytest.mark.parametrize("read_mode", ["on", "off"])
 def test_direct_and_buffered_give_the_same_bytes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, write_mode: str, read_mode: str
 ) -> None:
-    calls = {"write": 0, "read": 0}
-
-    def counted(kind: str, function: Callable[..., int | None]) -> Callable[..., int | None]:
-        def call(*args: object) -> int | None:
-            calls[kind] += 1
-            return function(*args)
-
-        return call
-
-    monkeypatch.setattr(direct, "write_direct", counted("write", direct.write_direct))
-    monkeypatch.setattr(direct, "read_direct", counted("read", direct.read_direct))
+    writes, reads = _spy(monkeypatch, "write_direct"), _spy(monkeypatch, "read_direct")
     state = _state()
     path = str(tmp_path / "w.safetensors")
     monkeypatch.setenv(direct.ENV, write_mode)
     tk.save_weights(state, path)
-    assert (calls["write"] > 0) == (write_mode == "on")
+    assert bool(writes) == (write_mode == "on")
     drop_cache(path)
     monkeypatch.setenv(direct.ENV, read_mode)
     assert _same(tk.load_state_dict(path), state)
-    assert (calls["read"] > 0) == (read_mode == "on")
+    assert bool(reads) == (read_mode == "on")
     assert _same(safetensors.torch.load_file(path), state)  # another reader agrees
     model = make_model(state)  # zeroed: loading into existing tensors
     drop_cache(path)
@@ -79,7 +101,9 @@ def test_the_mode_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) ->
     assert direct.mode() == "off"
 
 
-def test_a_file_in_the_page_cache_is_read_through_it(tmp_path: Path) -> None:
+def test_a_file_in_the_page_cache_is_read_through_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = tmp_path / "f.bin"
     path.write_bytes(os.urandom(4 << 20))
     with open(path, "rb") as f:
@@ -89,6 +113,39 @@ def test_a_file_in_the_page_cache_is_read_through_it(tmp_path: Path) -> None:
         assert direct.resident(source._fd, source.size)
         drop_cache(path)
         assert not direct.resident(source._fd, source.size)
+    finally:
+        source.close()
+    state = _state()
+    saved = str(tmp_path / "w.safetensors")
+    tk.save_weights(state, saved)  # through the page cache: it stays there
+    reads = _spy(monkeypatch, "read_direct")
+    monkeypatch.setenv(direct.ENV, "on")
+    assert _same(tk.load_state_dict(saved), state)
+    assert reads == []  # a copy from memory, not a second trip to the disk
+    drop_cache(saved)
+    assert _same(tk.load_state_dict(saved), state)
+    assert reads
+
+
+def test_a_file_replaced_after_it_was_opened_is_not_read_direct(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The direct descriptor is opened by name at the first large read: if a save renamed
+    # another file over the name since, the bytes must still come from the file opened.
+    old, new = _state(), {k: v + 1 for k, v in _state().items()}
+    path = str(tmp_path / "w.safetensors")
+    tk.save_weights(old, path)
+    drop_cache(path)
+    monkeypatch.setenv(direct.ENV, "on")
+    source = LocalSource(path)
+    try:
+        tk.save_weights(new, path)
+        drop_cache(path)
+        data = bytearray(2 << 20)
+        source.readinto([memoryview(data)], 0)
+        with open(path, "rb") as f:
+            assert bytes(data) != f.read(2 << 20)
+        assert source._direct_fd is None  # the name now names another file: no direct reads
     finally:
         source.close()
 
@@ -127,17 +184,30 @@ def test_a_direct_read_past_the_end_stops_there(tmp_path: Path) -> None:
     assert bytes(buffer[:got]) == data[1000:]
 
 
-def test_a_truncated_file_read_direct_is_an_error(tmp_path: Path) -> None:
-    path = tmp_path / "w.safetensors"
-    tk.save_weights(_state(), str(path))
-    with open(path, "r+b") as f:
-        f.truncate(path.stat().st_size - 5000)
+def test_a_file_shorter_than_its_read_is_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # (A truncated save is refused when it is opened, before any tensor is read: its header
+    # names more bytes than the file holds. A file cut while it is being read is met here.)
+    path = tmp_path / "f.bin"
+    path.write_bytes(os.urandom((3 << 20) + 123))
     drop_cache(path)
-    with pytest.raises((StorageError, CorruptCheckpointError)):
-        tk.load_state_dict(str(path))
+    monkeypatch.setenv(direct.ENV, "on")
+    reads = _spy(monkeypatch, "read_direct")
+    source = LocalSource(str(path))
+    try:
+        with pytest.raises(StorageError, match="it was truncated"):
+            source.readinto([memoryview(bytearray(4 << 20))], 0)
+    finally:
+        source.close()
+    assert reads
 
 
-def test_damage_is_found_through_direct_reads(tmp_path: Path) -> None:
+def test_damage_is_found_through_direct_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(direct.ENV, "on")
+    reads = _spy(monkeypatch, "read_direct")
     path = tmp_path / "w.safetensors"
     tk.save_weights(_state(), str(path))
     with open(path, "r+b") as f:
@@ -148,9 +218,14 @@ def test_damage_is_found_through_direct_reads(tmp_path: Path) -> None:
     drop_cache(path)
     with pytest.raises(CorruptCheckpointError, match="does not match its checksum"):
         tk.load_state_dict(str(path))
+    assert reads
+
+
+_REFUSED: list[object] = []
 
 
 def _refuse(*args: object) -> int:
+    _REFUSED.append(args)
     raise OSError(errno.EINVAL, "Invalid argument")
 
 
@@ -160,9 +235,11 @@ def test_a_refused_direct_write_falls_back_to_the_page_cache(
     # Some file systems take the O_DIRECT open and refuse the requests (EINVAL).
     monkeypatch.setenv(direct.ENV, "on")
     monkeypatch.setattr(direct, "_pwrite", _refuse)
+    _REFUSED.clear()
     state = _state()
     path = str(tmp_path / "w.safetensors")
     tk.save_weights(state, path)
+    assert _REFUSED  # the direct path was tried, and refused
     assert _same(tk.load_state_dict(path), state)
 
 
@@ -175,19 +252,28 @@ def test_a_refused_direct_read_falls_back_to_the_page_cache(
     drop_cache(path)
     monkeypatch.setenv(direct.ENV, "on")
     monkeypatch.setattr(direct, "_preadv", _refuse)
+    _REFUSED.clear()
     assert _same(tk.load_state_dict(path), state)
+    assert len(_REFUSED) == 1  # refused once, then the page cache for the rest
 
 
 def test_a_refused_direct_open_falls_back_to_the_page_cache(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv(direct.ENV, "on")
-    monkeypatch.setattr(direct, "open_direct", lambda path, flags: None)
+    opened: list[str] = []
+
+    def refused(path: str, flags: int) -> None:
+        opened.append(path)
+        return None
+
+    monkeypatch.setattr(direct, "open_direct", refused)
     state = _state()
     path = str(tmp_path / "w.safetensors")
     tk.save_weights(state, path)
     drop_cache(path)
     assert _same(tk.load_state_dict(path), state)
+    assert len(opened) == 2  # asked for the write and for the read, refused both times
 
 
 def test_a_full_disk_during_a_direct_write_keeps_the_previous_file(
@@ -225,6 +311,8 @@ def test_a_failing_disk_during_a_direct_read_is_a_storage_error(
 
 
 def test_tmpfs_takes_either_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Whether tmpfs takes O_DIRECT depends on the kernel (6.6 and later do): either way the
+    # same bytes come back.
     shm = Path("/dev/shm")
     if not shm.is_dir() or not os.access(shm, os.W_OK):
         pytest.skip("no writable /dev/shm here")
@@ -253,6 +341,30 @@ def test_the_benchmark_knows_where_direct_io_is_refused(
 
     monkeypatch.setattr(os, "open", no_direct)
     assert cases.direct_io_refused(str(tmp_path))
+    monkeypatch.setattr(os, "open", real_open)
+    # Some file systems open with O_DIRECT and refuse the requests: the probe says so too,
+    # and the references then open without it.
+    real_pwrite = os.pwrite
+
+    def refusing_pwrite(fd: int, data: object, offset: int) -> int:
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(os, "pwrite", refusing_pwrite)
+    assert cases.direct_io_refused(str(tmp_path))
+    monkeypatch.setattr(os, "pwrite", real_pwrite)
+    flags: list[int] = []
+
+    def recording(path: str, flag: int, mode: int = 0o777) -> int:
+        flags.append(flag)
+        return real_open(path, flag, mode)
+
+    monkeypatch.setattr(os, "open", recording)
+    buffer = cases.aligned_buffer(1 << 20)
+    assert cases.time_raw_write(buffer, str(tmp_path / "raw.bin"), direct=False) > 0
+    assert cases.time_raw_read(buffer, str(tmp_path / "raw.bin"), direct=False) > 0
+    assert flags and not any(f & os.O_DIRECT for f in flags)
+    (tmp_path / "raw.bin").unlink()
+    monkeypatch.setattr(os, "open", no_direct)
     # The raw references still measure, through the page cache.
     buffer = cases.aligned_buffer(1 << 20)
     assert cases.time_raw_write(buffer, str(tmp_path / "raw.bin")) > 0
@@ -269,7 +381,9 @@ def test_a_failed_direct_save_keeps_the_previous_file(
     path = str(tmp_path / "w.safetensors")
     tk.save_weights({"old": torch.ones(3)}, path)
     monkeypatch.setenv(direct.ENV, "on")
+    writes = _spy(monkeypatch, "write_direct")
     with pytest.raises((InjectedFault, StorageError)):
         tk.save_weights(_state(), path, storage=FaultyStorage(step, middle=3 << 20))
+    assert writes or step == "write-first"  # the failure came after direct writes began
     assert _same(tk.load_state_dict(path), {"old": torch.ones(3)})
     assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]

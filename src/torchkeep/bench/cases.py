@@ -159,12 +159,13 @@ def aligned_buffer(nbytes: int) -> torch.Tensor:
     return buffer
 
 
-def _open(path: str, flags: int) -> tuple[int, bool]:
-    """Open ``path`` with ``O_DIRECT`` where the file system takes it; say whether it did."""
-    direct = getattr(os, "O_DIRECT", 0)
-    if direct:
+def _open(path: str, flags: int, *, direct: bool = True) -> tuple[int, bool]:
+    """Open ``path`` with ``O_DIRECT`` (if ``direct``) where the file system takes it; say
+    whether it did."""
+    o_direct = getattr(os, "O_DIRECT", 0) if direct else 0
+    if o_direct:
         try:
-            return os.open(path, flags | direct | os.O_CLOEXEC, 0o644), True
+            return os.open(path, flags | o_direct | os.O_CLOEXEC, 0o644), True
         except OSError as e:
             if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
                 raise
@@ -203,8 +204,8 @@ def _parallel(
         done = 0
         while done < nbytes:
             n = io(fd, view[offset + done : offset + nbytes], offset + done)
-            if n == 0:
-                break
+            if n == 0 or (io is _pread and n < nbytes - done):
+                break  # the end of the file (a read asks again only from an aligned offset)
             done += n
         return done
 
@@ -221,17 +222,22 @@ def _pread(fd: int, view: memoryview, offset: int) -> int:
 
 
 def time_raw_write(
-    buffer: torch.Tensor, path: str, *, nbytes: int | None = None, threads: int = RAW_THREADS
+    buffer: torch.Tensor,
+    path: str,
+    *,
+    nbytes: int | None = None,
+    threads: int = RAW_THREADS,
+    direct: bool = True,
 ) -> float:
     """Time the disk's own durable write: the first ``nbytes`` of ``buffer`` (from
     ``aligned_buffer``; rounded up to whole pages) written to a fresh file with ``O_DIRECT``,
-    ``RAW_CHUNK`` requests with ``threads`` in flight, then fsync (buffered where the file
-    system refuses ``O_DIRECT``)."""
+    ``RAW_CHUNK`` requests with ``threads`` in flight, then fsync (buffered without ``direct``,
+    or where the file system refuses to open a file with ``O_DIRECT``)."""
     remove_file(path)
     size = -(-(buffer.numel() if nbytes is None else nbytes) // ALIGN) * ALIGN
     view = tensor_bytes(buffer)[:size]
     started = time.perf_counter()
-    fd, _ = _open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    fd, _ = _open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, direct=direct)
     try:
         _parallel(fd, view, _pwrite, threads)
         os.fsync(fd)
@@ -240,17 +246,20 @@ def time_raw_write(
     return time.perf_counter() - started
 
 
-def time_raw_read(buffer: torch.Tensor, path: str, *, threads: int = RAW_THREADS) -> float:
+def time_raw_read(
+    buffer: torch.Tensor, path: str, *, threads: int = RAW_THREADS, direct: bool = True
+) -> float:
     """Drop ``path`` from the page cache, then time the disk's own read of the whole file into
     ``buffer`` (from ``aligned_buffer``, at least the file's size): ``O_DIRECT``, ``RAW_CHUNK``
-    requests with ``threads`` in flight (buffered where the file system refuses it)."""
+    requests with ``threads`` in flight (buffered without ``direct``, or where the file system
+    refuses to open a file with ``O_DIRECT``)."""
     size = -(-os.path.getsize(path) // ALIGN) * ALIGN
     if buffer.numel() < size:
         raise ValueError(f"{path}: the buffer holds {buffer.numel()} bytes, the file {size}")
     view = tensor_bytes(buffer)[:size]
     drop_cache(path)
     started = time.perf_counter()
-    fd, _ = _open(path, os.O_RDONLY)
+    fd, _ = _open(path, os.O_RDONLY, direct=direct)
     try:
         _parallel(fd, view, _pread, threads)
     finally:

@@ -22,7 +22,7 @@ COLORS = {
     FIRST_TOUCH: "#c8c8c8",
     DIRECT_ON: "#1d4f73",
 }
-LABELS = {RAW: "raw device (O_DIRECT) / memcpy", MEMCPY: "raw device (O_DIRECT) / memcpy"}
+LABELS = {RAW: "raw device / memcpy", MEMCPY: "raw device / memcpy"}
 OTHER_COLOR = "#c08fc0"
 
 

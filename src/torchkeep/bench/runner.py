@@ -175,7 +175,7 @@ class _Rounds:
 
 
 def _cases(
-    state: Mapping[str, torch.Tensor], work: str, rounds: _Rounds, engine: bool
+    state: Mapping[str, torch.Tensor], work: str, rounds: _Rounds, engine: bool, raw_direct: bool
 ) -> tuple[list[CaseResult], list[CaseResult]]:
     """Run the cases; the physical references run in the same rounds as each of them, since
     the throughput of a shared or virtual disk drifts over minutes."""
@@ -191,7 +191,7 @@ def _cases(
         runs: dict[str, Callable[[], float]] = {
             lib: partial(time_save, lib, state, saves[lib]) for lib in LIBRARIES
         }
-        runs[RAW] = partial(time_raw_write, buffer, raw_path, nbytes=nbytes)
+        runs[RAW] = partial(time_raw_write, buffer, raw_path, nbytes=nbytes, direct=raw_direct)
         c, r = _split(rounds(SAVE, runs, nbytes))
         cases, raw = cases + c, raw + r
         remove_file(raw_path)
@@ -211,7 +211,7 @@ def _cases(
             save_with(lib, state, loads[lib])
         # The raw device reads torchkeep's own file: the same bytes, from the same place on
         # the disk, written as long ago as the files the libraries load.
-        read_raw = partial(time_raw_read, buffer, loads[TORCHKEEP])
+        read_raw = partial(time_raw_read, buffer, loads[TORCHKEEP], direct=raw_direct)
         runs = {lib: partial(time_load, lib, loads[lib]) for lib in LIBRARIES}
         runs[RAW] = read_raw
         runs[FIRST_TOUCH] = partial(time_first_touch, nbytes)
@@ -229,10 +229,10 @@ def _cases(
         if engine:
             load_into = partial(time_load_into, TORCHKEEP, model, loads[TORCHKEEP])
             cases += rounds(DIRECT_LOAD_INTO, _direct_or_not(load_into), nbytes)
-            copy = torch.empty_like(buffer).zero_()
+            copy = torch.zeros(nbytes, dtype=torch.uint8)
             runs = {
                 TORCHKEEP: partial(time_warm_load_into, model, loads[TORCHKEEP]),
-                MEMCPY: partial(time_memcpy, buffer, copy),
+                MEMCPY: partial(time_memcpy, buffer[:nbytes], copy),
             }
             cases += rounds(WARM_LOAD_INTO, runs, nbytes)
             del copy
@@ -353,7 +353,7 @@ def run_benchmark(
         machine = machine_info(work)
         raw_direct = not direct_io_refused(work)
         rounds = _Rounds(repeats, progress, step)
-        cases, raw = _cases(state, work, rounds, engine)
+        cases, raw = _cases(state, work, rounds, engine, raw_direct)
         del state
         if engine:
             cases += _small_cases(work, rounds, small_tensors)

@@ -27,7 +27,7 @@ import os
 import threading
 from typing import Any
 
-ALIGN = 4096
+ALIGN = max(4096, mmap.PAGESIZE)  # a page: no page is ever written both ways at once
 BOUNCE_BYTES = 4 << 20
 DIRECT_MIN_BYTES = 1 << 20
 ENV = "TORCHKEEP_DIRECT_IO"
@@ -55,6 +55,7 @@ _mincore = _function("mincore", (_void, _size, _void), _int)
 _mmap = _function("mmap", (_void, _size, _int, _int, _int, ctypes.c_long), _void)
 _munmap = _function("munmap", (_void, _size), _int)
 _MAP_FAILED = ctypes.c_void_p(-1).value
+_BIT_0 = bytes(i & 1 for i in range(256))
 
 
 def mode() -> str:
@@ -122,13 +123,16 @@ def write_direct(fd: int, data: memoryview, offset: int) -> None:
         written = 0
         while written < n:
             try:
-                written += _pwrite(fd, bounce[written:n], offset + done + written)
+                moved = _pwrite(fd, bounce[written:n], offset + done + written)
             except InterruptedError:
                 continue
             except OSError as e:
                 if e.errno == errno.EINVAL:
                     raise Refused from e
                 raise
+            if moved == 0:
+                raise OSError(errno.EIO, "the disk accepted no bytes")
+            written += moved
         done += n
 
 
@@ -180,7 +184,8 @@ def resident(fd: int, size: int) -> bool:
         vector = (ctypes.c_ubyte * pages)()
         if _mincore(address, size, vector) != 0:
             return False
-        cached = pages - bytes(vector).count(0)  # bit 0 of each entry: the page is resident
+        # Bit 0 of each entry says the page is resident; the other bits are reserved.
+        cached = bytes(vector).translate(_BIT_0).count(1)
         return cached >= _RESIDENT_FRACTION * pages
     finally:
         _munmap(address, size)

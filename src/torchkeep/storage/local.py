@@ -126,8 +126,9 @@ class LocalSource:
 
     def __init__(self, path: str) -> None:
         self.name = path
-        self._direct_fd: int | None = None
+        self._direct_fd: int | None = None  # closed by close() alone: other threads may use it
         self._direct_decided = not direct.enabled()
+        self._direct_refused = False
         self._lock = threading.Lock()
         try:
             self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
@@ -145,9 +146,9 @@ class LocalSource:
             with self._lock:
                 if not self._direct_decided:
                     if not direct.resident(self._fd, self.size):
-                        self._direct_fd = _open_direct(self.name, os.O_RDONLY)
+                        self._direct_fd = _reopen_direct(self._fd, self.name)
                     self._direct_decided = True
-        return self._direct_fd
+        return None if self._direct_refused else self._direct_fd
 
     def readinto(self, buffers: list[memoryview], offset: int) -> None:
         pending = [b for b in buffers if len(b)]
@@ -157,7 +158,7 @@ class LocalSource:
                 try:
                     filled = direct.read_direct(fd, pending, offset, self.size)
                 except direct.Refused:
-                    self._direct_fd, filled = None, 0
+                    self._direct_refused, filled = True, 0
                 except OSError as e:
                     raise StorageError(e.errno, f"{self.name}: read failed: {e.strerror}") from e
                 offset += filled
@@ -222,10 +223,12 @@ class LocalStorage:
                 with _storage_errors(path):
                     self._fsync(fd)
             finally:
-                if direct_fd is not None:
-                    del _DIRECT_FDS[fd]
-                    os.close(direct_fd)
-                os.close(fd)
+                try:
+                    if direct_fd is not None:
+                        del _DIRECT_FDS[fd]
+                        os.close(direct_fd)
+                finally:
+                    os.close(fd)
             with _storage_errors(path):
                 # Atomic: a reader sees the old file or the new one. A reader that mapped the
                 # old file keeps its inode, so its data does not change under it.
@@ -397,6 +400,23 @@ def _advise_sequential(fd: int) -> None:
     if hasattr(os, "posix_fadvise"):
         with contextlib.suppress(OSError):
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+
+
+def _reopen_direct(fd: int, path: str) -> int | None:
+    """A direct-I/O descriptor of the file open as ``fd``; None where refused, or where ``path``
+    no longer names that file (a save renamed another over it since it was opened)."""
+    direct_fd = _open_direct(path, os.O_RDONLY)
+    if direct_fd is None:
+        return None
+    try:
+        ours, theirs = os.fstat(fd), os.fstat(direct_fd)
+        same = (ours.st_dev, ours.st_ino) == (theirs.st_dev, theirs.st_ino)
+    except OSError:
+        same = False
+    if not same:
+        os.close(direct_fd)
+        return None
+    return direct_fd
 
 
 def _open_direct(path: str, flags: int) -> int | None:

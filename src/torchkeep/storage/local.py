@@ -31,11 +31,11 @@ log = logging.getLogger(__name__)
 _SYNC_FILE_RANGE_WRITE = 2
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
-# ".<name>.tmp-<12 hex>", with ".old" for a previous version moved aside; ".deleted-" is how
-# earlier versions of the transformers integration hid a step it was deleting.
 # The direct-I/O descriptor of each file being written, by its ordinary descriptor (unique
 # while both are open), so that subclasses overriding ``_sink(fd, path)`` keep working.
 _DIRECT_FDS: dict[int, int] = {}
+# ".<name>.tmp-<12 hex>", with ".old" for a previous version moved aside; ".deleted-" is how
+# earlier versions of the transformers integration hid a step it was deleting.
 _HIDDEN = re.compile(r"\.(?P<name>.+)\.(?:tmp|deleted)-[0-9a-f]{12}(?P<old>\.old)?")
 
 
@@ -213,10 +213,11 @@ class LocalStorage:
         try:
             with _storage_errors(path):
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-            direct_fd = _open_direct(tmp, os.O_WRONLY) if direct.enabled() else None
-            if direct_fd is not None:
-                _DIRECT_FDS[fd] = direct_fd
+            direct_fd = None
             try:
+                direct_fd = _open_direct(tmp, os.O_WRONLY) if direct.enabled() else None
+                if direct_fd is not None:
+                    _DIRECT_FDS[fd] = direct_fd
                 with _storage_errors(path):
                     _preallocate(fd, size)
                 fill(self._sink(fd, path))
@@ -225,7 +226,7 @@ class LocalStorage:
             finally:
                 try:
                     if direct_fd is not None:
-                        del _DIRECT_FDS[fd]
+                        _DIRECT_FDS.pop(fd, None)
                         os.close(direct_fd)
                 finally:
                     os.close(fd)

@@ -62,9 +62,10 @@ class CaseResult:
 
     Attributes:
         group: the case (``SAVE``, ``LOAD``, ``LOAD_INTO``).
-        library: a library, or ``RAW`` for the raw-disk reference run in the same rounds.
+        library: a library, or a physical reference run in the same rounds (``RAW``, the
+            raw device; ``FIRST_TOUCH``, fresh memory).
         ratio: this library's median over torchkeep's in the same case (above 1: torchkeep is
-            faster); ``None`` for the raw-disk reference.
+            faster); ``None`` for the physical references.
     """
 
     group: str

@@ -105,7 +105,8 @@ def make_model(state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
 
 
 def make_raw_buffer(nbytes: int) -> torch.Tensor:
-    """Return ``nbytes`` of random bytes, faulted in, for the raw-disk reference to write."""
+    """Return ``nbytes`` of random bytes, faulted in (the raw device's reference writes them,
+    through ``cases.aligned_buffer``)."""
     buffer = torch.empty(nbytes, dtype=torch.uint8)
     _fill(buffer, torch.randint(0, 256, (16 << 20,), dtype=torch.uint8), 0)
     return buffer

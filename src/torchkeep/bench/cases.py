@@ -31,7 +31,7 @@ from torchkeep.bench.workload import (
 )
 from torchkeep.io.memory import tensor_bytes
 from torchkeep.io.pool import IO_THREADS
-from torchkeep.storage.direct import ENV
+from torchkeep.storage.direct import ENV, open_direct
 
 SAVE_MEMORY = "save"
 LOAD_MEMORY = "load"
@@ -162,13 +162,9 @@ def aligned_buffer(nbytes: int) -> torch.Tensor:
 def _open(path: str, flags: int, *, direct: bool = True) -> tuple[int, bool]:
     """Open ``path`` with ``O_DIRECT`` (if ``direct``) where the file system takes it; say
     whether it did."""
-    o_direct = getattr(os, "O_DIRECT", 0) if direct else 0
-    if o_direct:
-        try:
-            return os.open(path, flags | o_direct | os.O_CLOEXEC, 0o644), True
-        except OSError as e:
-            if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
-                raise
+    fd = open_direct(path, flags) if direct and hasattr(os, "O_DIRECT") else None
+    if fd is not None:
+        return fd, True
     return os.open(path, flags | os.O_CLOEXEC, 0o644), False
 
 

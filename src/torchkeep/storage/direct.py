@@ -25,6 +25,7 @@ import errno
 import mmap
 import os
 import threading
+from collections.abc import Callable
 from typing import Any
 
 ALIGN = max(4096, mmap.PAGESIZE)  # a page: no page is ever written both ways at once
@@ -70,10 +71,10 @@ def enabled() -> bool:
     return hasattr(os, "O_DIRECT") and mode() == "on"
 
 
-def open_direct(path: str, flags: int) -> int | None:
+def open_direct(path: str, flags: int, mode: int = 0o644) -> int | None:
     """Open ``path`` with ``O_DIRECT`` added to ``flags``; None where that is refused."""
     try:
-        return os.open(path, flags | os.O_DIRECT | getattr(os, "O_CLOEXEC", 0))
+        return os.open(path, flags | os.O_DIRECT | getattr(os, "O_CLOEXEC", 0), mode)
     except OSError as e:
         if e.errno in (errno.EINVAL, errno.EOPNOTSUPP):
             return None
@@ -111,6 +112,20 @@ class Refused(Exception):
     """The file system refused a direct request: go through the page cache instead."""
 
 
+def _request(call: Callable[[int, Any, int], int], fd: int, data: Any, offset: int) -> int:
+    """One direct request, retried when a signal interrupts it; EINVAL (the file system takes
+    no such request) is ``Refused``."""
+    while True:
+        try:
+            return call(fd, data, offset)
+        except InterruptedError:
+            continue
+        except OSError as e:
+            if e.errno == errno.EINVAL:
+                raise Refused from e
+            raise
+
+
 def write_direct(fd: int, data: memoryview, offset: int) -> None:
     """Write ``data`` (writable memory; page-aligned ``offset`` and length) through this
     thread's buffer."""
@@ -122,14 +137,7 @@ def write_direct(fd: int, data: memoryview, offset: int) -> None:
         _memmove(address, source + done, n)
         written = 0
         while written < n:
-            try:
-                moved = _pwrite(fd, bounce[written:n], offset + done + written)
-            except InterruptedError:
-                continue
-            except OSError as e:
-                if e.errno == errno.EINVAL:
-                    raise Refused from e
-                raise
+            moved = _request(_pwrite, fd, bounce[written:n], offset + done + written)
             if moved == 0:
                 raise OSError(errno.EIO, "the disk accepted no bytes")
             written += moved
@@ -148,14 +156,7 @@ def read_direct(fd: int, buffers: list[memoryview], offset: int, size: int) -> i
     index, within = 0, 0
     while offset + filled < end:
         want = min(BOUNCE_BYTES, -(-(end - position) // ALIGN) * ALIGN)
-        try:
-            got = _preadv(fd, [bounce[:want]], position)
-        except InterruptedError:
-            continue
-        except OSError as e:
-            if e.errno == errno.EINVAL:
-                raise Refused from e
-            raise
+        got = _request(_preadv, fd, [bounce[:want]], position)
         skip = offset + filled - position
         usable = min(got, end - position) - skip
         while usable > 0:

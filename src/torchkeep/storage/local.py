@@ -152,7 +152,8 @@ class LocalSource:
 
     def readinto(self, buffers: list[memoryview], offset: int) -> None:
         pending = [b for b in buffers if len(b)]
-        if sum(len(b) for b in pending) >= direct.DIRECT_MIN_BYTES:
+        maybe_direct = not self._direct_decided or self._direct_fd is not None
+        if maybe_direct and sum(len(b) for b in pending) >= direct.DIRECT_MIN_BYTES:
             fd = self._direct()
             if fd is not None:
                 try:
@@ -162,11 +163,7 @@ class LocalSource:
                 except OSError as e:
                     raise StorageError(e.errno, f"{self.name}: read failed: {e.strerror}") from e
                 offset += filled
-                while pending and filled >= len(pending[0]):
-                    filled -= len(pending[0])
-                    pending.pop(0)
-                if pending and filled:
-                    pending[0] = pending[0][filled:]
+                _advance(pending, filled)
         while pending:
             try:
                 n = os.preadv(self._fd, pending, offset)
@@ -179,11 +176,7 @@ class LocalSource:
                     errno.EIO, f"{self.name}: the file ended at {offset}; it was truncated"
                 )
             offset += n
-            while pending and n >= len(pending[0]):
-                n -= len(pending[0])
-                pending.pop(0)
-            if pending and n:
-                pending[0] = pending[0][n:]
+            _advance(pending, n)
 
     def read(self, offset: int, nbytes: int) -> bytes:
         buffer = bytearray(nbytes)
@@ -392,6 +385,15 @@ def hidden_target(name: str) -> str | None:
     """The name whose hidden temporary, moved-aside or deleted entry ``name`` is, or None."""
     match = _HIDDEN.fullmatch(name)
     return match.group("name") if match else None
+
+
+def _advance(pending: list[memoryview], nbytes: int) -> None:
+    """Drop the first ``nbytes`` filled from the front of ``pending``, in place."""
+    while pending and nbytes >= len(pending[0]):
+        nbytes -= len(pending[0])
+        pending.pop(0)
+    if pending and nbytes:
+        pending[0] = pending[0][nbytes:]
 
 
 def _advise_sequential(fd: int) -> None:

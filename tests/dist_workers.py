@@ -268,7 +268,59 @@ def manager(rank: int, world: int, *, out: str, root: str) -> None:
         f.write("ok")
 
 
+def _frozen_state(world: int, placements: str, seed: int) -> dict[str, Any]:
+    """A sharded frozen tensor (the same in every step) beside the sharded trainable ones."""
+    state = _state(world, placements, seed=seed)
+    mesh = state["model"]["w"].device_mesh
+    frozen = torch.randn(256, 1024, generator=torch.Generator().manual_seed(11))
+    place = [Shard(0)] if placements == "rows" else [Shard(1)]
+    state["model"]["frozen"] = distribute_tensor(frozen, mesh, place)
+    return state
+
+
+def incremental(rank: int, world: int, *, out: str, root: str) -> None:
+    """A manager's steps share the frozen DTensor's chunks; each rank links its own file."""
+    frozen_bytes = 256 * 1024 * 4
+    with tk.CheckpointManager(root, keep_last=2) as mgr:
+        state = _frozen_state(world, "rows", seed=1)
+        info = mgr.save(1, state)
+        assert info.shared_bytes == 0, info
+        for step in (2, 3):
+            fresh = _frozen_state(world, "rows", seed=step)  # w, b change; frozen does not
+            for name in ("w", "b"):
+                state["model"][name].to_local().copy_(fresh["model"][name].to_local())
+            info = mgr.save(step, state)
+            # The frozen tensor (every rank's chunk) and the replicated r are shared.
+            assert info.shared_bytes >= frozen_bytes, (step, info)
+            assert info.file_bytes < frozen_bytes // 4, (step, info)
+        assert mgr.steps() == [2, 3]
+        restored = _frozen_state(world, "cols", seed=50)
+        for t in restored["model"].values():
+            t.to_local().zero_()
+        assert mgr.restore(restored) == 3
+        expected = _frozen_state(world, "rows", seed=3)
+        for name, t in restored["model"].items():
+            assert torch.equal(t.full_tensor(), expected["model"][name].full_tensor()), name
+    with open(os.path.join(out, f"loaded-{rank}.txt"), "w") as f:
+        f.write("ok")
+
+
+def save_on_base(rank: int, world: int, *, out: str, path: str, base: str) -> None:
+    """tk.save(base=) in a process group: every rank shares its chunks, or every rank raises."""
+    state = _frozen_state(world, "rows", seed=4)
+    try:
+        info = tk.save(state, path, base=base)
+    except tk.TorchkeepError as e:
+        with open(os.path.join(out, f"raised-{rank}.txt"), "w") as f:
+            f.write(f"{type(e).__name__}: {e}")
+        return
+    with open(os.path.join(out, f"saved-{rank}.txt"), "w") as f:
+        f.write(str(info.shared_bytes))
+
+
 JOBS = {
+    "incremental": incremental,
+    "save_on_base": save_on_base,
     "manager": manager,
     "save": save,
     "load": load,

@@ -24,7 +24,8 @@ def test_demo_runs_end_to_end(tmp_path):
     )
     text = done.stdout + done.stderr
     assert done.returncode == 0, text
-    assert "demo passed: 8 of 8 steps" in text
+    assert "demo passed: 9 of 9 steps" in text
+    assert "each later step wrote only the layer and its optimizer moments" in text
     assert "bit for bit (34 tensors: weights, optimizer moments, every RNG state): True" in text
     assert f"in the middle of saving step {demo.KILLED_AT}" in text
     assert f"committed steps [{demo.KILLED_AT - 2}, {demo.KILLED_AT - 1}]" in text
@@ -39,6 +40,9 @@ def test_demo_runs_end_to_end(tmp_path):
         assert steps == [f"step_{s:09d}" for s in (demo.EPOCHS - 1, demo.EPOCHS)]
         assert all(tk.verify(out / run / s).ok for s in steps)
     assert not any(p.name.startswith(".step_") for p in (out / "interrupted").iterdir())
+    tuned = sorted(p.name for p in (out / "fine-tune").iterdir() if p.name.startswith("step_"))
+    assert tuned == ["step_000000003", "step_000000004"]
+    assert all(tk.verify(out / "fine-tune" / s).ok for s in tuned)
     assert tk.describe(out / "model-fp16").kind == "model"
     assert not (out / "hostile-pickle-ran").exists()
     assert not tk.verify(out / "damaged" / f"step_{demo.EPOCHS:09d}").ok

@@ -181,6 +181,42 @@ def test_checkpoint_manager_in_a_process_group(tmp_path):
         assert torch.equal(state["model"]["w"], full(seed=3)["w"])
 
 
+def test_incremental_steps_in_a_process_group(tmp_path):
+    root = tmp_path / "run"
+    _spawn(tmp_path, 2, "incremental", root=str(root))
+    step3 = root / "step_000000003"
+    manifest = json.loads((step3 / "manifest.json").read_text())
+    # Both ranks' files of step 1 hold frozen chunks: both are linked into step 3.
+    assert len(manifest["shared"]) == 2 and manifest["format_version"] == 4
+    assert tk.verify(step3).ok
+    state = tk.load(step3)
+    frozen = torch.randn(256, 1024, generator=torch.Generator().manual_seed(11))
+    assert torch.equal(state["model"]["frozen"], frozen)
+    assert torch.equal(state["model"]["w"], full(seed=3)["w"])
+
+
+def test_save_with_a_base_in_a_process_group(tmp_path):
+    first, second = tmp_path / "v1", tmp_path / "v2"
+    out = _spawn(tmp_path, 2, "save_on_base", path=str(first), base=str(tmp_path / "missing"))
+    raised = sorted(p.read_text() for p in out.glob("raised-*.txt"))
+    assert len(raised) == 2 and all("CheckpointNotFoundError" in r for r in raised), raised
+    assert not first.exists()
+    tk.save({"x": torch.ones(2)}, first)  # another state: not a base of this one
+    out = _spawn(tmp_path, 2, "save_on_base", path=str(second), base=str(first))
+    raised = sorted(p.read_text() for p in out.glob("raised-*.txt"))
+    assert len(raised) == 2 and all("StateMismatchError" in r for r in raised), raised
+    _spawn(tmp_path, 2, "save", path=str(tmp_path / "plain"))
+    import shutil
+
+    shutil.rmtree(first)
+    _spawn(tmp_path, 2, "save_on_base", path=str(first), base=str(tmp_path / "plain"))
+    out = _spawn(tmp_path, 2, "save_on_base", path=str(second), base=str(first))
+    shared = [int(p.read_text()) for p in out.glob("saved-*.txt")]
+    assert len(shared) == 2 and shared[0] == shared[1] > 0
+    assert tk.verify(second).ok
+    assert torch.equal(tk.load(second)["model"]["w"], tk.load(first)["model"]["w"])
+
+
 def test_two_ranks_save_to_object_storage(tmp_path, s3):
     root, opts = s3
     url = f"{root}/ckpt"

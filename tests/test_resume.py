@@ -4,6 +4,7 @@ ResumableSampler that makes mid-epoch resumption possible."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -261,6 +262,10 @@ KILL_SCRIPT = textwrap.dedent(
     # Stepped every batch: no end-of-epoch work that a checkpoint could fall before or after.
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=20, gamma=0.5)
     big = torch.zeros(4 * 2**20)  # 16 MiB, so that saves take a good part of each step
+    # Never changes, and is most of a step's bytes: each save shares its shard with the step
+    # before (an incremental save) instead of writing it.
+    frozen = torch.randn(6 * 2**20, generator=torch.Generator().manual_seed(7))
+    expected_frozen = frozen.clone()
     counter = torch.zeros((), dtype=torch.int64)
     state = {
         "model": model,
@@ -269,6 +274,7 @@ KILL_SCRIPT = textwrap.dedent(
         "sampler": sampler,
         "rng": tk.RNGState(),
         "big": big,
+        "frozen": frozen,
         "step": counter,
     }
 
@@ -279,6 +285,7 @@ KILL_SCRIPT = textwrap.dedent(
             step = mgr.restore(state) or 0
             assert int(counter) == step, (int(counter), step)
             assert torch.equal(big[:5], torch.full((5,), float(step))), big[:5]
+            assert torch.equal(frozen, expected_frozen)
         say(f"resumed {step}")
         for epoch in range(sampler.epoch, EPOCHS):
             model.train()
@@ -491,6 +498,9 @@ def test_sigkill_at_random_moments_never_loses_the_last_committed_step(tmp_path)
             latest = _check_root(root, mode, latest, info["committed"], info)
 
         assert latest == TOTAL_STEPS, table()
+        # The runs were incremental: the last step shares the frozen tensor's shard.
+        with open(root / f"step_{TOTAL_STEPS:09d}" / MANIFEST_FILE) as f:
+            assert json.load(f).get("shared"), "the last step shares nothing"
         assert child.values("loss")[-1] == TOTAL_STEPS
         final = tk.load(out)
         assert final["step"] == TOTAL_STEPS

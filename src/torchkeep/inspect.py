@@ -108,6 +108,8 @@ class VerifyReport:
         checksummed: True when the data was checked against checksums (those of torchkeep
             saves, the CRC-32s of ``torch.save`` files); False when a safetensors file
             without a torchkeep manifest could only be checked for structure and sizes.
+        incomplete: True when files of the save are missing rather than damaged: a save
+            that never committed, or one that lost a file it shares with an earlier save.
     """
 
     path: str
@@ -116,6 +118,7 @@ class VerifyReport:
     tensors: int = 0
     tensor_bytes: int = 0
     checksummed: bool = False
+    incomplete: bool = False
 
 
 def describe(
@@ -332,14 +335,8 @@ def _verify(storage: Storage, path: str, kind: Kind) -> VerifyReport:
                 obj = load_pickle_file(path, verify=True)
                 described = _describe_object(path, obj, "torch pickle")
                 checksummed = carries_crcs(path)  # else there was nothing to check the bytes by
-            return VerifyReport(
-                path,
-                True,
-                (),
-                len(described.tensors),
-                described.tensor_bytes,
-                checksummed=checksummed,
-            )
+            tensors, nbytes = len(described.tensors), described.tensor_bytes
+            return VerifyReport(path, True, (), tensors, nbytes, checksummed=checksummed)
         if kind is Kind.HUGGINGFACE:
             return _verify_weights_directory(path)
         with open_container(path, storage=storage) as c:
@@ -348,7 +345,8 @@ def _verify(storage: Storage, path: str, kind: Kind) -> VerifyReport:
             checksummed = c.manifest is not None
             sharded = (c.manifest.distributed if c.manifest else None) or {}
     except _DAMAGE as e:
-        return VerifyReport(path, False, (str(e),))
+        missing = isinstance(e, IncompleteCheckpointError)
+        return VerifyReport(path, False, (str(e),), incomplete=missing)
     chunks = sum(len(spec.chunks) for spec in sharded.values())
     return VerifyReport(
         path,

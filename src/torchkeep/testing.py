@@ -43,6 +43,7 @@ __all__ = [
     "DIRECTORY_STEPS",
     "EXIT_CODE",
     "FILE_STEPS",
+    "INCREMENTAL_STEPS",
     "MANAGER_STEPS",
     "FaultyStorage",
     "InjectedFault",
@@ -60,6 +61,8 @@ EXIT_CODE = 75  # the process ended at the named step (and not elsewhere)
 FILE_STEPS = ["open", "write-first", "write-middle", "fsync", "rename", "dir-fsync"]
 DIRECTORY_STEPS = ["mkdir", *FILE_STEPS, "manifest", "manifest-fsync", "commit"]
 MANAGER_STEPS = [*DIRECTORY_STEPS, "delete"]
+# An incremental save links the shards it shares before it writes its own.
+INCREMENTAL_STEPS = ["mkdir", "link", *DIRECTORY_STEPS[1:], "delete"]
 
 
 class InjectedFault(OSError):
@@ -87,9 +90,10 @@ class FaultyStorage(LocalStorage):
     ``action`` "raise" raises an OSError (EIO), "exit" ends the process with EXIT_CODE."""
 
     def __init__(self, step: str, action: str = "raise", *, middle: int = 1 << 20) -> None:
-        if step not in MANAGER_STEPS:
+        if step not in INCREMENTAL_STEPS:
             raise ValueError(
-                f"{step!r} is not a step of the write path; one of {', '.join(MANAGER_STEPS)}"
+                f"{step!r} is not a step of the write path; one of {', '.join(MANAGER_STEPS)}, "
+                "or link (of an incremental save)"
             )
         if action not in ("raise", "exit"):
             raise ValueError(f"action {action!r} is neither 'raise' nor 'exit'")
@@ -139,6 +143,10 @@ class FaultyStorage(LocalStorage):
     def _fsync_dir(self, directory: str) -> None:
         self._at("dir-fsync")
         super()._fsync_dir(directory)
+
+    def _link(self, source: str, path: str) -> None:
+        self._at("link")
+        super()._link(source, path)
 
     def staging_dir(self, path: str) -> str:
         self._at("mkdir")

@@ -19,8 +19,10 @@ from torchkeep.container import (
     open_container,
     write_container,
 )
+from torchkeep.container.share import share_with
 from torchkeep.distributed import read_sharded
 from torchkeep.errors import UnsupportedObjectError
+from torchkeep.format import CHECKSUM_CHUNK
 from torchkeep.format.detect import Kind, detect, readable
 from torchkeep.legacy import load_dcp, load_huggingface, load_pickle_file
 from torchkeep.storage import Storage, storage_for
@@ -84,6 +86,7 @@ def save(
     metadata: Mapping[str, Any] | None = None,
     storage_options: Mapping[str, Any] | None = None,
     storage: Storage | None = None,
+    base: str | os.PathLike[str] | None = None,
 ) -> SaveInfo:
     """Save any training state without pickle: the drop-in for ``torch.save(obj, path)``.
 
@@ -97,6 +100,11 @@ def save(
             ``endpoint_url``, …).
         storage: write through this storage instead of the one ``path`` names (a
             ``torchkeep.testing.FaultyStorage`` that injects faults, for example).
+        base: an earlier directory save of the same state, on the same storage: the tensors
+            whose bytes it already holds are not written again, and its files holding them are
+            shared with the new save (hard links on a local file system, copies made by the
+            store on object storage). The new save is whole on its own: the base may be
+            deleted afterwards. ``path`` must then be a directory.
 
     Returns:
         What was written.
@@ -105,12 +113,16 @@ def save(
         UnsupportedObjectError: a value cannot be stored; the message names its path in ``obj``.
         UnsupportedFormatError: ``path`` ends in a pickle suffix such as ``.pt``.
         StorageError: the write failed; any previous file at ``path`` is unchanged.
+        ValueError, StateMismatchError, CorruptCheckpointError, IncompleteCheckpointError:
+            ``base`` cannot be the base of this save (a one-file target, another storage, not
+            an earlier save of this state, damaged); raised before anything is written.
 
     Example:
         ```python
         tk.save({"model": model, "optimizer": optimizer, "epoch": 5}, "ckpt.safetensors")
         ```
     """
+    earlier = None if base is None else storage_for(base, storage_options, storage)[1]
     storage, target = storage_for(path, storage_options, storage)
     if distributed.active() and distributed.holds_dtensor(obj):
         # Every rank saves its part; a rank that cannot makes them all raise.
@@ -130,16 +142,28 @@ def save(
             metadata=checked,
             storage=storage,
             threads=WRITE_THREADS,
+            sharing=None if earlier is None else distributed.Sharing(earlier, strict=True),
         )
     flat = flatten(obj)
+    checked = check_metadata(metadata)
+    shared = None
+    if earlier is not None:
+        dtypes = {n: t.dtype for n, t in flat.tensors.items()}
+        shared = share_with(
+            earlier,
+            target,
+            flat.tensors,
+            dtypes,
+            storage,
+            chunk=CHECKSUM_CHUNK,
+            threads=WRITE_THREADS,
+        )
     return write_container(
         target,
         flat.tensors,
         kind="state",
         storage=storage,
-        options=WriteOptions(
-            tree=flat.tree, aliases=flat.aliases, metadata=check_metadata(metadata)
-        ),
+        options=WriteOptions(tree=flat.tree, aliases=flat.aliases, metadata=checked, shared=shared),
     )
 
 

@@ -77,7 +77,8 @@ def cmd_verify(args: argparse.Namespace, console: Console) -> int:
             )
         else:
             status = PROBLEM
-            console.print(f"[red]CORRUPT[/red] {path}")
+            label = "INCOMPLETE" if report.incomplete else "CORRUPT"
+            console.print(f"[red]{label}[/red] {path}")
             for problem in report.problems:
                 console.print(f"  {problem}", markup=False)
     return status

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 
 from torchkeep.errors import StorageError, TorchkeepError
 from torchkeep.format import MANIFEST_FILE, SHARD_NAME
-from torchkeep.storage import Sink, Storage
+from torchkeep.storage import Linking, Sink, Storage
 
 log = logging.getLogger("torchkeep.container")
 
@@ -57,6 +57,7 @@ class DirectoryWrite:
         self.staging = staging
         self.in_place = not storage.atomic_dirs
         self.written: list[str] = []
+        self.kept: list[str] = []  # in place: files of the save at path this one also holds
         self.committing = False
 
     @classmethod
@@ -83,6 +84,20 @@ class DirectoryWrite:
         """Write the member ``name`` (see ``Storage.write_file``)."""
         self.written.append(name)
         self.storage.write_file(f"{self.staging}/{name}", size, fill)
+
+    def link(self, name: str, source: str) -> None:
+        """Make the member ``name`` hold the committed file ``source`` of another save (see
+        ``Linking.link_file``). In place, a save at ``path`` may hold that file already (a
+        shard's name carries the id of the save that wrote it, so it holds the same bytes):
+        it is kept as it is, and not removed if this save fails."""
+        storage = self.storage
+        if not isinstance(storage, Linking):
+            raise ValueError(f"{self.path}: this storage cannot share files between saves")
+        if self.in_place and storage.exists(f"{self.path}/{name}"):
+            self.kept.append(name)
+            return
+        self.written.append(name)
+        storage.link_file(source, f"{self.staging}/{name}")
 
     def put(self, name: str, data: bytes) -> None:
         """Write the member ``name`` holding ``data``."""
@@ -124,7 +139,7 @@ class DirectoryWrite:
         """After the commit, in place: delete the shards of earlier (and interrupted) saves."""
         if not self.in_place:
             return
-        kept = set(self.written)
+        kept = {*self.written, *self.kept}
         for name in self.storage.list_dir(self.path):
             if name not in kept and SHARD_NAME.fullmatch(name):
                 try:

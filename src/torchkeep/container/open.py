@@ -228,7 +228,14 @@ def _open_directory(
     save_ids = set()
     for file in sorted(f for f in named if f is not None):
         member = f"{path}/{file}"
+        origin = manifest.shared.get(file)
         if not storage.exists(member) or storage.is_dir(member):
+            if origin is not None:
+                raise IncompleteCheckpointError(
+                    f"{member}: missing; this save shares that shard with an earlier save "
+                    f"(id {origin}) for the tensors that did not change, and without it the "
+                    "save is incomplete. Load another checkpoint"
+                )
             raise CorruptCheckpointError(
                 f"{member}: named by {MANIFEST_FILE} but missing; the checkpoint directory "
                 "was modified or copied in part. Restore it from another copy"
@@ -236,15 +243,17 @@ def _open_directory(
         check_inside(storage, path, member)
         opened = open_file(storage, path, file, files)
         save_id = opened.header.metadata.get(SHARD_SAVE_KEY)
+        expected = origin or manifest.save_id
         if set(opened.header.metadata) != {SHARD_SAVE_KEY} or (
-            manifest.save_id and save_id != manifest.save_id
+            expected and save_id != expected
         ):
             raise CorruptCheckpointError(
                 f"{member}: its header's metadata {opened.header.metadata!r:.120} does not "
-                f"name this save ({manifest.save_id or 'a save id'}); the shard was "
-                "altered or comes from another save"
+                f"name {'the save it is shared from' if origin else 'this save'} "
+                f"({expected or 'a save id'}); the shard was altered or comes from another save"
             )
-        save_ids.add(save_id)
+        if origin is None:
+            save_ids.add(save_id)
         check_against_header(
             manifest, opened.header, file=file, where=f"{path}/{file}"
         )

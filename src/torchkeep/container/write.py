@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from torchkeep.container.commit import DirectoryWrite
+from torchkeep.container.share import Shared, check_linked
 from torchkeep.errors import (
     CorruptCheckpointError,
 )
@@ -67,8 +68,11 @@ class SaveInfo:
         files: every file of the save, relative to ``path`` for directories.
         tensors: how many distinct tensors were stored (aliases not counted).
         tensor_bytes: bytes of tensor data.
-        file_bytes: bytes on disk, headers included.
+        file_bytes: bytes this save wrote, headers included (an incremental save does not
+            count the shards it shares with its base: they were written before).
         seconds: wall time of the save.
+        shared_bytes: bytes of tensor data an incremental save shares with its base instead
+            of writing them.
     """
 
     path: str
@@ -77,6 +81,7 @@ class SaveInfo:
     tensor_bytes: int
     file_bytes: int
     seconds: float
+    shared_bytes: int = 0
 
 
 def layout(
@@ -126,6 +131,8 @@ class WriteOptions:
             the data is there).
         before_commit: runs after the data is written and before the save commits, and may
             raise to abandon it.
+        shared: the tensors an earlier directory save holds unchanged (``container.share``):
+            their shards are linked into this save instead of being written again.
     """
 
     tree: Any = None
@@ -140,6 +147,7 @@ class WriteOptions:
     checksums: bool = True
     ready: Callable[[str], None] | None = None
     before_commit: Callable[[], None] | None = None
+    shared: Shared | None = None
 
 
 def write_container(
@@ -171,18 +179,25 @@ def write_container(
             raise ValueError(f"{path}: {name!r} is not a plain file name for a save") from e
     if model is not None and not isinstance(model, dict):
         raise ValueError(f"{path}: the model section must be a dict, not {type(model).__name__}")
+    shared = options.shared or Shared("")
+    if shared.entries and single:
+        raise ValueError(f"{path}: only a directory save shares tensors with an earlier save")
+    own = {n: t for n, t in tensors.items() if n not in shared.entries}
     with paused_gc():  # many small objects for a save of many tensors, none cyclic
-        shards = layout(tensors, dtypes, shard_bytes if not single else 1 << 62)
+        shards = layout(own, dtypes, shard_bytes if not single else 1 << 62)
+        if shared.entries and not own:
+            shards = []
         save_id = uuid.uuid4().hex
         # Built in place (object stores): names no earlier save used, so the previous save's
-        # objects stay whole until the new manifest replaces its own.
-        tag = "" if storage.atomic_dirs else save_id
+        # objects stay whole until the new manifest replaces its own. An incremental save's
+        # own shards take names apart from those it shares.
+        tag = "" if storage.atomic_dirs and not shared.links else save_id
         shard_files = ["" if single else shard_name(i, tag) for i in range(len(shards))]
-        entries: dict[str, TensorEntry] = {}
+        entries: dict[str, TensorEntry] = dict(shared.entries)
         for file, shard in zip(shard_files, shards, strict=True):
             for name, entry in shard:
                 entries[name] = replace(entry, file=file or None)
-    if set(files) & {*shard_files, MANIFEST_FILE}:
+    if set(files) & {*shard_files, *shared.links, MANIFEST_FILE}:
         raise ValueError(f"{path}: the names {sorted(files)} clash with the save's own files")
     manifest = Manifest(
         kind=kind,
@@ -195,6 +210,7 @@ def write_container(
         files={n: FileEntry(len(b), checksum_data(b, checksum_chunk)) for n, b in files.items()},
         model=model,
         save_id="" if single else save_id,
+        shared=dict(shared.links),
     )
     data_bytes = sum(e.nbytes for e in entries.values())
     hooks = WriteHooks(options.ready, options.before_commit, checksum_chunk, options.checksums)
@@ -202,13 +218,20 @@ def write_container(
         file_bytes = _write_single(path, manifest, tensors, dtypes, storage, threads, hooks)
         written: tuple[str, ...] = (os.path.basename(path),)
     else:
+        links = {file: f"{shared.base}/{file}" for file in shared.links}
         file_bytes = _write_directory(
-            path, save_id, manifest, shard_files, files, tensors, dtypes, storage, threads, hooks
+            path, save_id, manifest, shard_files, files, links, tensors, dtypes, storage, threads,
+            hooks,
         )
-        written = (*shard_files, *files, MANIFEST_FILE)
+        written = (*shard_files, *links, *files, MANIFEST_FILE)
     seconds = time.perf_counter() - started
-    log.info("saved %d tensors (%d bytes) to %s in %.3fs", len(entries), data_bytes, path, seconds)
-    return SaveInfo(path, written, len(entries), data_bytes, file_bytes, seconds)
+    log.info(
+        "saved %d tensors (%d bytes, %d of them shared with %s) to %s in %.3fs",
+        *(len(entries), data_bytes, shared.nbytes, shared.base or "no earlier save", path, seconds),
+    )
+    return SaveInfo(
+        path, written, len(entries), data_bytes, file_bytes, seconds, shared_bytes=shared.nbytes
+    )
 
 
 @dataclass(frozen=True)
@@ -300,6 +323,7 @@ def _write_directory(
     manifest: Manifest,
     files: list[str],
     members: Mapping[str, bytes],
+    links: Mapping[str, str],
     tensors: Mapping[str, torch.Tensor],
     dtypes: Mapping[str, torch.dtype],
     storage: Storage,
@@ -310,6 +334,10 @@ def _write_directory(
     total = 0
     checksums: dict[str, str] = {}
     try:
+        for file, source in links.items():
+            write.link(file, source)
+        linked = [f for f in links if f not in write.kept]
+        check_linked(storage, write.staging, {f: manifest.shared[f] for f in linked})
         for file in files:
             shard = {n: e for n, e in manifest.tensors.items() if e.file == file}
             header = encode_header(shard, {SHARD_SAVE_KEY: save_id})

@@ -29,11 +29,15 @@ class DemoResult:
 
 
 def size_on_disk(path: Path) -> int:
-    return (
-        path.stat().st_size
-        if path.is_file()
-        else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    )
+    """Bytes of the files at ``path``; a file linked into several steps counts once."""
+    if path.is_file():
+        return path.stat().st_size
+    sizes = {}
+    for p in path.rglob("*"):
+        if p.is_file():
+            st = p.stat()
+            sizes[(st.st_dev, st.st_ino)] = st.st_size
+    return sum(sizes.values())
 
 
 def human_size(n: int) -> str:

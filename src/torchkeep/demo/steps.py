@@ -229,6 +229,46 @@ def save_whole_model(demo: Demo) -> None:
     )
 
 
+def fine_tune_frozen(demo: Demo) -> None:
+    """A fine-tune of the last layer alone, saved incrementally: each step writes what changed."""
+    assert demo.model is not None  # saved by an earlier step
+    model = DigitsMLP()
+    model.load_state_dict(demo.model.state_dict())
+    model.requires_grad_(False)
+    head = model.layers[-1]
+    head.requires_grad_(True)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3)
+    train = tk.load(demo.data)["train"]
+    state = {"model": model, "optimizer": optimizer}
+    written: list[int] = []
+    shared: list[int] = []
+    root = demo.out_dir / "fine-tune"
+    with tk.CheckpointManager(root, keep_last=KEEP_LAST) as mgr:
+        for step in range(1, 5):
+            model.train()
+            loss = torch.nn.functional.cross_entropy(model(train["x"]), train["y"])
+            optimizer.zero_grad()
+            loss.backward()  # type: ignore[no-untyped-call]
+            optimizer.step()
+            info = mgr.save(step, state)
+            assert isinstance(info, tk.SaveInfo)
+            written.append(info.file_bytes)
+            shared.append(info.shared_bytes)
+        kept = mgr.steps()
+        whole = all(tk.verify(mgr.path(s)).ok for s in kept)
+    later = max(written[1:])
+    demo.add(
+        Step(
+            "Fine-tuned the last layer with the rest frozen, saving every step incrementally",
+            f"step 1 wrote the whole state ({human_size(written[0])}); each later step wrote "
+            f"only the layer and its optimizer moments ({human_size(later)} at most) and shared "
+            f"{human_size(shared[-1])} with the step before; kept steps {kept} each verify "
+            f"whole on their own: {whole}",
+            ok=whole and later < written[0] // 10 and min(shared[1:]) > 0,
+        )
+    )
+
+
 def convert_to_float16(demo: Demo) -> None:
     """float16 for a small device."""
     model_dir, half_dir, loaded = demo.model_dir, demo.half_dir, demo.loaded
@@ -311,6 +351,7 @@ STEPS: tuple[Callable[[Demo], None], ...] = (
     kill_mid_save,
     resume,
     save_whole_model,
+    fine_tune_frozen,
     convert_to_float16,
     inspect_model,
     verify_with_bit_rot,

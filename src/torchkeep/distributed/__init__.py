@@ -28,11 +28,13 @@ from torchkeep.distributed.loading import (
     plan_optimizer,
     read_sharded,
 )
-from torchkeep.distributed.saving import ShardedInfo, holds_dtensor, save
+from torchkeep.distributed.saving import holds_dtensor, save
+from torchkeep.distributed.sharing import ShardedInfo, Sharing
 
 __all__ = [
     "Box",
     "ShardedInfo",
+    "Sharing",
     "active",
     "agree",
     "fill_local",

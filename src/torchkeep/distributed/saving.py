@@ -9,6 +9,10 @@ staging directory, on a file system every rank sees, and broadcasts it), claim (
 writes which chunk), write (every rank writes its file), commit (rank 0 gathers each rank's
 outcome and commits the manifest only if all succeeded, then broadcasts the result, so that
 every rank returns or raises alike) and finish (rank 0 cleans up).
+
+An incremental save (``Sharing``) shares with an earlier save: rank 0 opens the base at setup
+and sends its manifest to every rank; each rank hashes its own chunks against it and shares
+those whose checksums match; each base file is linked by the lowest rank that shares it.
 """
 
 from __future__ import annotations
@@ -17,8 +21,8 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -31,7 +35,9 @@ from torchkeep.container import (
     uncertain_commit,
     write_items,
 )
+from torchkeep.container.share import Base, Shared, check_linked
 from torchkeep.distributed.group import Failure, Group, local_box, raise_failure
+from torchkeep.distributed.sharing import ShardedInfo, Sharing, open_base_for, plan_rank
 from torchkeep.errors import TorchkeepError, UnsupportedObjectError
 from torchkeep.format import (
     MANIFEST_FILE,
@@ -55,8 +61,8 @@ from torchkeep.tree import is_dtensor
 # The name the module had before it was a package: logging configured for it still applies.
 log = logging.getLogger("torchkeep.distributed")
 
-ShardedInfo = dict[str, tuple[str, tuple[int, ...], tuple[str, tuple[int, ...]] | None]]
-_Written = tuple[tuple[str, ...], int, int, int]  # files, tensors, tensor bytes, bytes written
+# files, tensors, tensor bytes, bytes written, bytes shared
+_Written = tuple[tuple[str, ...], int, int, int, int]
 
 
 def holds_dtensor(obj: Any, depth: int = 0) -> bool:
@@ -90,6 +96,7 @@ def save(
     metadata: Mapping[str, Any],
     storage: Storage,
     threads: int,
+    sharing: Sharing | None = None,
 ) -> SaveInfo:
     """Write this rank's part of a distributed save; every rank of the group must call it.
 
@@ -98,20 +105,28 @@ def save(
     """
     started = time.perf_counter()
     group = Group()
-    save_id, write = _setup(group, path, storage)
+    save_id, write, base = _setup(group, path, storage, sharing, tensors)
     claimed = _claim(group, tensors)
-    mine = _write(group, write, save_id, claimed, threads)
+    likely_changed = sharing.likely_changed if sharing is not None else None
+    mine = _write(group, write, save_id, claimed, threads, base, likely_changed)
     outcome = _commit(group, write, save_id, mine, kind, tree, aliases, metadata)
     _finish(group, write, outcome)
     if isinstance(outcome, Failure):
         raise_failure(path, outcome)
-    files, count, nbytes, written = outcome
-    return SaveInfo(path, files, count, nbytes, written, time.perf_counter() - started)
+    files, count, nbytes, written, shared = outcome
+    seconds = time.perf_counter() - started
+    return SaveInfo(path, files, count, nbytes, written, seconds, shared_bytes=shared)
 
 
-def _setup(group: Group, path: str, storage: Storage) -> tuple[str, DirectoryWrite]:
-    """Rank 0 checks the path and creates the staging directory; every rank gets the save's id
-    and the directory write, or raises rank 0's failure."""
+def _setup(
+    group: Group,
+    path: str,
+    storage: Storage,
+    sharing: Sharing | None,
+    tensors: Mapping[str, torch.Tensor],
+) -> tuple[str, DirectoryWrite, Base | None]:
+    """Rank 0 checks the path (and the base) and creates the staging directory; every rank gets
+    the save's id, the directory write and the base, or raises rank 0's failure."""
     setup: Any = None
     if group.rank == 0:
         try:
@@ -121,14 +136,15 @@ def _setup(group: Group, path: str, storage: Storage) -> tuple[str, DirectoryWri
                     f"{path}: a distributed save is a directory (one file per rank); name it "
                     "without '.safetensors'"
                 )
-            setup = (uuid.uuid4().hex, DirectoryWrite.begin(path, storage).staging)
+            base = open_base_for(path, storage, sharing, tensors)
+            setup = (uuid.uuid4().hex, DirectoryWrite.begin(path, storage).staging, base)
         except Exception as e:
             setup = Failure.of(group.rank, e)
     setup = group.broadcast(setup)
     if isinstance(setup, Failure):
         raise_failure(path, setup)
-    save_id, staging = setup
-    return save_id, DirectoryWrite(path, storage, staging)
+    save_id, staging, base = setup
+    return save_id, DirectoryWrite(path, storage, staging), base
 
 
 def _claim(
@@ -174,13 +190,26 @@ def _write(
     save_id: str,
     claimed: tuple[dict[str, torch.Tensor], ShardedInfo] | Failure,
     threads: int,
+    base: Base | None,
+    likely_changed: Callable[[str], bool] | None,
 ) -> _RankResult | Failure:
     """This rank's file written, described; or its failure (a failed claim writes nothing)."""
+    shared = Shared("")
+    if base is not None and not isinstance(claimed, Failure):
+        shared = plan_rank(group.rank, base, claimed, threads, likely_changed)
+    # Every rank takes part, even one that failed: each base file is linked by the lowest rank
+    # sharing it.
+    claims = group.all_gather(sorted(shared.links))
+    linker: dict[str, int] = {}
+    for rank, files in enumerate(claims):
+        for file in files:
+            linker.setdefault(file, rank)
     if isinstance(claimed, Failure):
         return claimed
     owned, sharded = claimed
+    to_link = [file for file in shared.links if linker[file] == group.rank]
     try:
-        return _write_rank(write, save_id, group.rank, owned, sharded, threads)
+        return _write_rank(write, save_id, group.rank, owned, sharded, threads, shared, to_link)
     except Exception as e:
         return Failure.of(group.rank, e)
 
@@ -204,6 +233,8 @@ def _commit(
         failures = [g for g in gathered if isinstance(g, Failure)]
         results = [g for g in gathered if isinstance(g, _RankResult)]
         write.wrote(r.file for r in results if r.file)
+        write.wrote(file for r in results for file in r.linked)
+        write.kept.extend(file for r in results for file in r.found)
         try:
             if failures:
                 outcome = failures[0]
@@ -265,6 +296,10 @@ class _RankResult:
     entries: dict[str, TensorEntry]
     sharded: ShardedInfo
     file_bytes: int
+    shared: dict[str, str] = field(default_factory=dict)  # base files it shares: their origins
+    linked: tuple[str, ...] = ()  # those it linked
+    shared_bytes: int = 0
+    found: tuple[str, ...] = ()  # those it found at the path already (in place)
 
 
 def _differing(claims: list[Any]) -> Failure | None:
@@ -331,10 +366,20 @@ def _write_rank(
     owned: dict[str, torch.Tensor],
     sharded: ShardedInfo,
     threads: int,
+    shared: Shared,
+    to_link: list[str],
 ) -> _RankResult:
-    """Write the tensors this rank writes into its file; describe its sharded tensors' chunks."""
+    """Link the base files this rank links, write the tensors this rank writes (and does not
+    share) into its file; describe its sharded tensors' chunks."""
+    for file in to_link:
+        write.link(file, f"{shared.base}/{file}")
+    linked = tuple(f for f in to_link if f not in write.kept)
+    check_linked(write.storage, write.staging, {f: shared.links[f] for f in linked})
+    found = tuple(f for f in to_link if f in write.kept)  # in place: already at the path
+    kept = (dict(shared.entries), sharded, 0, dict(shared.links), linked, shared.nbytes, found)
+    owned = {n: t for n, t in owned.items() if n not in shared.entries}
     if not owned:
-        return _RankResult(None, {}, sharded, 0)
+        return _RankResult(None, *kept)
     dtypes = {n: t.dtype for n, t in owned.items()}
     file = shard_name(rank, save_id)
     entries = {n: replace(e, file=file) for n, e in layout(owned, dtypes, 1 << 62)[0]}
@@ -350,7 +395,16 @@ def _write_rank(
 
     write.write(file, size, fill)
     entries = {n: replace(e, checksum=checksums[n]) for n, e in entries.items()}
-    return _RankResult(file, entries, sharded, size)
+    return _RankResult(
+        file,
+        {**shared.entries, **entries},
+        sharded,
+        size,
+        dict(shared.links),
+        linked,
+        shared.nbytes,
+        found,
+    )
 
 
 def _commit_manifest(
@@ -364,8 +418,10 @@ def _commit_manifest(
 ) -> _Written:
     """Build the manifest from every rank's result, validate it and commit the save."""
     entries: dict[str, TensorEntry] = {}
+    shared: dict[str, str] = {}
     for r in results:
         entries.update(r.entries)
+        shared.update(r.shared)
     distributed: dict[str, Sharded] = {}
     for r in results:
         for name, (dtype, shape, chunk) in r.sharded.items():
@@ -389,13 +445,15 @@ def _commit_manifest(
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         distributed=distributed,
         save_id=save_id,
+        shared=shared,
     )
     text = manifest_to_json(manifest).encode()
     # Validate what was gathered exactly as a reader will (coverage of every tensor, names).
     manifest_from_json(text.decode(), where=f"{write.path}/{MANIFEST_FILE}")
     write.commit(text)
-    files = (*sorted(r.file for r in results if r.file), MANIFEST_FILE)
+    files = (*sorted(r.file for r in results if r.file), *sorted(shared), MANIFEST_FILE)
     nbytes = sum(e.nbytes for e in entries.values())
     written = sum(r.file_bytes for r in results) + len(text)
     stored = {c.tensor for spec in distributed.values() for c in spec.chunks}
-    return files, len(distributed) + len(set(entries) - stored), nbytes, written
+    count = len(distributed) + len(set(entries) - stored)
+    return files, count, nbytes, written, sum(r.shared_bytes for r in results)

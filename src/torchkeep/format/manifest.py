@@ -34,6 +34,8 @@ from torchkeep.format.names import (
     MANIFEST_FILE,
     MAX_MANIFEST_BYTES,
     SAVE_ID,
+    SHARD_NAME,
+    SHARED_FORMAT_VERSION,
     check_member_name,
 )
 from torchkeep.format.sections import (
@@ -74,6 +76,9 @@ class Manifest:
     model: Any = None
     distributed: dict[str, Sharded] | None = None
     save_id: str = ""  # a directory save's: every shard's header names it
+    # Shards an incremental save holds as an earlier save wrote them (for the tensors that did
+    # not change), each to the id of the save that wrote it, which its header names.
+    shared: dict[str, str] = field(default_factory=dict)
 
     def model_section(self) -> ModelSection | None:
         """The model section as read (checked when the manifest was parsed), or None."""
@@ -132,6 +137,8 @@ def _manifest_body(m: Manifest) -> dict[str, Any]:
         }
     if m.model is not None:
         body["model"] = m.model
+    if m.shared:
+        body["shared"] = dict(m.shared)
     needed = _lowest_version(m)
     # A manifest read back keeps its version (or the one its contents now need).
     computed = m.format_version == FORMAT_VERSION
@@ -152,6 +159,8 @@ def _manifest_body(m: Manifest) -> dict[str, Any]:
 
 def _lowest_version(m: Manifest) -> int:
     """The lowest format version that holds everything ``m`` does."""
+    if m.shared:
+        return SHARED_FORMAT_VERSION
     if any(e.dtype in VERSION_3_DTYPES for e in m.tensors.values()) or any(
         _has_tag(m.tree, tag)
         for tag in (Tag.METADATA, Tag.SPARSE, Tag.QUANTIZED, Tag.COMPLEX)
@@ -280,7 +289,30 @@ def manifest_from_json(text: str, *, where: str) -> Manifest:
         model=model,
         distributed=distributed,
         save_id=save_id,
+        shared=_parse_shared(body.get("shared", {}), tensors, save_id, where=where),
     )
+
+
+def _parse_shared(
+    raw: Any, tensors: Mapping[str, TensorEntry], save_id: str, *, where: str
+) -> dict[str, str]:
+    """The shared-shard table: shard names of this save, each to another save's id."""
+    if not isinstance(raw, dict):
+        raise CorruptCheckpointError(f"{where}: the manifest's shared table is not an object")
+    named = {e.file for e in tensors.values()}
+    for file, origin in raw.items():
+        if not SHARD_NAME.fullmatch(file) or file not in named:
+            raise CorruptCheckpointError(
+                f"{where}: the shared table names {file!r:.80}, which is not a shard of this save"
+            )
+        if not isinstance(origin, str) or not SAVE_ID.fullmatch(origin) or origin == save_id:
+            raise CorruptCheckpointError(
+                f"{where}: shard '{file}' is shared from {origin!r:.60}, which is not the id "
+                "of an earlier save"
+            )
+    if raw and not save_id:
+        raise CorruptCheckpointError(f"{where}: only a directory save shares shards")
+    return dict(raw)
 
 
 def _parse_files(raw: Any, *, where: str) -> dict[str, FileEntry]:
@@ -329,9 +361,13 @@ def _parse_manifest_tensor(name: str, spec: Any, *, where: str) -> TensorEntry:
 def check_against_header(
     manifest: Manifest, header: Header, *, file: str | None, where: str
 ) -> None:
-    """Raise unless the header describes exactly the manifest's tensors stored in ``file``."""
+    """Raise unless the header describes exactly the manifest's tensors stored in ``file`` (a
+    shared shard may hold more: tensors of the earlier save that changed since)."""
     expected = {n: e for n, e in manifest.tensors.items() if e.file == file}
-    if set(expected) != set(header.tensors):
+    unexpected = set(header.tensors) - set(expected)
+    if file in manifest.shared:
+        unexpected = set()
+    if set(expected) - set(header.tensors) or unexpected:
         missing = sorted(set(expected) - set(header.tensors))[:5]
         extra = sorted(set(header.tensors) - set(expected))[:5]
         raise CorruptCheckpointError(

@@ -12,15 +12,17 @@ from typing import Any
 from torchkeep.errors import CorruptCheckpointError, UnsupportedFormatError
 
 FORMAT_NAME = "torchkeep"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 # A save is written as the lowest version that holds it, so that older torchkeeps read what they
 # can and refuse the rest by its version. Version 2 added the "distributed" section (tensors
 # sharded across the ranks of a distributed save); version 3 the version records of state dicts
 # in the tree (Tag.METADATA), sparse and quantized tensors (Tag.SPARSE, Tag.QUANTIZED), complex
 # tensors of dtypes safetensors has no name for (Tag.COMPLEX) and the dtypes of
-# header.VERSION_3_DTYPES.
+# header.VERSION_3_DTYPES; version 4 the "shared" section (shards of an earlier save that an
+# incremental save holds as they are, for the tensors that did not change).
 DISTRIBUTED_FORMAT_VERSION = 2
 EXTENDED_FORMAT_VERSION = 3
+SHARED_FORMAT_VERSION = 4
 MANIFEST_KEY = "torchkeep"
 MANIFEST_FILE = "manifest.json"
 # The one file in the directory the Lightning plugin saves a checkpoint as (its path is the

@@ -23,10 +23,12 @@ BACKGROUND_NICE = 10
 
 @dataclass(frozen=True)
 class Staged:
-    """A flattened state whose tensors were copied to staging buffers."""
+    """A flattened state whose tensors were copied to staging buffers (``originals``: the
+    tensors they were copied from)."""
 
     flat: Flat
     tensors: dict[str, torch.Tensor]
+    originals: dict[str, torch.Tensor]
 
 
 class Background:
@@ -45,6 +47,7 @@ class Background:
         its tensor is found, so collecting the rest of the state overlaps the device copies."""
         previous = self.staging
         staged: dict[str, torch.Tensor] = {}
+        originals: dict[str, torch.Tensor] = {}
 
         devices: set[torch.device] = set()
 
@@ -56,12 +59,13 @@ class Background:
             if t.is_cuda:
                 devices.add(t.device)
             staged[name] = buffer
+            originals[name] = t
 
         flat = flatten(state, on_tensor=copy)
         for device in devices:  # every GPU the state is on, not only the current one
             torch.cuda.synchronize(device)
         self.staging = staged
-        return Staged(flat, staged)
+        return Staged(flat, staged, originals)
 
     def submit(self, write: Callable[..., SaveInfo], *args: Any) -> Future[SaveInfo]:
         """Run ``write(*args)`` in the background; the caller waits for the previous save first."""

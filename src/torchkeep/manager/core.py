@@ -16,14 +16,35 @@ import torch
 
 from torchkeep import distributed
 from torchkeep.checkpoint import load_from
-from torchkeep.container import WRITE_THREADS, SaveInfo, WriteOptions, write_container
-from torchkeep.errors import CheckpointNotFoundError, CorruptCheckpointError, StorageError
+from torchkeep.container import (
+    WRITE_THREADS,
+    SaveInfo,
+    WriteOptions,
+    open_container,
+    write_container,
+)
+from torchkeep.container.share import (
+    Hints,
+    Shared,
+    changed_since,
+    hints_of,
+    open_base,
+    plan_sharing,
+)
+from torchkeep.errors import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    IncompleteCheckpointError,
+    StorageError,
+    TorchkeepError,
+)
+from torchkeep.format import CHECKSUM_CHUNK
 from torchkeep.manager.background import Background
 from torchkeep.manager.preemption import Preemption
 from torchkeep.manager.records import METADATA_KEY, check_metrics, step_metadata
 from torchkeep.manager.steps import claim_writer, delete_step, scan, step_path
 from torchkeep.retention import Policy, Record, best, retained
-from torchkeep.storage import Storage, is_url, storage_for
+from torchkeep.storage import Linking, Storage, is_url, storage_for
 from torchkeep.tree import flatten, is_dtensor
 
 log = logging.getLogger("torchkeep.manager")
@@ -56,6 +77,11 @@ class CheckpointManager:
             names (a storage that injects faults, for example).
         policy: the retention policy as one value (``tk.Policy(keep_last=…, keep_best=…,
             monitor=…, mode=…, keep_every=…)``), instead of the five arguments above.
+        incremental: each step writes only the tensors whose bytes changed since the newest
+            committed step, and shares that step's files for the rest (hard links on a local
+            file system, copies made by the store itself on object storage), so that a
+            fine-tune of a frozen base writes only what it trains. Every step stays a whole
+            directory: deleting one never affects another. False writes every step whole.
 
     Example:
         ```python
@@ -85,6 +111,7 @@ class CheckpointManager:
         storage_options: Mapping[str, Any] | None = None,
         storage: Storage | None = None,
         policy: Policy | None = None,
+        incremental: bool = True,
     ) -> None:
         storage, where = storage_for(root, storage_options, storage)
         self.root = where.rstrip("/") if is_url(where) else os.path.abspath(where)
@@ -98,6 +125,9 @@ class CheckpointManager:
             )
         self.policy = policy if policy is not None else given
         self.async_save = async_save
+        self.incremental = incremental
+        # The step of the last save this manager made, and its tensors' hints.
+        self._hints: tuple[int, Hints] | None = None
         self._storage = storage
         self._lock = threading.Lock()
         self._writing: int | None = None
@@ -183,7 +213,8 @@ class CheckpointManager:
             except Exception as e:
                 failure = e
             distributed.agree(self.path(step), failure)
-            return self._write(step, flat.tree, flat.tensors, flat.aliases, metadata)
+            hints = hints_of(flat.tensors) if self.incremental else None
+            return self._write(step, flat.tree, flat.tensors, flat.aliases, metadata, hints)
         metadata = self._prepare(step, metrics)
         if self._background is not None and self._rank:
             raise StorageError(
@@ -198,10 +229,18 @@ class CheckpointManager:
                     "rank 0 alone"
                 )
             flat = flatten(state)
-            return self._write(step, flat.tree, flat.tensors, flat.aliases, metadata)
+            hints = hints_of(flat.tensors) if self.incremental else None
+            return self._write(step, flat.tree, flat.tensors, flat.aliases, metadata, hints)
         staged = self._background.stage(state)
+        hints = hints_of(staged.originals) if self.incremental else None
         return self._background.submit(
-            self._write, step, staged.flat.tree, staged.tensors, staged.flat.aliases, metadata
+            self._write,
+            step,
+            staged.flat.tree,
+            staged.tensors,
+            staged.flat.aliases,
+            metadata,
+            hints,
         )
 
     def _prepare(self, step: int, metrics: Mapping[str, float] | None) -> dict[str, Any]:
@@ -232,6 +271,7 @@ class CheckpointManager:
         tensors: Mapping[str, torch.Tensor],
         aliases: Mapping[str, str],
         metadata: dict[str, Any],
+        hints: Hints | None = None,
     ) -> SaveInfo:
         with self._lock:
             self._writing = step
@@ -246,23 +286,77 @@ class CheckpointManager:
                     metadata=metadata,
                     storage=self._storage,
                     threads=WRITE_THREADS,
+                    sharing=self._sharing(step, hints),
                 )
             else:
+                shared = self._shared(step, tensors, hints)
                 info = write_container(
                     self.path(step),
                     tensors,
                     kind="state",
                     storage=self._storage,
-                    options=WriteOptions(tree=tree, aliases=aliases, metadata=metadata),
+                    options=WriteOptions(
+                        tree=tree, aliases=aliases, metadata=metadata, shared=shared
+                    ),
                 )
             entry = metadata[METADATA_KEY]
             with self._lock:
                 self._records[step] = Record(step, entry["time"], entry["metrics"])
+                self._hints = (step, hints) if hints is not None else None
         finally:
             with self._lock:
                 self._writing = None
         self._apply_retention()
         return info
+
+    def _base(self, step: int, hints: Hints | None) -> tuple[str, Hints | None] | None:
+        """The newest committed step before ``step`` as the base of an incremental save, and
+        the hints of this manager's save of it (None after a restart); None: write it whole."""
+        with self._lock:
+            base_step = max((s for s in self._records if s != step), default=None)
+            previous = self._hints
+        if hints is None or base_step is None or not isinstance(self._storage, Linking):
+            return None  # (a storage written before incremental saves writes every step whole)
+        earlier = previous[1] if previous is not None and previous[0] == base_step else None
+        changed = changed_since(earlier, hints)
+        if changed is not None and all(changed(name) for name in hints):
+            return None  # every tensor changed (a full fine-tune): nothing to look for
+        return self.path(base_step), earlier
+
+    def _sharing(self, step: int, hints: Hints | None) -> distributed.Sharing | None:
+        """How a distributed step shares with the newest committed one."""
+        base = self._base(step, hints)
+        if base is None or hints is None:
+            return None
+        return distributed.Sharing(base[0], likely_changed=changed_since(base[1], hints))
+
+    def _shared(
+        self, step: int, tensors: Mapping[str, torch.Tensor], hints: Hints | None
+    ) -> Shared | None:
+        """What ``step`` can share with the newest committed step: the tensors whose checksums
+        match. A newest step that cannot be a base (damaged) is logged, and this step written
+        whole."""
+        found = self._base(step, hints)
+        if found is None or hints is None or not tensors:
+            return None
+        base, earlier = found
+        try:
+            return plan_sharing(
+                open_base(base, self._storage),
+                tensors,
+                {n: t.dtype for n, t in tensors.items()},
+                chunk=CHECKSUM_CHUNK,
+                threads=WRITE_THREADS,
+                likely_changed=changed_since(earlier, hints),
+            )
+        except (TorchkeepError, ValueError) as e:
+            log.warning(
+                "step %d shares nothing with %s, which cannot be a base (%s); writing it whole",
+                step,
+                base,
+                e,
+            )
+            return None
 
     def _apply_retention(self) -> None:
         with self._lock:
@@ -299,6 +393,8 @@ class CheckpointManager:
             CheckpointNotFoundError: that step is not committed (the message lists those that
                 are).
             CorruptCheckpointError: the step does not verify; the message names the tensor.
+            IncompleteCheckpointError: the step lacks a file it shares with an earlier step
+                (``"latest"`` then warns and restores the newest whole step instead).
         """
         self._check_open()
         self.wait()
@@ -314,6 +410,8 @@ class CheckpointManager:
             chosen = step
         else:
             raise ValueError(f'step must be "latest", "best" or a step number, not {step!r}')
+        if step == "latest" and chosen is not None:
+            chosen = self._newest_whole(chosen)
         if distributed.active() and distributed.holds_dtensor(state):
             # Every rank restores its part of the same step: rank 0's choice.
             choice: list[Any] = [chosen]
@@ -328,6 +426,23 @@ class CheckpointManager:
             hint = f" Restore an older step: restore(state, step={older[-1]})." if older else ""
             raise CorruptCheckpointError(f"{e}.{hint}") from e
         return chosen
+
+    def _newest_whole(self, step: int) -> int:
+        """``step``, or the newest step before it whose files are all there: a step that lost
+        a file it shares with an earlier one is skipped, with a warning (its files are opened,
+        nothing is read from them)."""
+        while True:
+            try:
+                open_container(self.path(step), storage=self._storage).close()
+                return step
+            except IncompleteCheckpointError as e:
+                older = [s for s in self.steps() if s < step]
+                if not older:
+                    raise
+                log.warning("%s; restoring step %d instead", e, older[-1])
+                step = older[-1]
+            except TorchkeepError:
+                return step  # the load reports it, with its hint
 
     def _not_found(self, step: int) -> str:
         steps = self.steps()

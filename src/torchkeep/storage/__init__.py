@@ -6,7 +6,7 @@ atomic local files (and the only code that makes or recognises temporary names),
 ``s3`` the object stores; ``route`` picks the storage of a path or URL.
 """
 
-from torchkeep.storage.base import Leftover, Sink, Source, Storage, recover_leftovers
+from torchkeep.storage.base import Leftover, Linking, Sink, Source, Storage, recover_leftovers
 from torchkeep.storage.fsspec import FsspecSource, FsspecStorage
 from torchkeep.storage.local import (
     DEFAULT_STORAGE,
@@ -23,6 +23,7 @@ __all__ = [
     "FsspecSource",
     "FsspecStorage",
     "Leftover",
+    "Linking",
     "LocalSource",
     "LocalStorage",
     "S3Storage",

@@ -15,7 +15,7 @@ from __future__ import annotations
 import mmap
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 
 class Sink(Protocol):
@@ -104,6 +104,18 @@ class Storage(Protocol):
     def recover(self, leftover: Leftover, whole: Callable[[str], bool]) -> bool:
         """Put back a previous version moved aside, if ``whole`` says it is intact, or remove
         the leftover; return whether it was put back."""
+
+
+@runtime_checkable
+class Linking(Protocol):
+    """A storage whose saves can share files with earlier saves (incremental saves):
+    ``LocalStorage`` and ``FsspecStorage`` are. Saves through a storage without ``link_file``
+    (one written for an earlier torchkeep) are written whole."""
+
+    def link_file(self, source: str, path: str) -> None:
+        """Make ``path``, in a directory being built, hold the same bytes as the committed file
+        ``source``, owned by both: a hard link where the storage has them, else a copy (made by
+        the store itself where it can)."""
 
 
 @dataclass(frozen=True)

@@ -133,6 +133,16 @@ class FsspecStorage:
     def _upload(self, path: str, size: int) -> Upload:
         return WholeUpload(self, path, size)
 
+    def link_file(self, source: str, path: str) -> None:
+        """Make ``path`` a copy of ``source`` made by the store itself (S3's CopyObject): the
+        data is not sent again, and each directory owns its copy, so deleting one keeps the
+        other whole."""
+        self.fs.invalidate_cache(source)
+        info = self.call(source, "looking up the file to share", "info", source)
+        nbytes = int(info.get("size") or 0)  # the copy's deadline grows with its size
+        self.call(path, f"copying {source} to", "copy", source, path, nbytes=nbytes, write=True)
+        self.fs.invalidate_cache(path)
+
     def make_dirs(self, path: str) -> None:
         pass  # prefixes need no creating (and s3fs would create a missing bucket)
 

@@ -193,6 +193,21 @@ class LocalSource:
             self._direct_fd = None
 
 
+# link() errors that mean "no hard links here" (another file system, one without them, a file
+# at its link limit, a policy that forbids them): the file is copied instead.
+_NO_LINK = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
+_COPY_BYTES = 16 << 20
+
+
+def _copy_into(source: LocalSource, sink: Sink) -> None:
+    buffer = bytearray(min(_COPY_BYTES, source.size))
+    view = memoryview(buffer)
+    for offset in range(0, source.size, _COPY_BYTES):
+        part = view[: min(_COPY_BYTES, source.size - offset)]
+        source.readinto([part], offset)
+        sink.pwrite(part, offset)
+
+
 class LocalStorage:
     """Local files: each file written beside its target, fsynced, renamed, directory fsynced."""
 
@@ -234,8 +249,28 @@ class LocalStorage:
         with _storage_errors(path):
             self._fsync_dir(directory)
 
+    def link_file(self, source: str, path: str) -> None:
+        """Make ``path``, in a directory being built, hold the committed file ``source``: a
+        hard link, so that both directories own the data and deleting either keeps the other
+        whole; where the file system has no hard links between them, a durable copy."""
+        try:
+            self._link(source, path)
+            return
+        except OSError as e:
+            if e.errno not in _NO_LINK:
+                raise _storage_error(path, e) from e
+            log.info("%s: no hard link to %s (%s); copying it", path, source, e.strerror)
+        copy = self.open(source)
+        try:
+            self.write_file(path, copy.size, lambda sink: _copy_into(copy, sink))
+        finally:
+            copy.close()
+
     # The steps of the commit protocol, one method each, so that a test storage can fail any
     # one of them.
+
+    def _link(self, source: str, path: str) -> None:
+        os.link(source, path)
 
     def _sink(self, fd: int, path: str) -> Sink:
         return _FileSink(fd, path, _DIRECT_FDS.get(fd))

@@ -169,7 +169,56 @@ def test_inspect_summarises_modules_and_optimizer(tmp_path, capsys):
     assert info.modules["fc1"] == 400 * 120 + 120 and sum(info.modules.values()) == 62006
     assert "state for 10 parameters (exp_avg, exp_avg_sq, step)" in info.optimizer
     assert main(["inspect", str(tmp_path / "c.safetensors")]) == 0
-    assert "parameters: 62,006" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "parameters: 62,006 in all" in out
+    # One row per module, its name then its count: readable without knowing a format.
+    rows = {line.split("│")[0].strip(): line.split("│")[1].strip() for line in out.splitlines() if line.count("│") == 1}
+    assert rows["fc1"] == "48,120" and rows["conv1"] == "456"
+    assert "(conv1" not in out
+
+
+def test_inspect_lists_at_most_twelve_modules_unless_all(tmp_path, capsys):
+    model = torch.nn.Sequential(*[torch.nn.Linear(2, 2) for _ in range(15)])
+    tk.save_weights(model, tmp_path / "m.safetensors")
+    assert main(["inspect", str(tmp_path / "m.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "parameters: 90 in all" in out and "… and 3 more modules (--all" in out
+    assert main(["inspect", "--all", str(tmp_path / "m.safetensors")]) == 0
+    assert "more modules" not in capsys.readouterr().out
+
+
+def test_diff_shows_a_random_generator_state_and_long_lists_as_one_row(tmp_path, capsys):
+    import json
+    import random
+
+    model = torch.nn.Linear(4, 2)
+    state = {"model": model, "rng": tk.RNGState(), "history": [0.5] * 40, "epoch": 1}
+    tk.save(state, tmp_path / "a.safetensors")
+    for _ in range(700):  # past the Mersenne twister's 624 words: it regenerates them all
+        random.random()
+    torch.rand(3)
+    with torch.no_grad():
+        model.weight.add_(1)
+    state.update(history=[0.5] * 20 + [0.25] * 25, epoch=2)
+    tk.save(state, tmp_path / "b.safetensors")
+    a, b = str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")
+    assert main(["diff", a, b]) == 1
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.count("│") == 2]
+    assert len(rows) == 4, out  # epoch, history, model.weight, rng
+    assert any("rng" in r and "random generator state: changed" in r for r in rows)
+    assert any("history[…]" in r and "5 added, 20 changed" in r for r in rows)
+    assert any("model.weight" in r and "values" in r for r in rows)
+    assert "--json lists every entry" in out
+    # --json keeps every entry.
+    assert main(["diff", "--json", a, b]) == 1
+    detail = json.loads(capsys.readouterr().out)
+    names = {c["name"] for c in detail["changed"]} | set(detail["added"])
+    assert "history.40" in detail["added"] and "history.25" in names and "history.0" not in names
+    assert sum(n.startswith("rng.python.state.") for n in names) > 500
+    # --limit bounds the rows, grouped or not.
+    assert main(["diff", "--limit", "2", a, b]) == 1
+    assert "… and 2 more (--limit to show more)" in capsys.readouterr().out
 
 
 class Deployable(torch.nn.Module):

@@ -741,3 +741,16 @@ def test_a_missing_file_to_share_on_an_object_store_is_named():
     storage, root = storage_for(f"memory://tk-{uuid.uuid4().hex[:12]}")
     with pytest.raises(tk.CheckpointNotFoundError, match="no such object"):
         storage.link_file(f"{root}/v1/shard-00000.safetensors", f"{root}/v2/shard-00000.safetensors")
+
+
+def test_the_command_line_opens_incremental_steps_as_whole(tmp_path, capsys):
+    from torchkeep.cli import main
+
+    _two_steps(tmp_path)
+    step1, step2 = str(tmp_path / "step_000000001"), str(tmp_path / "step_000000002")
+    assert main(["inspect", step2]) == 0
+    assert "model.encoder.0.weight" in capsys.readouterr().out
+    assert main(["verify", step1, step2]) == 0
+    assert main(["diff", step1, step2]) == 1  # the head changed
+    out = capsys.readouterr().out
+    assert "model.head.weight" in out and "model.encoder.0.weight" not in out

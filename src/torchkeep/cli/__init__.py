@@ -27,7 +27,7 @@ from rich.table import Table
 
 import torchkeep as tk
 from torchkeep._optional import importing
-from torchkeep.cli.render import human, print_description
+from torchkeep.cli.render import human, print_description, print_diff
 from torchkeep.storage import is_url
 
 if TYPE_CHECKING:
@@ -132,24 +132,7 @@ def cmd_diff(args: argparse.Namespace, console: Console) -> int:
     if d.same:
         console.print(f"[green]same[/green]: {d.unchanged} entries are equal")
         return OK
-    table = Table(show_edge=False)
-    for column in ("entry", "change", "max |a-b|"):
-        table.add_column(column)
-    rows = [(n, "[green]added[/green]", "") for n in d.added]
-    rows += [(n, "[red]removed[/red]", "") for n in d.removed]
-    rows += [
-        (c.name, c.what, "" if c.max_abs_diff is None else f"{c.max_abs_diff:.4g}")
-        for c in d.changed
-    ]
-    for row in rows[: args.limit]:
-        table.add_row(*row)
-    console.print(table)
-    if len(rows) > args.limit:
-        console.print(f"… and {len(rows) - args.limit} more (--limit to show more)")
-    console.print(
-        f"{len(d.added)} added, {len(d.removed)} removed, {len(d.changed)} changed, "
-        f"{d.unchanged} unchanged"
-    )
+    print_diff(console, d, limit=args.limit)
     return PROBLEM
 
 

@@ -1,10 +1,12 @@
-"""How the command line writes what it found: sizes in binary units, and the description
-``torchkeep inspect`` prints (the tensors, then a saved model's recipe, program and module tree).
+"""How the command line writes what it found: sizes in binary units, the description
+``torchkeep inspect`` prints (the tensors, then a saved model's recipe, program and module tree)
+and the table of ``torchkeep diff``.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from rich.console import Console
@@ -49,9 +51,7 @@ def print_description(
     if len(shown) < len(info.tensors):
         console.print(f"… and {len(info.tensors) - len(shown)} more (--all to list every one)")
     if info.modules:
-        parts = [f"{name} {count:,}" for name, count in list(info.modules.items())[:12]]
-        more = f", … ({len(info.modules)} in all)" if len(info.modules) > 12 else ""
-        console.print(f"parameters: {sum(info.modules.values()):,} ({', '.join(parts)}{more})")
+        print_parameters(console, info.modules, limit=None if everything else 12)
     if info.optimizer:
         console.print(info.optimizer, markup=False)
     if info.model:
@@ -118,3 +118,91 @@ def _add_children(tree: Tree, node: dict[str, Any], *, depth: int, limit: int | 
         if isinstance(child, dict):
             branch = tree.add(_module_label(name, child))
             _add_children(branch, child, depth=depth + 1, limit=limit)
+
+
+def print_parameters(console: Console, modules: dict[str, int], *, limit: int | None) -> None:
+    """Parameters in all, then a table of each top-level module's count (``limit`` rows)."""
+    console.print(f"parameters: {sum(modules.values()):,} in all")
+    table = Table(show_edge=False)
+    table.add_column("module")
+    table.add_column("parameters", justify="right")
+    rows = list(modules.items())
+    for name, count in rows[:limit]:
+        table.add_row(escape(name), f"{count:,}")
+    console.print(table)
+    if limit is not None and len(rows) > limit:
+        console.print(f"… and {len(rows) - limit} more modules (--all to list every one)")
+
+
+# A random generator state saved by tk.RNGState: the words of its Python part end so.
+_RNG_ENTRY = re.compile(r"(?:(.*)\.)?python\.state\.\d+")
+_INDEX = re.compile(r"(.*)\.(\d+)")
+
+
+def diff_rows(d: tk.Diff) -> tuple[list[tuple[str, str, str]], int]:
+    """The rows of ``torchkeep diff``'s table, and how many entries they fold into fewer rows:
+    everything under a random generator state is one row, and the elements of one list or
+    tuple of plain values that were added, removed or changed, one row per list."""
+    entries: list[tuple[str, str, str, bool]] = [(n, "added", "", True) for n in d.added]
+    entries += [(n, "removed", "", True) for n in d.removed]
+    for c in d.changed:
+        plain = c.max_abs_diff is None and not c.what.startswith(("dtype", "shape", "values"))
+        shown = "" if c.max_abs_diff is None else f"{c.max_abs_diff:.4g}"
+        entries.append((c.name, c.what, shown, plain))
+    roots = {m.group(1) or "" for n, *_ in entries if (m := _RNG_ENTRY.fullmatch(n))}
+
+    def rng_root(name: str) -> str | None:
+        return next((r for r in roots if not r or name.startswith(r + ".")), None)
+
+    rng: dict[str, int] = {}  # each generator state's root: its entries that differ
+    lists: dict[str, dict[str, list[str]]] = {}  # each list: its entries by how they differ
+    rows: list[tuple[str, str, str]] = []
+    for name, what, worst, plain in entries:
+        root = rng_root(name)
+        index = _INDEX.fullmatch(name)
+        if root is not None:
+            rng[root or "(the saved object)"] = rng.get(root or "(the saved object)", 0) + 1
+        elif index is not None and plain:
+            kind = what if what in ("added", "removed") else "changed"
+            lists.setdefault(index.group(1), {}).setdefault(kind, []).append(name)
+        else:
+            rows.append((name, _mark(what), worst))
+    folded = sum(rng.values())
+    for root, count in rng.items():
+        rows.append((root, f"random generator state: changed ({count} entries)", ""))
+    for name, kinds in lists.items():
+        names = [n for found in kinds.values() for n in found]
+        if len(names) == 1:  # one element: its own row
+            rows.append(next((n, _mark(w), "") for n, w, _, _ in entries if n == names[0]))
+            continue
+        counts = ", ".join(f"{len(found)} {kind}" for kind, found in kinds.items())
+        rows.append((f"{name}[…]", f"values {counts}", ""))
+        folded += len(names)
+    return sorted(rows, key=lambda r: r[0]), folded
+
+
+def _mark(what: str) -> str:
+    marks = {"added": "[green]added[/green]", "removed": "[red]removed[/red]"}
+    return marks.get(what, escape(what))  # a value's text is not markup
+
+
+def print_diff(console: Console, d: tk.Diff, *, limit: int) -> None:
+    """The table of ``torchkeep diff`` (``limit`` rows), then the counts."""
+    rows, folded = diff_rows(d)
+    table = Table(show_edge=False)
+    for column in ("entry", "change", "max |a-b|"):
+        table.add_column(column)
+    for name, what, worst in rows[:limit]:
+        table.add_row(escape(name), what, worst)
+    console.print(table)
+    if len(rows) > limit:
+        console.print(f"… and {len(rows) - limit} more (--limit to show more)")
+    if folded:
+        console.print(
+            f"({folded} entries of lists and random generator states are shown one row per "
+            "list or state; --json lists every entry)"
+        )
+    console.print(
+        f"{len(d.added)} added, {len(d.removed)} removed, {len(d.changed)} changed, "
+        f"{d.unchanged} unchanged"
+    )

@@ -142,7 +142,7 @@ def _load_model(
             )
         if refused is not None:
             log.info("%s: running the exported program: %s", source, refused)
-        # The program was exported in eval() mode, and its module cannot switch modes.
+        # The program was exported in eval() mode and runs so (program.inference_only).
         return load_program(container, device=device, dtype=dtype, verify=verify)
 
 

@@ -20,6 +20,7 @@ import io
 import json
 import keyword
 import re
+import types
 import zipfile
 from collections.abc import Iterator
 from typing import Any
@@ -29,7 +30,12 @@ from torch import nn
 
 from torchkeep._types import Device
 from torchkeep.container import Container
-from torchkeep.errors import CorruptCheckpointError, UnsafeFileError, UnsupportedObjectError
+from torchkeep.errors import (
+    CorruptCheckpointError,
+    TorchkeepError,
+    UnsafeFileError,
+    UnsupportedObjectError,
+)
 from torchkeep.format import PROGRAM_FILE
 
 _FIXED_ENTRIES = {
@@ -378,4 +384,30 @@ def load_program(
         module = exported.module()
     if dtype is not None:
         module = module.to(dtype)
-    return module
+    return inference_only(module, container.path)
+
+
+def inference_only(module: nn.Module, where: str) -> nn.Module:
+    """Make a module run from an exported program behave as the tutorials expect of a loaded
+    model: it reports ``training == False`` (it was exported in eval mode, and runs so),
+    accepts ``eval()`` and ``train(False)``, and refuses ``train()`` with a message that says
+    how to get a model that trains. (torch's own module refuses ``eval()`` too.)"""
+
+    def train(self: nn.Module, mode: bool = True) -> nn.Module:
+        if mode:
+            raise TorchkeepError(
+                f"{where}: this model was rebuilt from its exported program, which runs in "
+                "eval mode only: train() is refused. For a model that trains, load it where "
+                "its class can be imported (tk.load_model rebuilds it from its recipe), or "
+                "build the model and load its weights: tk.load_weights(model, path)"
+            )
+        for m in self.modules():
+            m.training = False
+        return self
+
+    def eval(self: nn.Module) -> nn.Module:
+        return train(self, False)
+
+    module.train = types.MethodType(train, module)  # type: ignore[method-assign]
+    module.eval = types.MethodType(eval, module)  # type: ignore[method-assign]
+    return train(module, False)

@@ -206,7 +206,7 @@ def test_diff_shows_a_random_generator_state_and_long_lists_as_one_row(tmp_path,
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.count("│") == 2]
     assert len(rows) == 4, out  # epoch, history, model.weight, rng
-    assert any("rng" in r and "random generator state: changed" in r for r in rows)
+    assert any("rng" in r and "random generator state: " in r and " changed" in r for r in rows)
     assert any("history[…]" in r and "5 added, 20 changed" in r for r in rows)
     assert any("model.weight" in r and "values" in r for r in rows)
     assert "--json lists every entry" in out
@@ -261,3 +261,24 @@ def test_convert_a_model_for_deployment_reports_size_and_output_difference(tmp_p
     loaded = tk.load_model(target)
     x = torch.randn(4, 8)
     assert torch.allclose(loaded(x.bfloat16()).float(), model.eval()(x), atol=0.1)
+
+
+def test_diff_folds_plain_values_only(tmp_path, capsys):
+    """Tensors in a list keep a row each; a top-level list of numbers is one row; a generator
+    state only one save has is one row that says so; names are never read as markup."""
+    tk.save({"w": [torch.zeros(2)], "[red]x[/red]": 1.0}, tmp_path / "a.safetensors")
+    tk.save(
+        {"w": [torch.zeros(2), torch.ones(2), torch.ones(3)], "[red]x[/red]": 2.0, "rng": tk.RNGState()},
+        tmp_path / "b.safetensors",
+    )
+    assert main(["diff", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")]) == 1
+    out = capsys.readouterr().out
+    assert "w.1" in out and "w.2" in out and "w[…]" not in out
+    assert "random generator state: " in out and " added" in out
+    assert "[red]x[/red]" in out
+    tk.save([0.5] * 30, tmp_path / "c.safetensors")
+    tk.save([0.25] * 30, tmp_path / "d.safetensors")
+    assert main(["diff", str(tmp_path / "c.safetensors"), str(tmp_path / "d.safetensors")]) == 1
+    out = capsys.readouterr().out
+    assert "(the saved object)[…]" in out and "values 30 changed" in out
+    assert len([line for line in out.splitlines() if line.count("│") == 2]) == 1

@@ -73,7 +73,7 @@ MODELS = {
 }
 
 _AS_A_USER_WOULD = """
-    import json, sys, torch, torchkeep as tk
+    import copy, json, sys, torch, torchkeep as tk
     root, names = sys.argv[1], sys.argv[2].split(",")
     inputs = tk.load(root + "/inputs.safetensors")
     report, outputs = {}, {}
@@ -98,6 +98,11 @@ _AS_A_USER_WOULD = """
         except tk.TorchkeepError as e:
             seen["train"] = f"{type(e).__name__}: {e}"
         seen["training_after"] = model.training
+        try:
+            copy.deepcopy(model).train()  # a copy refuses too
+            seen["copy_train"] = "allowed"
+        except tk.TorchkeepError:
+            seen["copy_train"] = "refused"
         report[name] = seen
     report["imported"] = [m for m in ("conftest", "test_loaded_models") if m in sys.modules]
     tk.save(outputs, root + "/outputs.safetensors")
@@ -132,23 +137,32 @@ def test_each_tutorial_model_loaded_from_its_program_takes_eval_and_refuses_trai
         assert torch.allclose(outputs[name + ".double"], expected[name].double(), atol=1e-5)
         assert torch.allclose(outputs[name + ".half"], expected[name], atol=5e-2), name
         assert seen["train"].startswith("TorchkeepError: ") and "train() is refused" in seen["train"]
-        assert "tk.load_weights(model, path)" in seen["train"] and "recipe" in seen["train"]
-        assert seen["training_after"] is False
+        # The two ways to a model that trains: its class's module allowed, or its weights.
+        module = MODELS[name][0].__module__
+        assert f"import {module}" in seen["train"], seen["train"]
+        assert f"allowed_modules=[{module!r}]" in seen["train"]
+        assert "tk.load_weights(model, path)" in seen["train"]
+        assert seen["training_after"] is False and seen["copy_train"] == "refused"
 
 
 def test_a_program_loaded_in_this_process_behaves_the_same(tmp_path):
     """With the class importable, load_model rebuilds the class (it trains); the program path
     is taken when the recipe cannot be used, and behaves as above."""
+    import copy
+
     from torchkeep.model.program import inference_only
 
     model = SimpleNet().eval()
     program = torch.export.export(model, (torch.randn(2, 10),)).module()
-    with pytest.raises(NotImplementedError):
-        program.eval()  # torch's own module refuses eval()
     loaded = inference_only(program, "here")
     assert loaded.eval() is loaded and not loaded.training
-    with pytest.raises(tk.TorchkeepError, match="train\\(\\) is refused"):
+    with pytest.raises(tk.TorchkeepError, match="train\\(\\) is refused") as refused:
         loaded.train()
+    assert "allowed_modules" not in str(refused.value)  # no recipe: only the weights
+    copied = copy.deepcopy(loaded)
+    assert torch.equal(copied(torch.ones(2, 10)), loaded(torch.ones(2, 10)))
+    with pytest.raises(tk.TorchkeepError, match="train\\(\\) is refused"):
+        copied.train()
     rebuilt = tk.load_model(tk.save_model(SimpleNet(), tmp_path / "m").path)
     assert isinstance(rebuilt, SimpleNet) and not rebuilt.training
     rebuilt.train()

@@ -358,13 +358,8 @@ def _verify(storage: Storage, path: str, kind: Kind) -> VerifyReport:
     )
 
 
-_DAMAGE = (
-    CorruptCheckpointError,
-    IncompleteCheckpointError,
-    UnsupportedFormatError,
-    UnsafeFileError,
-    StorageError,
-)
+_DAMAGE: tuple[type[Exception], ...] = (CorruptCheckpointError, IncompleteCheckpointError)
+_DAMAGE += (UnsupportedFormatError, UnsafeFileError, StorageError)
 
 
 def _verify_weights_directory(path: str) -> VerifyReport:
@@ -415,6 +410,8 @@ class Diff:
         removed: names of the entries only in ``a``.
         changed: the entries in both that differ.
         unchanged: how many entries are equal in both.
+        plain: the added and removed entries that are plain values (numbers, strings, …),
+            not tensors.
     """
 
     a: str
@@ -423,6 +420,7 @@ class Diff:
     removed: tuple[str, ...]
     changed: tuple[Change, ...]
     unchanged: int
+    plain: tuple[str, ...] = ()
 
     @property
     def same(self) -> bool:
@@ -514,4 +512,6 @@ def diff(
         removed=tuple(sorted(left.keys() - right.keys())),
         changed=tuple(sorted(changed, key=lambda c: c.name)),
         unchanged=len(left.keys() & right.keys()) - len(changed),
-    )
+        plain=tuple(sorted(n for n, v in (right | left).items() if not isinstance(v, torch.Tensor)
+                           and (n in left) != (n in right))),
+    )  # fmt: skip

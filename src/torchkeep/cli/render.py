@@ -12,6 +12,7 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 from rich.tree import Tree
 
 import torchkeep as tk
@@ -46,7 +47,7 @@ def print_description(
         table.add_column(column, justify="right" if column == "size" else "left")
     shown = info.tensors if everything else info.tensors[:limit]
     for t in shown:
-        table.add_row(t.name, t.dtype, str(list(t.shape)), human(t.nbytes))
+        table.add_row(Text(t.name), t.dtype, str(list(t.shape)), human(t.nbytes))
     console.print(table)
     if len(shown) < len(info.tensors):
         console.print(f"… and {len(info.tensors) - len(shown)} more (--all to list every one)")
@@ -128,7 +129,7 @@ def print_parameters(console: Console, modules: dict[str, int], *, limit: int | 
     table.add_column("parameters", justify="right")
     rows = list(modules.items())
     for name, count in rows[:limit]:
-        table.add_row(escape(name), f"{count:,}")
+        table.add_row(Text(name), f"{count:,}")
     console.print(table)
     if limit is not None and len(rows) > limit:
         console.print(f"… and {len(rows) - limit} more modules (--all to list every one)")
@@ -136,49 +137,55 @@ def print_parameters(console: Console, modules: dict[str, int], *, limit: int | 
 
 # A random generator state saved by tk.RNGState: the words of its Python part end so.
 _RNG_ENTRY = re.compile(r"(?:(.*)\.)?python\.state\.\d+")
-_INDEX = re.compile(r"(.*)\.(\d+)")
+_INDEX = re.compile(r"(?:(.*)\.)?(\d+)")
+_WHOLE = "(the saved object)"
 
 
 def diff_rows(d: tk.Diff) -> tuple[list[tuple[str, str, str]], int]:
-    """The rows of ``torchkeep diff``'s table, and how many entries they fold into fewer rows:
-    everything under a random generator state is one row, and the elements of one list or
-    tuple of plain values that were added, removed or changed, one row per list."""
-    entries: list[tuple[str, str, str, bool]] = [(n, "added", "", True) for n in d.added]
-    entries += [(n, "removed", "", True) for n in d.removed]
-    for c in d.changed:
-        plain = c.max_abs_diff is None and not c.what.startswith(("dtype", "shape", "values"))
-        shown = "" if c.max_abs_diff is None else f"{c.max_abs_diff:.4g}"
-        entries.append((c.name, c.what, shown, plain))
+    """The rows of ``torchkeep diff``'s table (entry, change in markup, largest difference),
+    and how many entries they fold into fewer rows: everything under a random generator state
+    is one row, and so are the plain values (not tensors) of one list or tuple that were added,
+    removed or changed."""
+    plain = set(d.plain)
+    entries = [(n, "added", "", n in plain) for n in d.added]
+    entries += [(n, "removed", "", n in plain) for n in d.removed]
+    for c in d.changed:  # a plain value's change reads "a → b"; a tensor's never does
+        value = " → " in c.what and not c.what.startswith(("dtype ", "shape ", "type "))
+        worst = "" if c.max_abs_diff is None else f"{c.max_abs_diff:.4g}"
+        entries.append((c.name, c.what, worst, value and c.max_abs_diff is None))
     roots = {m.group(1) or "" for n, *_ in entries if (m := _RNG_ENTRY.fullmatch(n))}
-
-    def rng_root(name: str) -> str | None:
-        return next((r for r in roots if not r or name.startswith(r + ".")), None)
-
-    rng: dict[str, int] = {}  # each generator state's root: its entries that differ
-    lists: dict[str, dict[str, list[str]]] = {}  # each list: its entries by how they differ
+    rng: dict[str, dict[str, int]] = {}  # each generator state: its entries by how they differ
+    lists: dict[str, dict[str, int]] = {}  # each list: its plain values by how they differ
+    single: dict[str, tuple[str, str, str]] = {}  # a list's only entry, shown as it is
     rows: list[tuple[str, str, str]] = []
-    for name, what, worst, plain in entries:
-        root = rng_root(name)
+    for name, what, worst, is_plain in entries:
+        kind = what if what in ("added", "removed") else "changed"
+        root = next((r for r in roots if not r or name.startswith(r + ".")), None)
         index = _INDEX.fullmatch(name)
         if root is not None:
-            rng[root or "(the saved object)"] = rng.get(root or "(the saved object)", 0) + 1
-        elif index is not None and plain:
-            kind = what if what in ("added", "removed") else "changed"
-            lists.setdefault(index.group(1), {}).setdefault(kind, []).append(name)
+            counts = rng.setdefault(root or _WHOLE, {})
+        elif index is not None and is_plain:
+            counts = lists.setdefault(index.group(1) or _WHOLE, {})
+            single[index.group(1) or _WHOLE] = (name, _mark(what), worst)
         else:
             rows.append((name, _mark(what), worst))
-    folded = sum(rng.values())
-    for root, count in rng.items():
-        rows.append((root, f"random generator state: changed ({count} entries)", ""))
-    for name, kinds in lists.items():
-        names = [n for found in kinds.values() for n in found]
-        if len(names) == 1:  # one element: its own row
-            rows.append(next((n, _mark(w), "") for n, w, _, _ in entries if n == names[0]))
             continue
-        counts = ", ".join(f"{len(found)} {kind}" for kind, found in kinds.items())
-        rows.append((f"{name}[…]", f"values {counts}", ""))
-        folded += len(names)
-    return sorted(rows, key=lambda r: r[0]), folded
+        counts[kind] = counts.get(kind, 0) + 1
+    folded = 0
+    for groups, label in ((rng, "random generator state: {}"), (lists, "values {}")):
+        for name, counts in groups.items():
+            if groups is lists and sum(counts.values()) == 1:
+                rows.append(single[name])
+                continue
+            told = ", ".join(f"{n} {kind}" for kind, n in counts.items())
+            rows.append((name if groups is rng else f"{name}[…]", label.format(told), ""))
+            folded += sum(counts.values())
+    return sorted(rows, key=lambda r: _natural(r[0])), folded
+
+
+def _natural(name: str) -> list[Any]:
+    """Sort key: numbers in names in numeric order (2 before 10)."""
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", name)]
 
 
 def _mark(what: str) -> str:
@@ -193,7 +200,7 @@ def print_diff(console: Console, d: tk.Diff, *, limit: int) -> None:
     for column in ("entry", "change", "max |a-b|"):
         table.add_column(column)
     for name, what, worst in rows[:limit]:
-        table.add_row(escape(name), what, worst)
+        table.add_row(Text(name), what, worst)  # a name is shown as it is, never as markup
     console.print(table)
     if len(rows) > limit:
         console.print(f"… and {len(rows) - limit} more (--limit to show more)")

@@ -143,7 +143,14 @@ def _load_model(
         if refused is not None:
             log.info("%s: running the exported program: %s", source, refused)
         # The program was exported in eval() mode and runs so (program.inference_only).
-        return load_program(container, device=device, dtype=dtype, verify=verify)
+        rebuild = None
+        if section.recipe is not None:
+            module = section.class_name.partition(":")[0]
+            rebuild = (
+                f"load it with its class's module imported first (import {module}) or allowed "
+                f"(tk.load_model(path, allowed_modules=[{module!r}]))"
+            )
+        return load_program(container, device=device, dtype=dtype, verify=verify, rebuild=rebuild)
 
 
 def _rebuild(

@@ -364,9 +364,16 @@ def _plain_expression(text: Any) -> bool:
 
 
 def load_program(
-    container: Container, *, device: Device, dtype: torch.dtype | None, verify: bool = True
+    container: Container,
+    *,
+    device: Device,
+    dtype: torch.dtype | None,
+    verify: bool = True,
+    rebuild: str | None = None,
 ) -> nn.Module:
-    """Load the checked exported program of a saved model as a module on ``device``."""
+    """Load the checked exported program of a saved model as a module on ``device``
+    (``rebuild``: how the model could be rebuilt as its class instead, for ``train()``'s
+    refusal)."""
     where = f"{container.path}/{PROGRAM_FILE}"
     clean = check_program(container.read_member(PROGRAM_FILE, verify=verify), where=where)
     try:
@@ -384,23 +391,25 @@ def load_program(
         module = exported.module()
     if dtype is not None:
         module = module.to(dtype)
-    return inference_only(module, container.path)
+    return inference_only(module, container.path, rebuild)
 
 
-def inference_only(module: nn.Module, where: str) -> nn.Module:
+def inference_only(module: nn.Module, where: str, rebuild: str | None = None) -> nn.Module:
     """Make a module run from an exported program behave as the tutorials expect of a loaded
     model: it reports ``training == False`` (it was exported in eval mode, and runs so),
     accepts ``eval()`` and ``train(False)``, and refuses ``train()`` with a message that says
-    how to get a model that trains. (torch's own module refuses ``eval()`` too.)"""
+    how to get a model that trains (``rebuild``, when the save has a recipe, says how to load
+    that). A deep copy keeps this; ``copy.copy`` builds torch's plain GraphModule."""
+    how = f"{rebuild}, or build" if rebuild else "build"
+    refusal = (
+        f"{where}: this model was rebuilt from its exported program, which runs in eval mode "
+        f"only: train() is refused. For a model that trains, {how} the model and load its "
+        "weights: tk.load_weights(model, path)"
+    )
 
     def train(self: nn.Module, mode: bool = True) -> nn.Module:
         if mode:
-            raise TorchkeepError(
-                f"{where}: this model was rebuilt from its exported program, which runs in "
-                "eval mode only: train() is refused. For a model that trains, load it where "
-                "its class can be imported (tk.load_model rebuilds it from its recipe), or "
-                "build the model and load its weights: tk.load_weights(model, path)"
-            )
+            raise TorchkeepError(refusal)
         for m in self.modules():
             m.training = False
         return self
@@ -410,4 +419,11 @@ def inference_only(module: nn.Module, where: str) -> nn.Module:
 
     module.train = types.MethodType(train, module)  # type: ignore[method-assign]
     module.eval = types.MethodType(eval, module)  # type: ignore[method-assign]
+    copier = getattr(type(module), "__deepcopy__", None)
+    if copier is not None:
+
+        def deepcopy(memo: dict[int, Any]) -> nn.Module:  # copy.deepcopy looks on the instance
+            return inference_only(copier(module, memo), where, rebuild)
+
+        object.__setattr__(module, "__deepcopy__", deepcopy)
     return train(module, False)

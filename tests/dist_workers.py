@@ -106,14 +106,18 @@ def save(rank: int, world: int, *, out: str, path: str, placements: str = "rows"
             raise OSError(28, "No space left on device (injected on this rank)")
 
         LocalStorage.write_file = broken  # type: ignore[method-assign]
+    _record(out, rank, lambda: " ".join(tk.save(state, path, storage_options=storage_options).files))
+
+
+def _record(out: str, rank: int, save: Any) -> None:
+    """Run ``save``: what it returns goes to ``saved-<rank>.txt``, a TorchkeepError it raises to
+    ``raised-<rank>.txt``."""
     try:
-        info = tk.save(state, path, storage_options=storage_options)
+        name, text = "saved", save()
     except tk.TorchkeepError as e:
-        with open(os.path.join(out, f"raised-{rank}.txt"), "w") as f:
-            f.write(f"{type(e).__name__}: {e}")
-        return
-    with open(os.path.join(out, f"saved-{rank}.txt"), "w") as f:
-        f.write(" ".join(info.files))
+        name, text = "raised", f"{type(e).__name__}: {e}"
+    with open(os.path.join(out, f"{name}-{rank}.txt"), "w") as f:
+        f.write(text)
 
 
 def load(rank: int, world: int, *, out: str, path: str, placements: str = "rows", map_location: str | None = None) -> None:
@@ -308,14 +312,7 @@ def incremental(rank: int, world: int, *, out: str, root: str) -> None:
 def save_on_base(rank: int, world: int, *, out: str, path: str, base: str) -> None:
     """tk.save(base=) in a process group: every rank shares its chunks, or every rank raises."""
     state = _frozen_state(world, "rows", seed=4)
-    try:
-        info = tk.save(state, path, base=base)
-    except tk.TorchkeepError as e:
-        with open(os.path.join(out, f"raised-{rank}.txt"), "w") as f:
-            f.write(f"{type(e).__name__}: {e}")
-        return
-    with open(os.path.join(out, f"saved-{rank}.txt"), "w") as f:
-        f.write(str(info.shared_bytes))
+    _record(out, rank, lambda: str(tk.save(state, path, base=base).shared_bytes))
 
 
 JOBS = {

@@ -14,8 +14,9 @@ import errno
 import logging
 from collections.abc import Callable, Iterable
 
-from torchkeep.errors import StorageError, TorchkeepError
-from torchkeep.format import MANIFEST_FILE, SHARD_NAME
+from torchkeep.container.open import OpenedFile, close_files, open_file
+from torchkeep.errors import CorruptCheckpointError, StorageError, TorchkeepError
+from torchkeep.format import MANIFEST_FILE, SHARD_NAME, SHARD_SAVE_KEY
 from torchkeep.storage import Linking, Sink, Storage
 
 log = logging.getLogger("torchkeep.container")
@@ -85,19 +86,39 @@ class DirectoryWrite:
         self.written.append(name)
         self.storage.write_file(f"{self.staging}/{name}", size, fill)
 
-    def link(self, name: str, source: str) -> None:
-        """Make the member ``name`` hold the committed file ``source`` of another save (see
-        ``Linking.link_file``). In place, a save at ``path`` may hold that file already (a
-        shard's name carries the id of the save that wrote it, so it holds the same bytes):
-        it is kept as it is, and not removed if this save fails."""
+    def link(self, name: str, source: str, origin: str) -> bool:
+        """Make the member ``name`` hold the shard ``source`` of another save, written by the
+        save ``origin`` (see ``Linking.link_file``); return whether it was linked. In place, a
+        save at ``path`` may hold that file already (a shard's name carries the id of the save
+        that wrote it, so it holds the same bytes): it is kept as it is (False), and not
+        removed if this save fails.
+
+        Raises:
+            CorruptCheckpointError: the linked file's header names another save: ``source``
+                was replaced since the save planned to share it.
+        """
         storage = self.storage
         if not isinstance(storage, Linking):
             raise ValueError(f"{self.path}: this storage cannot share files between saves")
         if self.in_place and storage.exists(f"{self.path}/{name}"):
             self.kept.append(name)
-            return
+            return False
         self.written.append(name)
         storage.link_file(source, f"{self.staging}/{name}")
+        files: dict[str | None, OpenedFile] = {}
+        try:
+            found = open_file(storage, self.staging, name, files).header.metadata.get(
+                SHARD_SAVE_KEY
+            )
+        finally:
+            close_files(files)
+        if found != origin:
+            raise CorruptCheckpointError(
+                f"{self.staging}/{name}: the base's file was replaced while this save shared "
+                f"it (its header names save {found!r:.40}, not {origin}); nothing was "
+                "committed. Save again"
+            )
+        return True
 
     def put(self, name: str, data: bytes) -> None:
         """Write the member ``name`` holding ``data``."""

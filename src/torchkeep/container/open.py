@@ -243,7 +243,7 @@ def _open_directory(
         check_inside(storage, path, member)
         opened = open_file(storage, path, file, files)
         save_id = opened.header.metadata.get(SHARD_SAVE_KEY)
-        expected = origin or manifest.save_id
+        expected = manifest.origin(file)
         if set(opened.header.metadata) != {SHARD_SAVE_KEY} or (
             expected and save_id != expected
         ):

@@ -19,16 +19,9 @@ from typing import Any
 
 import torch
 
-from torchkeep.container.open import OpenedFile, close_files, open_directory, open_file
-from torchkeep.errors import CheckpointNotFoundError, CorruptCheckpointError, StateMismatchError
-from torchkeep.format import (
-    SAVE_ID,
-    SHARD_SAVE_KEY,
-    Manifest,
-    TensorEntry,
-    dtype_name,
-    is_single_file,
-)
+from torchkeep.container.open import OpenedFile, close_files, open_directory
+from torchkeep.errors import CheckpointNotFoundError, StateMismatchError
+from torchkeep.format import SAVE_ID, Manifest, TensorEntry, dtype_name, is_single_file
 from torchkeep.io import WriteItem, write_tensors
 from torchkeep.storage import Linking, Storage, is_url
 
@@ -129,8 +122,8 @@ def plan_sharing(
             continue
         comparable += 1
         # A shard of a save made before saves had ids cannot be shared: its header names none.
-        origin = manifest.shared.get(entry.file, manifest.save_id)
-        if SAVE_ID.fullmatch(origin) and (likely_changed is None or not likely_changed(name)):
+        hashed = likely_changed is None or not likely_changed(name)
+        if hashed and SAVE_ID.fullmatch(manifest.origin(entry.file)):
             candidates.append(WriteItem(name, t, dtypes[name], entry.begin))
     if not candidates or manifest.checksum_chunk != chunk:
         # (checksums computed in pieces of another size cannot be compared)
@@ -146,33 +139,12 @@ def plan_sharing(
         assert entry.file is not None
         by_file[entry.file] = by_file.get(entry.file, 0) + entry.nbytes
     links = {
-        file: manifest.shared.get(file, manifest.save_id)
+        file: manifest.origin(file)
         for file, nbytes in by_file.items()
         if nbytes >= SHARE_FRACTION * base.file_bytes.get(file, 0)
     }
     entries = {name: e for name, e in unchanged.items() if e.file in links}
     return Shared(base.path, entries, links, comparable)
-
-
-def check_linked(storage: Storage, directory: str, links: Mapping[str, str]) -> None:
-    """After linking: each linked shard in ``directory`` is the one the plan was made from (its
-    header names the save that wrote it), not one that replaced the base's since.
-
-    Raises:
-        CorruptCheckpointError: a base file was replaced while the save was being made.
-    """
-    for file, origin in links.items():
-        files: dict[str | None, OpenedFile] = {}
-        try:
-            found = open_file(storage, directory, file, files).header.metadata.get(SHARD_SAVE_KEY)
-        finally:
-            close_files(files)
-        if found != origin:
-            raise CorruptCheckpointError(
-                f"{directory}/{file}: the base's file was replaced while this save shared it "
-                f"(its header names save {found!r:.40}, not {origin}); nothing was committed. "
-                "Save again"
-            )
 
 
 def share_with(

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from torchkeep.container.commit import DirectoryWrite
-from torchkeep.container.share import Shared, check_linked
+from torchkeep.container.share import Shared
 from torchkeep.errors import (
     CorruptCheckpointError,
 )
@@ -335,9 +335,7 @@ def _write_directory(
     checksums: dict[str, str] = {}
     try:
         for file, source in links.items():
-            write.link(file, source)
-        linked = [f for f in links if f not in write.kept]
-        check_linked(storage, write.staging, {f: manifest.shared[f] for f in linked})
+            write.link(file, source, manifest.shared[file])
         for file in files:
             shard = {n: e for n, e in manifest.tensors.items() if e.file == file}
             header = encode_header(shard, {SHARD_SAVE_KEY: save_id})

@@ -35,7 +35,7 @@ from torchkeep.container import (
     uncertain_commit,
     write_items,
 )
-from torchkeep.container.share import Base, Shared, check_linked
+from torchkeep.container.share import Base, Shared
 from torchkeep.distributed.group import Failure, Group, local_box, raise_failure
 from torchkeep.distributed.sharing import ShardedInfo, Sharing, open_base_for, plan_rank
 from torchkeep.errors import TorchkeepError, UnsupportedObjectError
@@ -371,15 +371,14 @@ def _write_rank(
 ) -> _RankResult:
     """Link the base files this rank links, write the tensors this rank writes (and does not
     share) into its file; describe its sharded tensors' chunks."""
-    for file in to_link:
-        write.link(file, f"{shared.base}/{file}")
-    linked = tuple(f for f in to_link if f not in write.kept)
-    check_linked(write.storage, write.staging, {f: shared.links[f] for f in linked})
-    found = tuple(f for f in to_link if f in write.kept)  # in place: already at the path
-    kept = (dict(shared.entries), sharded, 0, dict(shared.links), linked, shared.nbytes, found)
+    linked = tuple(f for f in to_link if write.link(f, f"{shared.base}/{f}", shared.links[f]))
+    found = tuple(f for f in to_link if f not in linked)  # in place: already at the path
+    result = _RankResult(
+        None, dict(shared.entries), sharded, 0, dict(shared.links), linked, shared.nbytes, found
+    )
     owned = {n: t for n, t in owned.items() if n not in shared.entries}
     if not owned:
-        return _RankResult(None, *kept)
+        return result
     dtypes = {n: t.dtype for n, t in owned.items()}
     file = shard_name(rank, save_id)
     entries = {n: replace(e, file=file) for n, e in layout(owned, dtypes, 1 << 62)[0]}
@@ -395,16 +394,7 @@ def _write_rank(
 
     write.write(file, size, fill)
     entries = {n: replace(e, checksum=checksums[n]) for n, e in entries.items()}
-    return _RankResult(
-        file,
-        {**shared.entries, **entries},
-        sharded,
-        size,
-        dict(shared.links),
-        linked,
-        shared.nbytes,
-        found,
-    )
+    return replace(result, file=file, entries={**shared.entries, **entries}, file_bytes=size)
 
 
 def _commit_manifest(

@@ -80,6 +80,10 @@ class Manifest:
     # not change), each to the id of the save that wrote it, which its header names.
     shared: dict[str, str] = field(default_factory=dict)
 
+    def origin(self, file: str) -> str:
+        """The id of the save that wrote shard ``file``: this one, or the one it shares it from."""
+        return self.shared.get(file, self.save_id)
+
     def model_section(self) -> ModelSection | None:
         """The model section as read (checked when the manifest was parsed), or None."""
         return None if self.model is None else ModelSection.from_json(self.model)

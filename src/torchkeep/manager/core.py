@@ -410,39 +410,48 @@ class CheckpointManager:
             chosen = step
         else:
             raise ValueError(f'step must be "latest", "best" or a step number, not {step!r}')
-        if step == "latest" and chosen is not None:
-            chosen = self._newest_whole(chosen)
         if distributed.active() and distributed.holds_dtensor(state):
-            # Every rank restores its part of the same step: rank 0's choice.
+            # Every rank restores its part of the same step: rank 0's choice, made whole first.
+            if step == "latest" and chosen is not None:
+                chosen = self._newest_whole(chosen)
             choice: list[Any] = [chosen]
             torch.distributed.broadcast_object_list(choice, src=0)
             chosen = choice[0]
         if chosen is None:
             return None
-        try:
-            load_from(self._storage, self.path(chosen), into=state)
-        except CorruptCheckpointError as e:
-            older = [s for s in self.steps() if s < chosen]
-            hint = f" Restore an older step: restore(state, step={older[-1]})." if older else ""
-            raise CorruptCheckpointError(f"{e}.{hint}") from e
-        return chosen
+        while True:
+            try:
+                load_from(self._storage, self.path(chosen), into=state)
+                return chosen
+            except IncompleteCheckpointError as e:
+                # Found when the step is opened, before anything is read into the state.
+                if step != "latest":
+                    raise
+                chosen = self._instead(chosen, e)
+            except CorruptCheckpointError as e:
+                older = [s for s in self.steps() if s < chosen]
+                hint = f" Restore an older step: restore(state, step={older[-1]})." if older else ""
+                raise CorruptCheckpointError(f"{e}.{hint}") from e
 
     def _newest_whole(self, step: int) -> int:
-        """``step``, or the newest step before it whose files are all there: a step that lost
-        a file it shares with an earlier one is skipped, with a warning (its files are opened,
-        nothing is read from them)."""
+        """``step``, or the newest step before it whose files are all there (its files are
+        opened, nothing is read from them)."""
         while True:
             try:
                 open_container(self.path(step), storage=self._storage).close()
                 return step
             except IncompleteCheckpointError as e:
-                older = [s for s in self.steps() if s < step]
-                if not older:
-                    raise
-                log.warning("%s; restoring step %d instead", e, older[-1])
-                step = older[-1]
+                step = self._instead(step, e)
             except TorchkeepError:
                 return step  # the load reports it, with its hint
+
+    def _instead(self, step: int, error: IncompleteCheckpointError) -> int:
+        """The step before ``step``, which lost a file it shares with an earlier one; warned."""
+        older = [s for s in self.steps() if s < step]
+        if not older:
+            raise error
+        log.warning("%s; restoring step %d instead", error, older[-1])
+        return older[-1]
 
     def _not_found(self, step: int) -> str:
         steps = self.steps()
